@@ -1,0 +1,5 @@
+"""vit-gka: Gaussian Kernel Attention ViTs for timm. Importing the package registers the models."""
+from .attention import GaussianKernelAttention, ValueFreeAttention, gka_reference, gka_sdpa_bias, gka_sdpa_pad
+from . import models  # noqa: F401  (registers gka_deit_* / vlt_deit_* with timm)
+
+__all__ = ['GaussianKernelAttention', 'ValueFreeAttention', 'gka_reference', 'gka_sdpa_bias', 'gka_sdpa_pad']
