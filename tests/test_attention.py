@@ -171,3 +171,39 @@ def test_attention_dropout_acts_on_weights():
     assert not torch.allclose(attn(x), attn(x))
     attn.eval()
     torch.testing.assert_close(attn(x), attn(x))
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+@pytest.mark.parametrize('mask_name', list(masks()))
+def test_flex_matches_reference_forward(mask_name):
+    # CPU flex is forward-only in torch 2.14 (eager, unfused); CUDA runs it compiled, with gradients.
+    ref, flex = pair('flex', torch.float64)
+    kwargs = dict(masks()[mask_name])
+    for name in ('window', 'window_2d'):
+        for module in (ref, flex):
+            setattr(module, name, kwargs.get(name))
+        kwargs.pop(name, None)
+    x = torch.randn(2, N, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x, **kwargs), ref(x, **kwargs), rtol=1e-9, atol=1e-9)
+
+
+def test_auto_picks_by_device_and_mask():
+    from vit_gka.attention import auto_impl
+    cpu = torch.zeros(1)
+    assert auto_impl(cpu, masked=False) == 'sdpa_bias' and auto_impl(cpu, masked=True) == 'sdpa_pad'
+    assert auto_impl(cpu, masked=True, windowed=True) == 'sdpa_pad'  # no flex backward on the CPU
+    with pytest.raises(ValueError, match='flex'):
+        GaussianKernelAttention(32, 2, impl='flex', attn_drop=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('impl', ['sdpa_pad', 'sdpa_bias', 'flex'])
+def test_cuda_backends_match_reference_with_grads(impl):
+    torch.manual_seed(0)
+    ref, fused = pair(impl, torch.float32)
+    ref, fused = ref.cuda(), fused.cuda()
+    x = torch.randn(2, N, 48, device='cuda')
+    expect, got = outputs_and_grads(ref, x, {'window_2d': 1}), outputs_and_grads(fused, x, {'window_2d': 1})
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masks import build_mask, empty_rows, open_empty_rows
+from .masks import build_mask, empty_rows, open_empty_rows, structural_mask_mod
 
-GKA_IMPLS = ('auto', 'sdpa_pad', 'sdpa_bias', 'reference')
+GKA_IMPLS = ('auto', 'sdpa_pad', 'sdpa_bias', 'flex', 'reference')
 
 
 def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
@@ -147,18 +147,70 @@ def gka_sdpa_bias(
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 
+def gka_flex(
+        x: torch.Tensor,
+        log_sigma: torch.Tensor,
+        block_mask=None,
+        attn_mask: Optional[torch.Tensor] = None,
+        compiled: Optional[bool] = None,
+) -> torch.Tensor:
+    """GKA through FlexAttention; heads x (B, H, N, d). No dropout (flex has none).
+
+    The key-norm bias goes in a ``score_mod``; causal and window masks come as a ``BlockMask`` (built by
+    ``structural_mask_mod``), so blocks that are masked out entirely are skipped, not computed. A dense
+    ``attn_mask`` (boolean or additive) is applied in the ``score_mod``. Rows whose keys are all masked
+    return zeros. ``compiled`` (default: on CUDA only) wraps flex in torch.compile, without which flex
+    runs an unfused eager path that materialises the scores; CPU flex has no backward in torch 2.14,
+    so on the CPU it is a forward-only correctness path.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    acc = torch.promote_types(x.dtype, torch.float32)
+    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
+    bias = -0.5 * x.to(acc).pow(2).sum(-1) * inv_var.squeeze(-1)  # (B, H, N)
+    bias = bias - bias.amax(dim=-1, keepdim=True).detach()
+    if attn_mask is not None:
+        extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
+            attn_mask.shape, dtype=acc, device=x.device).masked_fill(~attn_mask, float('-inf'))
+        extra = extra.expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = score + bias[b, h, kv_idx]
+        return score if attn_mask is None else score + extra[b, h, q_idx, kv_idx]
+
+    compiled = x.device.type == 'cuda' if compiled is None else compiled
+    fn = _compiled_flex() if compiled else flex_attention
+    q = (x.to(acc) * inv_var).to(x.dtype)
+    out = fn(q, x, x, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return torch.nan_to_num(out, nan=0.0) if attn_mask is not None else out
+
+
+_COMPILED_FLEX = []
+
+
+def _compiled_flex():
+    """flex_attention is only fused when compiled; compile it once per process."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
 GKA_FUNCTIONS = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
 
 
-def auto_impl(x: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
+def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bool = False) -> str:
     """The fastest correct fused backend for this call, by measurement (benchmarks/attention.py).
 
     CPU (torch 2.14, 2 cores, GKA-S heads): the additive bias beats the padded form by 1.2-1.7x at
-    N = 197-4097 when nothing is masked; with a mask the bias would be materialised, so pad.
-    CUDA: the padded form, which FlashAttention accepts (it takes no additive bias).
+    N = 197-4097 when nothing is masked; with a mask the bias would be materialised, so pad. Flex is
+    never chosen on the CPU (no backward there, and it needs a compile per shape).
+    CUDA: FlexAttention with a BlockMask for windows (it skips masked blocks); otherwise the padded form,
+    which FlashAttention accepts (it takes no additive bias).
     """
-    if mask is None and x.device.type == 'cpu':
-        return 'sdpa_bias'
+    if x.device.type == 'cpu':
+        return 'sdpa_pad' if masked else 'sdpa_bias'
+    if windowed and not dropout:
+        return 'flex'
     return 'sdpa_pad'
 
 
@@ -179,7 +231,8 @@ class GaussianKernelAttention(nn.Module):
         attn_drop: dropout on the attention weights W. proj_drop: dropout after W_O.
         impl: ``"auto"`` (default: the fastest fused backend for the device and mask, see ``auto_impl``),
             ``"sdpa_pad"`` / ``"sdpa_bias"`` (the softmax identity through SDPA, bias folded into a padded
-            extra dimension or added as a mask), or ``"reference"`` (the paper's materialised Eq. 6).
+            extra dimension or added as a mask), ``"flex"`` (FlexAttention; windows as block-sparse
+            BlockMasks; CUDA for training) or ``"reference"`` (the paper's materialised Eq. 6).
             ``"fused"`` is accepted as a name for ``"auto"``.
         window: the paper's 1-D sliding window W over token index (Eq. 7): i - W < j <= i when causal,
             else |i - j| < W.
@@ -226,6 +279,8 @@ class GaussianKernelAttention(nn.Module):
             raise ValueError(f'window must be a positive number of tokens, got {window}')
         if window_2d is not None and window_2d < 0:
             raise ValueError(f'window_2d must be a radius >= 0 in patches, got {window_2d}')
+        if impl == 'flex' and attn_drop > 0:
+            raise ValueError('impl="flex" has no attention dropout; use attn_drop=0 or another impl')
         if sigma_init is not None and not sigma_init > 0:
             raise ValueError(f'sigma_init must be > 0, got {sigma_init}')
         self.num_heads = num_heads
@@ -238,6 +293,7 @@ class GaussianKernelAttention(nn.Module):
         # Set by the model (models.py) so that window_2d knows the patch grid; inferred when unset.
         self.grid_size: Optional[Tuple[int, int]] = None
         self.num_prefix_tokens: Optional[int] = None
+        self._block_masks = {}
 
         self.log_sigma = nn.Parameter(torch.full((num_heads,), math.log(self.sigma_init), **dd))
         self.attn_drop = nn.Dropout(attn_drop)
@@ -252,13 +308,34 @@ class GaussianKernelAttention(nn.Module):
     def extra_repr(self) -> str:
         return f'heads={self.num_heads}, impl={self.impl}, window={self.window}, window_2d={self.window_2d}'
 
+    def resolve_impl(self, x: torch.Tensor, masked: bool) -> str:
+        if self.impl != 'auto':
+            return self.impl
+        windowed = self.window is not None or self.window_2d is not None
+        return auto_impl(x, masked, windowed, dropout=self.training and self.attn_drop.p > 0)
+
     def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The attention core on heads x (B, H, N, d)."""
+        """The attention core on heads x (B, H, N, d) with a dense SDPA-style mask (or None)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
-        impl = auto_impl(x, mask) if self.impl == 'auto' else self.impl
+        impl = self.resolve_impl(x, mask is not None)
         if impl == 'reference':
             return gka_reference(x, self.log_sigma, mask, self.eps, dropout_p)
+        if impl == 'flex':
+            return gka_flex(x, self.log_sigma, attn_mask=mask)
         return GKA_FUNCTIONS[impl](x, self.log_sigma, mask, dropout_p)
+
+    def block_mask(self, n: int, device: torch.device, is_causal: bool):
+        """FlexAttention BlockMask of the causal / window masks, built once per (N, device, causal)."""
+        key = (n, str(device), is_causal)
+        if key not in self._block_masks:
+            mask_mod = structural_mask_mod(
+                n, is_causal, self.window, self.window_2d, self.grid_size, self.num_prefix_tokens)
+            if mask_mod is None:
+                self._block_masks[key] = None
+            else:
+                from torch.nn.attention.flex_attention import create_block_mask
+                self._block_masks[key] = create_block_mask(mask_mod, None, None, n, n, device=device)
+        return self._block_masks[key]
 
     def forward(
             self,
@@ -267,11 +344,18 @@ class GaussianKernelAttention(nn.Module):
             is_causal: bool = False,
     ) -> torch.Tensor:
         B, N, C = x.shape
-        mask = build_mask(
-            N, x.device, attn_mask, is_causal, self.window, self.window_2d, self.grid_size,
-            self.num_prefix_tokens)
         heads = x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        out = self.attend(heads, mask).transpose(1, 2).reshape(B, N, C)
+        masked = attn_mask is not None or is_causal or self.window is not None or self.window_2d is not None
+        if self.resolve_impl(heads, masked) == 'flex':
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(1)
+            out = gka_flex(heads, self.log_sigma, self.block_mask(N, x.device, is_causal), attn_mask)
+        else:
+            mask = build_mask(
+                N, x.device, attn_mask, is_causal, self.window, self.window_2d, self.grid_size,
+                self.num_prefix_tokens)
+            out = self.attend(heads, mask)
+        out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(self.norm(out)))
 
 

@@ -5,7 +5,7 @@ tensor (True = may attend) or a float tensor added to the logits (-inf = may not
 to (B, H, N, N). For a kernel K that is "multiply K by the 0/1 mask" (Eq. 7), or K * exp(mask).
 """
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -35,25 +35,56 @@ def resolve_grid(
     return prefix, side, side
 
 
-def window_1d_mask(n: int, window: int, causal: bool, device=None) -> torch.Tensor:
-    """The paper's sliding window over token index: i - W < j <= i (causal) or |i - j| < W."""
+def structural_mask_mod(
+        n: int,
+        is_causal: bool = False,
+        window: Optional[int] = None,
+        window_2d: Optional[int] = None,
+        grid_size: Optional[Tuple[int, int]] = None,
+        num_prefix_tokens: Optional[int] = None,
+) -> Optional[Callable]:
+    """The causal / window masks as one ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None if unmasked).
+
+    The same function builds dense masks (evaluated on index grids, ``dense_mask``) and FlexAttention
+    ``BlockMask``s, so each mask is defined once:
+    * causal: j <= i;  1-D window W (the paper's Eq. 7): i - W < j <= i when causal, else |i - j| < W;
+    * 2-D window of radius r: patch tokens see patches within Chebyshev distance r on the patch grid;
+      prefix tokens (class, register) see and are seen by every token.
+    """
+    if not is_causal and window is None and window_2d is None:
+        return None
+    if window_2d is not None:
+        prefix, _, grid_w = resolve_grid(n, grid_size, num_prefix_tokens)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_idx - kv_idx
+        keep = (diff >= 0) if is_causal else (diff == diff)
+        if window is not None:
+            keep = keep & ((diff < window) if is_causal else (diff.abs() < window))
+        if window_2d is not None:
+            pq, pk = q_idx - prefix, kv_idx - prefix
+            near = ((pq // grid_w - pk // grid_w).abs() <= window_2d) & ((pq % grid_w - pk % grid_w).abs() <= window_2d)
+            keep = keep & ((q_idx < prefix) | (kv_idx < prefix) | near)
+        return keep
+
+    return mask_mod
+
+
+def dense_mask(mask_mod: Callable, n: int, device=None) -> torch.Tensor:
+    """Evaluate a ``mask_mod`` on all (query, key) pairs: a boolean (N, N) tensor."""
     idx = torch.arange(n, device=device)
-    diff = idx[:, None] - idx[None, :]  # i - j
-    if causal:
-        return (diff >= 0) & (diff < window)
-    return diff.abs() < window
+    return mask_mod(None, None, idx[:, None], idx[None, :])
+
+
+def window_1d_mask(n: int, window: int, causal: bool, device=None) -> torch.Tensor:
+    """The paper's sliding window over token index as a dense (N, N) mask."""
+    return dense_mask(structural_mask_mod(n, causal, window), n, device)
 
 
 def window_2d_mask(n: int, radius: int, grid_size=None, num_prefix_tokens=None, device=None) -> torch.Tensor:
-    """Patch tokens see patches within a square (Chebyshev) ``radius`` on the patch grid; prefix tokens
-    (class, register) see and are seen by every token."""
-    prefix, gh, gw = resolve_grid(n, grid_size, num_prefix_tokens)
-    pos = torch.arange(gh * gw, device=device)
-    row, col = pos // gw, pos % gw
-    near = ((row[:, None] - row[None, :]).abs() <= radius) & ((col[:, None] - col[None, :]).abs() <= radius)
-    mask = torch.ones(n, n, dtype=torch.bool, device=device)
-    mask[prefix:, prefix:] = near
-    return mask
+    """The 2-D patch-grid neighbourhood of ``radius`` as a dense (N, N) mask."""
+    return dense_mask(structural_mask_mod(n, window_2d=radius, grid_size=grid_size,
+                                          num_prefix_tokens=num_prefix_tokens), n, device)
 
 
 def build_mask(
@@ -71,14 +102,8 @@ def build_mask(
     Returns None when nothing is masked. A boolean result is (N, N) or (B, 1|H, N, N); a float
     ``attn_mask`` yields a float (additive) result with the structural masks folded in as -inf.
     """
-    structural = None
-    if window is not None:
-        structural = window_1d_mask(n, window, is_causal, device)
-    elif is_causal:
-        structural = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    if window_2d is not None:
-        near = window_2d_mask(n, window_2d, grid_size, num_prefix_tokens, device)
-        structural = near if structural is None else structural & near
+    mask_mod = structural_mask_mod(n, is_causal, window, window_2d, grid_size, num_prefix_tokens)
+    structural = None if mask_mod is None else dense_mask(mask_mod, n, device)
     if attn_mask is None:
         return structural
     if attn_mask.dim() == 3:  # timm / nn.MultiheadAttention style (B, N, N)
