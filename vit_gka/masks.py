@@ -53,6 +53,7 @@ def structural_mask_mod(
     """
     if not is_causal and window is None and window_2d is None:
         return None
+    prefix, grid_w = 0, 1  # always bound: torch.compile breaks the graph on unset closure cells
     if window_2d is not None:
         prefix, _, grid_w = resolve_grid(n, grid_size, num_prefix_tokens)
 
