@@ -28,8 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import vit_gka  # noqa: E402,F401
-from vit_gka.attention import gka_reference, gka_sdpa_bias, gka_sdpa_pad  # noqa: E402
-from vit_gka.masks import build_mask  # noqa: E402
+from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad  # noqa: E402
+from vit_gka.masks import build_mask, structural_mask_mod  # noqa: E402
 
 DEFAULTS = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025, 4097],
@@ -84,7 +84,7 @@ def interleaved_medians(fns: dict, device, reps: int, warmup: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def core_contenders(x, log_sigma, mask, train, max_ref_seq):
+def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
     """Attention cores on heads x (B, H, N, d): timm's standard core (SDPA on q, k, v) and GKA's."""
     def run(f):
         def call():
@@ -103,6 +103,12 @@ def core_contenders(x, log_sigma, mask, train, max_ref_seq):
         'gka sdpa_bias': run(lambda: gka_sdpa_bias(xg, log_sigma, mask)),
         'gka sdpa_pad': run(lambda: gka_sdpa_pad(xg, log_sigma, mask)),
     }
+    if x.is_cuda:  # compiled FlexAttention; windows as a block-sparse BlockMask (CPU flex: no backward)
+        from torch.nn.attention.flex_attention import create_block_mask
+        n = x.shape[-2]
+        mask_mod = structural_mask_mod(n, window_2d=radius)
+        block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, n, n, device=x.device)
+        fns['gka flex'] = run(lambda: gka_flex(xg, log_sigma, block_mask))
     if x.shape[-2] <= max_ref_seq:
         fns['gka reference'] = run(lambda: gka_reference(xg, log_sigma, mask))
     return fns
@@ -116,7 +122,7 @@ def bench_core(cfg, device, dtype):
             x = torch.randn(batch, cfg.heads, n, cfg.head_dim, device=device, dtype=dtype)
             log_sigma = torch.zeros(cfg.heads, device=device)
             mask = None if radius is None else build_mask(n, device, window_2d=radius)
-            fns = core_contenders(x, log_sigma, mask, cfg.train, cfg.reference_max_seq)
+            fns = core_contenders(x, log_sigma, mask, cfg.train, cfg.reference_max_seq, radius)
             medians = interleaved_medians(fns, device, cfg.reps, cfg.warmup)
             base = medians['standard (SDPA q,k,v)']
             for name, fn in fns.items():

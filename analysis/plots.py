@@ -1,0 +1,101 @@
+"""The report's PNG figures (matplotlib, Agg backend): each function writes one file and returns its path."""
+import os
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+KIND_COLOURS = {'GKA': 'tab:red', 'VLT': 'tab:orange', 'baseline': 'tab:blue', 'other': 'tab:green'}
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def top1_vs_gflops(rows: List[Dict], path: str) -> str:
+    """A point per run (x: GFLOPs = 2 x MACs, y: top-1), each model joined to its same-shape baseline."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_run = {r['run']: r for r in rows}
+    for r in rows:
+        base = by_run.get(r.get('baseline_run'))
+        if base is not None:
+            ax.plot([base['gflops'], r['gflops']], [base['top1'], r['top1']], color='0.6', lw=1, zorder=1)
+    for kind, colour in KIND_COLOURS.items():
+        pts = [r for r in rows if r['kind'] == kind]
+        if pts:
+            ax.scatter([r['gflops'] for r in pts], [r['top1'] for r in pts], color=colour, label=kind, zorder=2, s=36)
+    for r in rows:
+        ax.annotate(r['label'], (r['gflops'], r['top1']), textcoords='offset points', xytext=(5, 4), fontsize=8)
+    ax.set_xlabel('GFLOPs per image (2 x multiply-accumulates)')
+    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_title('Accuracy against compute (lines join same-shape pairs)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.margins(x=0.25, y=0.2)
+    return _save(fig, path)
+
+
+def params_by_part(rows: List[Dict], path: str) -> str:
+    """Stacked bars of parameters (millions): attention, MLP, other (embeddings, norms, head)."""
+    labels = [r['label'] for r in rows]
+    parts = [('params_attn', 'attention', 'tab:red'), ('params_mlp', 'MLP', 'tab:blue'),
+             ('params_other', 'other (embeddings, norms, head)', 'tab:gray')]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.4))
+    bottom = np.zeros(len(rows))
+    for key, name, colour in parts:
+        values = np.array([(r.get(key) or 0) / 1e6 for r in rows])
+        ax.bar(labels, values, bottom=bottom, label=name, color=colour)
+        bottom += values
+    for i, total in enumerate(bottom):
+        ax.text(i, total, f'{total:.2f} M', ha='center', va='bottom', fontsize=8)
+    ax.set_ylabel('parameters (millions)')
+    ax.set_title('Parameters by part')
+    ax.set_ylim(0, bottom.max() * 1.15 if len(bottom) else 1)
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha='right', fontsize=8)
+    return _save(fig, path)
+
+
+def sigma_heatmap(sigma: np.ndarray, title: str, path: str, sigma_init: Optional[float] = None) -> str:
+    """Heatmap of the learned bandwidth sigma, layers (rows) x heads (columns), values written in."""
+    layers, heads = sigma.shape
+    digits = 2 if np.ptp(sigma) >= 0.05 else 3 if np.ptp(sigma) >= 0.005 else 4
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * heads, 1.2 + 0.42 * layers))
+    im = ax.imshow(sigma, cmap='viridis', aspect='auto')
+    for i in range(layers):
+        for j in range(heads):
+            colour = 'white' if sigma[i, j] < sigma.min() + 0.6 * np.ptp(sigma) else 'black'
+            ax.text(j, i, f'{sigma[i, j]:.{digits}f}', ha='center', va='center', fontsize=7, color=colour)
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    ax.set_xlabel('head')
+    ax.set_ylabel('layer')
+    init = f' (init {sigma_init:.2f})' if sigma_init is not None else ''
+    ax.set_title(f'{title}: learned sigma{init}', fontsize=9)
+    fig.colorbar(im, ax=ax, label='sigma')
+    return _save(fig, path)
+
+
+def attention_distance(results: Sequence[Dict], path: str, num_images: int) -> str:
+    """Mean attention distance (patches) per head against layer, one panel per model, shared y axis."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), sharey=True, squeeze=False)
+    for ax, res in zip(axes[0], results):
+        dist = np.asarray(res['distance'])
+        layers, heads = dist.shape
+        for h in range(heads):
+            ax.scatter(np.arange(layers), dist[:, h], s=18, label=f'head {h}')
+        ax.plot(np.arange(layers), dist.mean(1), color='black', lw=1, label='mean')
+        ax.set_title(res['label'], fontsize=9)
+        ax.set_xlabel('layer')
+        ax.set_xticks(range(layers))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('mean attention distance (patches)')
+    axes[0][-1].legend(fontsize=7, loc='best')
+    fig.suptitle(f'Mean attention distance per head ({num_images} test images)', fontsize=10)
+    return _save(fig, path)

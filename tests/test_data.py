@@ -1,0 +1,70 @@
+"""Data sets and loaders: Fashion-MNIST from the Debian package, channel handling, the DeiT augmentation on
+1-channel images, ImageFolder data sets, and the eval-loader contract."""
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from vit_gka.cli import UserError
+from vit_gka.data import create_eval_loader, create_train_loader, set_loader_epoch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
+needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
+
+GRAY = {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'crop_pct': 1.0, 'interpolation': 'bilinear'}
+RGB32 = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'crop_pct': 0.875,
+         'interpolation': 'bicubic'}
+
+
+def data_cfg(name, **kw):
+    cfg = OmegaConf.load(os.path.join(ROOT, 'conf', 'data', f'{name}.yaml'))
+    cfg.cache_dir = kw.pop('cache_dir', cfg.get('cache_dir'))
+    return OmegaConf.merge(cfg, kw)
+
+
+@needs_data
+def test_fashion_mnist_eval_loader(tmp_path):
+    loader, num_classes = create_eval_loader(data_cfg('fashion_mnist', cache_dir=str(tmp_path), eval_subset=64),
+                                             GRAY, batch_size=32)
+    assert num_classes == 10 and len(loader.dataset) == 64
+    assert os.path.isfile(tmp_path / 'fashion_mnist' / 'FashionMNIST' / 'raw' / 't10k-images-idx3-ubyte')
+    images, labels = next(iter(loader))
+    assert images.shape == (32, 1, 28, 28) and labels.dtype == torch.int64
+    full, _ = create_eval_loader(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), RGB32, batch_size=16)
+    assert len(full.dataset) == 10000
+    assert next(iter(full))[0].shape == (16, 3, 32, 32)  # grayscale repeated to RGB for a 3-channel model
+
+
+@needs_data
+def test_deit_augmentation_on_grayscale(tmp_path):
+    recipe = OmegaConf.load(os.path.join(ROOT, 'conf', 'recipe', 'deit.yaml'))
+    loader, _ = create_train_loader(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), GRAY, 16,
+                                    aug_cfg=recipe.aug, subset=64, seed=3)
+    set_loader_epoch(loader, 0)
+    a = [y for _, y in loader]
+    set_loader_epoch(loader, 0)
+    b = [y for _, y in loader]
+    set_loader_epoch(loader, 1)
+    c = [y for _, y in loader]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # the order is a function of (seed, epoch)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    images, _ = next(iter(loader))
+    assert images.shape == (16, 1, 28, 28) and torch.isfinite(images).all()
+
+
+def test_image_folder(tmp_path):
+    for split in ('train', 'val'):
+        for cls in ('cat', 'dog', 'fox'):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(2):
+                Image.new('RGB', (40, 36), (i * 90, 30, 200)).save(tmp_path / split / cls / f'{i}.png')
+    loader, num_classes = create_eval_loader(data_cfg('folder', root=str(tmp_path)), RGB32, batch_size=4)
+    assert num_classes == 3 and len(loader.dataset) == 6
+    assert next(iter(loader))[0].shape == (4, 3, 32, 32)
+    with pytest.raises(UserError, match='does not exist'):
+        create_eval_loader(data_cfg('imagenet', root=str(tmp_path / 'missing')), RGB32, batch_size=4)
+    with pytest.raises(UserError, match='not set'):
+        create_eval_loader(data_cfg('imagenet'), RGB32, batch_size=4)

@@ -1,0 +1,101 @@
+"""eval.py on a real short training run: it reproduces the recorded top-1 through timm.create_model, loads
+raw / EMA checkpoints and bare weight files, benchmarks against the baseline, and reports user errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from analysis import evaluation, report
+from analysis.benchmark import baseline_name, run_benchmark
+from vit_gka.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('run'))
+    proc = subprocess.run(
+        [sys.executable, 'train.py', 'model=gka_fmnist', 'train_subset=128', 'epochs=1', 'data.eval_subset=64',
+         'batch_size=64', 'workers=0', 'progress=false', f'hydra.run.dir={folder}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(folder, 'results.json')) as f:
+        return folder, json.load(f)
+
+
+def eval_cfg(*overrides):
+    with initialize_config_dir(os.path.join(ROOT, 'conf'), version_base='1.3'):
+        return compose('eval', overrides=['workers=0', *overrides])
+
+
+def test_eval_py_reproduces_the_recorded_top1(run):
+    folder, res = run
+    proc = subprocess.run([sys.executable, 'eval.py', f'run={folder}', 'workers=0', f'hydra.run.dir={folder}/eval_hydra'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(folder, 'eval.json')) as f:
+        out = json.load(f)
+    recorded = res['ema_top1'] if res['model_folder_weights'] == 'ema' else res['top1']
+    assert out['top1'] == pytest.approx(recorded, abs=1e-9) and out['matches_recorded'] is True
+    assert out['num_images'] == 64 and out['data'] == 'fashion_mnist' and out['images_per_s'] > 0
+    assert {'top5', 'loss'} <= set(out) and 'same' in proc.stdout
+
+
+@pytest.mark.parametrize('weights,key', [('model', 'top1'), ('ema', 'ema_top1')])
+def test_raw_and_ema_checkpoints(run, weights, key):
+    folder, res = run
+    cfg = eval_cfg(f'run={folder}', f'ckpt={folder}/checkpoints/last', f'weights={weights}')
+    out = evaluation.evaluate_model(cfg, folder, evaluation.run_config(folder).data)
+    assert out['top1'] == pytest.approx(res[key], abs=1e-9)
+    assert out['weights'].endswith('model_ema.safetensors' if weights == 'ema' else 'model.safetensors')
+
+
+def test_model_name_with_a_weights_file(run):
+    folder, res = run
+    shape = ','.join(f'{k}:{v}' for k, v in res['model_args'].items() if k != 'num_classes')
+    cfg = eval_cfg(f"model_name={res['model']}", f'ckpt={folder}/checkpoints/last/model.safetensors',
+                   f'model_args={{{shape}}}', 'data.eval_subset=64')
+    out = evaluation.evaluate_model(cfg, None, cfg.data)
+    assert out['top1'] == pytest.approx(res['top1'], abs=1e-9)
+
+
+def test_benchmark_interleaves_gka_and_baseline_and_feeds_the_report(run, tmp_path):
+    folder, _ = run
+    assert baseline_name('gka_deit_small_patch16_224') == 'deit_small_patch16_224'
+    assert baseline_name('deit_small_patch16_224') is None
+    cfg = eval_cfg(f'run={folder}', 'bench=true', 'bench_cfg.batch_size=8', 'bench_cfg.warmup=0',
+                   'bench_cfg.steps=1', 'bench_cfg.rounds=2')
+    rows = run_benchmark(cfg, folder)
+    assert [r['model'] for r in rows] == ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224']
+    assert rows[0]['input_size'] == rows[1]['input_size'] == [1, 28, 28]
+    assert all(r['infer_images_per_s'] > 0 and r['train_images_per_s'] > 0 for r in rows)
+    assert rows[0]['ratio_infer_images_per_s'] == pytest.approx(
+        rows[0]['infer_images_per_s'] / rows[1]['infer_images_per_s'])
+    (tmp_path / 'bench').mkdir()
+    with open(tmp_path / 'bench' / 'bench.json', 'w') as f:
+        json.dump({'results': rows}, f)
+    t4 = report.table4(report.load_runs([folder]), report.load_bench([str(tmp_path)]))
+    assert t4[0]['baseline'] == rows[1]['label'] and t4[0]['d_infer'] == pytest.approx(
+        100 * (rows[0]['ratio_infer_images_per_s'] - 1))
+
+
+def test_user_errors_in_process(run, tmp_path):
+    folder, _ = run
+    for overrides, message in ((['model_name=gka_deit_tiny_patch16_224', 'ckpt=/no/such/file'], 'ckpt does not exist'),
+                               ([f'run={folder}', f'ckpt={folder}', 'weights=ema2'], "'model' or 'ema'"),
+                               (['model_name=gka_deit_tiny_patch16_224'], 'needs its weights')):
+        cfg = eval_cfg(*overrides)
+        with pytest.raises(UserError, match=message):
+            evaluation.evaluate_model(cfg, cfg.run, cfg.data)
+
+
+def test_user_errors_are_one_line(tmp_path):
+    for args in (['run=/no/such/run'], ['model_name=no_such_model', f'ckpt={tmp_path}']):
+        proc = subprocess.run([sys.executable, 'eval.py', *args, f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.startswith('error: ') and 'Traceback' not in proc.stderr, args

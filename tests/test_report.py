@@ -1,0 +1,89 @@
+"""analysis/report.py on two real short training runs (train.py -m, report built by the Hydra callback)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import pytest
+import timm
+import torch
+
+from analysis import report
+from analysis.attention_stats import mean_attention_distance, sigma_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ['train_subset=128', 'epochs=1', 'data.eval_subset=64', 'batch_size=64', 'workers=0', 'progress=false']
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('sweep'))
+    proc = subprocess.run(
+        [sys.executable, 'train.py', '-m', 'model=gka_fmnist,deit_fmnist', *TINY_RUN, f'hydra.sweep.dir={folder}',
+         'hydra/callbacks=report', 'hydra.callbacks.report.num_images=16'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'report: ' in proc.stdout
+    return folder
+
+
+def test_callback_writes_tables_and_plots(sweep):
+    out = os.path.join(sweep, 'report')
+    names = set(os.listdir(out))
+    assert {'report.md', 'table2.csv', 'table4.csv', 'top1_vs_gflops.png', 'params_by_part.png',
+            'sigma_0_gka_fmnist.png', 'attention_distance_0_gka_fmnist.png'} <= names
+    for png in (n for n in names if n.endswith('.png')):
+        img = mpimg.imread(os.path.join(out, png))
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0.01, png
+    md = open(os.path.join(out, 'report.md')).read()
+    assert 'GMACs' in md and 'GFLOPs (2 x MACs)' in md and '| gka_fmnist' in md and '| deit_fmnist' in md
+
+
+def test_table2_pairs_gka_with_its_baseline(sweep):
+    with open(os.path.join(sweep, 'report', 'table2.csv')) as f:
+        rows = {r['label']: r for r in csv.DictReader(f)}
+    gka, deit = rows['gka_fmnist'], rows['deit_fmnist']
+    res = {name: json.load(open(os.path.join(sweep, run, 'results.json')))
+           for name, run in (('gka', '0_gka_fmnist'), ('deit', '1_deit_fmnist'))}
+    assert gka['baseline'] == 'deit_fmnist' and deit['baseline'] == '' and gka['kind'] == 'GKA'
+    assert float(gka['params_m']) == pytest.approx(res['gka']['params'] / 1e6)
+    assert float(gka['d_params']) == pytest.approx(100 * (res['gka']['params'] / res['deit']['params'] - 1))
+    assert float(gka['d_gflops']) == pytest.approx(100 * (res['gka']['gflops'] / res['deit']['gflops'] - 1))
+    assert float(gka['d_params']) < -20 and float(gka['d_gflops']) < -15  # no W_Q, W_K, W_V
+    top1 = {k: r['ema_top1'] if r['model_folder_weights'] == 'ema' else r['top1'] for k, r in res.items()}
+    assert float(gka['d_top1']) == pytest.approx(top1['gka'] - top1['deit'])
+
+
+def test_by_hand_on_run_dirs_and_errors(sweep, tmp_path, capsys):
+    runs = [os.path.join(sweep, '0_gka_fmnist'), os.path.join(sweep, '1_deit_fmnist')]
+    assert report.main([*runs, '--out', str(tmp_path), '--images', '8']) == 0
+    assert 'Table 2' in capsys.readouterr().out and (tmp_path / 'table2.csv').is_file()
+    assert report.main([str(tmp_path / 'missing')]) == 2
+    assert report.main([str(tmp_path)]) == 2  # a folder without results.json
+    assert report.main([]) == 2 and report.main([sweep, '--images', 'x']) == 2
+    assert 'error:' in capsys.readouterr().err
+
+
+def test_sigma_and_attention_distance_of_the_trained_model(sweep):
+    model = report.load_model(os.path.join(sweep, '0_gka_fmnist'))
+    assert sigma_table(model).shape == (6, 4)
+    images = report.test_images(os.path.join(sweep, '0_gka_fmnist'), model, 8)
+    dist = mean_attention_distance(model, images)
+    assert dist.shape == (6, 4) and (dist > 0).all() and (dist < 7 * 2 ** 0.5).all()  # 7 x 7 patch grid
+
+
+def test_attention_distance_limits():
+    """A very wide kernel attends uniformly (mean pairwise grid distance); a very narrow one to itself (0)."""
+    model = timm.create_model('gka_deit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=64, depth=1,
+                              num_heads=2, num_classes=3)
+    images = torch.randn(2, 3, 32, 32)
+    ys, xs = torch.meshgrid(torch.arange(4.), torch.arange(4.), indexing='ij')
+    coords = torch.stack([ys.flatten(), xs.flatten()], -1)
+    uniform = torch.cdist(coords, coords).mean()
+    with torch.no_grad():
+        model.blocks[0].attn.log_sigma.fill_(12.0)
+        assert mean_attention_distance(model, images) == pytest.approx(torch.full((1, 2), uniform.item()), rel=1e-4)
+        model.blocks[0].attn.log_sigma.fill_(-8.0)
+        assert mean_attention_distance(model, images).abs().max() < 1e-4

@@ -1,0 +1,151 @@
+"""train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
+multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, and
+one-line errors for user mistakes. About 2 minutes on 2 cores."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import vit_gka  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'train.py')
+HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
+needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
+
+# Tiny and fast: 2 blocks (1 for resume), a few hundred images, one process-free data loader.
+TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0', 'progress=false',
+        'model.args.depth=2']
+
+
+def run(args, cwd, timeout=300, launcher=None):
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0'}
+    cmd = (launcher or [sys.executable]) + [TRAIN] + list(args)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc):
+    assert proc.returncode == 0, f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
+    return proc
+
+
+@needs_data
+def test_gka_and_baseline_multirun(tmp_path):
+    proc = check(run(['-m', 'model=gka_fmnist,deit_fmnist', 'epochs=1', *TINY,
+                      f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path))
+    runs = sorted(glob.glob(f'{tmp_path}/sweep/*_*fmnist'))
+    assert [os.path.basename(r) for r in runs] == ['0_gka_fmnist', '1_deit_fmnist']
+    assert '| run' in proc.stdout and '0_gka_fmnist' in proc.stdout and '1_deit_fmnist' in proc.stdout
+
+    for run_dir, arch, attn in zip(runs, ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
+                                   ['GaussianKernelAttention', 'Attention']):
+        for path in ('.hydra/config.yaml', 'config.yaml', 'best.safetensors', 'results.json',
+                     'checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors',
+                     'checkpoints/last/state.pt', 'model/config.json', 'model/model.safetensors'):
+            assert os.path.isfile(os.path.join(run_dir, path)), path
+        assert glob.glob(os.path.join(run_dir, 'tb', 'events.out.tfevents.*'))
+        assert not glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp-*'))
+
+        results = json.load(open(os.path.join(run_dir, 'results.json')))
+        for key in ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
+                    'params', 'top1', 'top5', 'ema_top1', 'ema_top5', 'loss', 'train_images_per_s', 'wall_time_s',
+                    'sigma_init'):
+            assert key in results, key
+        assert results['model'] == arch and results['data'] == 'fashion_mnist' and results['num_classes'] == 10
+        assert results['img_size'] == 28 and results['global_batch_size'] == 32 and results['epochs'] == 1
+        assert results['model_args']['in_chans'] == 1 and results['model_args']['depth'] == 2
+        assert 0 <= results['top1'] <= 100 and results['train_images_per_s'] > 0
+        assert (results['sigma_init'] is None) == (arch == 'deit_tiny_patch16_224')
+        assert results['params'] == sum(p.numel() for p in timm.create_model(arch, **results['model_args']).parameters())
+
+        # The raw checkpoint loads through timm's pretrained path, the state with weights_only=True.
+        weights = os.path.join(run_dir, 'checkpoints', 'last', 'model.safetensors')
+        model = timm.create_model(arch, pretrained=True, **results['model_args'],
+                                  pretrained_cfg_overlay=dict(file=weights, num_classes=10))
+        saved = load_file(weights)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+        state = torch.load(os.path.join(run_dir, 'checkpoints', 'last', 'state.pt'), weights_only=True)
+        assert state['epoch'] == 1 and state['num_updates'] == 6 and 'optimizer' in state and 'rng' in state
+
+        # The model folder rebuilds the exact model with no other argument.
+        folder = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True)
+        assert type(folder.blocks[0].attn).__name__ == attn
+        assert folder.num_classes == 10 and tuple(folder.patch_embed.img_size) == (28, 28)
+        final = load_file(os.path.join(run_dir, 'model', 'model.safetensors'))
+        assert all(torch.equal(folder.state_dict()[k], v) for k, v in final.items())
+        which = 'model_ema' if results['model_folder_weights'] == 'ema' else 'model'
+        ref = load_file(os.path.join(run_dir, 'checkpoints', 'last', f'{which}.safetensors'))
+        assert all(torch.equal(ref[k], v) for k, v in final.items())
+        cfg = timm.data.resolve_data_config({}, model=folder)
+        assert cfg['input_size'] == (1, 28, 28) and len(cfg['mean']) == 1
+
+
+@needs_data
+def test_gmacs_in_results(tmp_path):
+    pytest.importorskip('vit_gka.flops')
+    check(run(['epochs=1', *TINY, 'save_model=false', f'hydra.run.dir={tmp_path}/r'], cwd=tmp_path))
+    results = json.load(open(tmp_path / 'r' / 'results.json'))
+    for key in ('params_attn', 'params_mlp', 'gmacs', 'gflops'):
+        assert results[key] is not None and results[key] > 0, key
+    assert results['params_attn'] + results['params_mlp'] < results['params']
+
+
+@needs_data
+def test_resume_is_exact(tmp_path):
+    # Drop path (torch RNG), mixup / cutmix (numpy RNG), random erasing and a worker process all in play.
+    args = ['epochs=2', *TINY, 'model.args.depth=1', 'drop_path=0.1', 'aug.mixup=0.8', 'aug.cutmix=1.0',
+            'aug.re_prob=0.25', 'workers=1', 'save_model=false']
+    check(run([*args, f'hydra.run.dir={tmp_path}/straight'], cwd=tmp_path))
+    check(run([*args, 'stop_epoch=1', f'hydra.run.dir={tmp_path}/first'], cwd=tmp_path))
+    state = torch.load(tmp_path / 'first' / 'checkpoints' / 'last' / 'state.pt', weights_only=True)
+    assert state['epoch'] == 1
+    check(run([*args, f'resume={tmp_path}/first', f'hydra.run.dir={tmp_path}/resumed'], cwd=tmp_path))
+    for name in ('model.safetensors', 'model_ema.safetensors'):
+        a = load_file(tmp_path / 'straight' / 'checkpoints' / 'last' / name)
+        b = load_file(tmp_path / 'resumed' / 'checkpoints' / 'last' / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    sa = torch.load(tmp_path / 'straight' / 'checkpoints' / 'last' / 'state.pt', weights_only=True)
+    sb = torch.load(tmp_path / 'resumed' / 'checkpoints' / 'last' / 'state.pt', weights_only=True)
+    assert sa['epoch'] == sb['epoch'] == 2 and sa['num_updates'] == sb['num_updates']
+    ra = json.load(open(tmp_path / 'straight' / 'results.json'))
+    rb = json.load(open(tmp_path / 'resumed' / 'results.json'))
+    assert ra['top1'] == rb['top1'] and ra['loss'] == rb['loss']
+
+
+@needs_data
+def test_two_processes_share_one_run_dir(tmp_path):
+    # torchrun (what `accelerate launch --multi_gpu` runs); gloo on the CPU.
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533']
+    proc = check(run(['epochs=1', *TINY, 'save_model=false'], cwd=tmp_path, launcher=launcher))
+    results = glob.glob(f'{tmp_path}/runs/*/*/results.json')
+    assert len(results) == 1, results
+    assert len(glob.glob(f'{tmp_path}/runs/*/*')) == 1  # no stray folder of the second process
+    data = json.load(open(results[0]))
+    assert data['global_batch_size'] == 64
+    assert 'global batch 64 = 32 per process x 2 processes x 1 accumulation' in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['model=no_such_model'], "unknown model 'no_such_model'"),
+    (['data=no_such_data'], "unknown data set 'no_such_data'"),
+    (['epoch=3'], "did you mean 'epochs'"),
+    (['-m', 'model=gka_fmnist,gka_fmnistt'], "unknown model 'gka_fmnistt'"),
+    (['data.root=/no/such/folder'], 'data.root does not exist'),
+    (['resume=/no/such/run'], 'resume path does not exist'),
+    (['model.name=no_such_timm_model'], "unknown timm model 'no_such_timm_model'"),
+    (['batch_size=abc'], "batch_size must be an integer"),
+    (['-m', 'hydra/launcher=slurm'], 'hydra-submitit-launcher'),
+])
+def test_user_mistakes_give_one_line(tmp_path, args, message):
+    proc = run(args, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr

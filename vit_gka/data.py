@@ -1,0 +1,295 @@
+"""Data sets and loaders: Fashion-MNIST (default, offline), ImageNet / any ImageFolder pair, CIFAR-10/100.
+
+Every data set is read into a map-style dataset and transformed with timm's ``create_transform`` from
+the model's data config (``timm.data.resolve_data_config``): input size, mean / std, interpolation and
+crop. Grayscale sources feed 1-channel models directly and are repeated to RGB for 3-channel models.
+
+Fashion-MNIST is looked up, in order, in the Debian package ``dataset-fashion-mnist``
+(``/usr/share/datasets/fashion-mnist/*.gz``, decompressed once into a cache folder where torchvision's
+``FashionMNIST`` expects them: ``<cache>/FashionMNIST/raw/``), then under ``data.root``, then downloaded by
+torchvision (``data.download``).
+
+The ``data`` config node (``conf/data/*.yaml``) names the data set (``name``) and where it lives; see
+the yaml files for the keys.
+"""
+import gzip
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .cli import UserError
+
+__all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
+           'build_transform', 'fashion_mnist_root']
+
+DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
+FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
+                't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for a DictConfig, a dict or None."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
+
+
+def _expand(path: Optional[str]) -> Optional[str]:
+    return None if path in (None, '') else os.path.abspath(os.path.expanduser(str(path)))
+
+
+class ToMode:
+    """Convert a PIL image to ``mode`` ('L' or 'RGB') so that its channels match the model's."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(mode={self.mode!r})'
+
+
+def _decompress_into(src_dir: str, raw_dir: str) -> None:
+    """Decompress the four IDX .gz files of ``src_dir`` into ``raw_dir``, each atomically (tmp + rename)."""
+    os.makedirs(raw_dir, exist_ok=True)
+    for name in FMNIST_FILES:
+        dst = os.path.join(raw_dir, name)
+        if os.path.exists(dst):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=raw_dir, prefix=f'.{name}.')
+        try:
+            with gzip.open(os.path.join(src_dir, name + '.gz'), 'rb') as fin, os.fdopen(fd, 'wb') as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _has_fmnist(folder: Optional[str], suffix: str = '') -> bool:
+    return folder is not None and all(os.path.isfile(os.path.join(folder, n + suffix)) for n in FMNIST_FILES)
+
+
+def fashion_mnist_root(data_cfg) -> Tuple[str, bool]:
+    """The ``root`` to give torchvision's ``FashionMNIST`` and whether it may download there.
+
+    1. the Debian package files (``data.system_dir``), decompressed once into ``data.cache_dir``;
+    2. ``data.root`` holding ``FashionMNIST/raw/`` (decompressed or .gz) or the four .gz files directly;
+    3. ``data.root`` (or the cache folder) with ``download=True`` when ``data.download`` is set.
+    """
+    system_dir = _expand(_get(data_cfg, 'system_dir', '/usr/share/datasets/fashion-mnist'))
+    cache_dir = _expand(_get(data_cfg, 'cache_dir', '~/.cache/vit-gka')) or _expand('~/.cache/vit-gka')
+    root = _expand(_get(data_cfg, 'root'))
+    if root is not None and not os.path.isdir(root):
+        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}')
+    if root is None and _has_fmnist(system_dir, '.gz'):
+        cache = os.path.join(cache_dir, 'fashion_mnist')
+        raw = os.path.join(cache, 'FashionMNIST', 'raw')
+        if not _has_fmnist(raw):
+            _decompress_into(system_dir, raw)
+        return cache, False
+    if root is not None:
+        raw = os.path.join(root, 'FashionMNIST', 'raw')
+        if _has_fmnist(raw) or _has_fmnist(raw, '.gz'):
+            return root, False
+        if _has_fmnist(root, '.gz'):  # the four .gz files directly under data.root
+            cache = os.path.join(cache_dir, 'fashion_mnist')
+            target = os.path.join(cache, 'FashionMNIST', 'raw')
+            if not _has_fmnist(target):
+                _decompress_into(root, target)
+            return cache, False
+    if _get(data_cfg, 'download', False):
+        return root or os.path.join(cache_dir, 'fashion_mnist'), True
+    raise UserError(
+        'Fashion-MNIST not found: install the Debian package dataset-fashion-mnist, or set data.root to a '
+        'folder holding FashionMNIST/raw/, or set data.download=true')
+
+
+def _image_folder(data_cfg, split: str, transform) -> Dataset:
+    from timm.data import ImageDataset
+    root = _expand(_get(data_cfg, 'root'))
+    if root is None:
+        raise UserError(f'data.root is not set (data={_get(data_cfg, "name")} reads <root>/<split folder>)')
+    if not os.path.isdir(root):
+        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}')
+    sub = _get(data_cfg, 'train_dir' if split == 'train' else 'val_dir', split)
+    folder = os.path.join(root, sub)
+    if not os.path.isdir(folder):
+        raise UserError(f'{split} folder does not exist: {folder}')
+    ds = ImageDataset(folder, transform=transform)
+    if len(ds) == 0:
+        raise UserError(f'no images found under {folder}')
+    return ds
+
+
+def _num_classes_of(ds: Dataset) -> int:
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    reader = getattr(base, 'reader', None)
+    if reader is not None and hasattr(reader, 'class_to_idx'):
+        return len(reader.class_to_idx)
+    if hasattr(base, 'classes'):
+        return len(base.classes)
+    raise ValueError(f'cannot tell the number of classes of {type(base).__name__}')
+
+
+def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
+    """The ``split`` ('train' or 'eval') of the data set named by ``data_cfg.name`` and its class count."""
+    name = _get(data_cfg, 'name', 'fashion_mnist')
+    train = split == 'train'
+    if name == 'fashion_mnist':
+        from torchvision.datasets import FashionMNIST
+        root, download = fashion_mnist_root(data_cfg)
+        try:
+            ds = FashionMNIST(root, train=train, transform=transform, download=download)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f'could not read or download Fashion-MNIST under {root}: {e}') from e
+    elif name in ('cifar10', 'cifar100'):
+        from torchvision.datasets import CIFAR10, CIFAR100
+        root = _expand(_get(data_cfg, 'root')) or os.path.join(
+            _expand(_get(data_cfg, 'cache_dir', '~/.cache/vit-gka')), name)
+        if _get(data_cfg, 'root') not in (None, '') and not os.path.isdir(root):
+            raise UserError(f'data.root does not exist: {_get(data_cfg, "root")} (create it to download into it)')
+        cls = CIFAR10 if name == 'cifar10' else CIFAR100
+        try:
+            ds = cls(root, train=train, transform=transform, download=bool(_get(data_cfg, 'download', True)))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f'could not read or download {name} under {root}: {e}') from e
+    elif name in ('imagenet', 'folder'):
+        ds = _image_folder(data_cfg, 'train' if train else 'val', transform)
+    else:
+        raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}")
+    return ds, int(_get(data_cfg, 'num_classes') or _num_classes_of(ds))
+
+
+def data_preprocessing(data_cfg) -> Dict[str, Any]:
+    """The preprocessing a data set prescribes (non-null ``mean``, ``std``, ``crop_pct``, ``interpolation``);
+    it replaces the model's pretrained-config values for training and is exported with the model."""
+    out = {}
+    for key in ('mean', 'std', 'crop_pct', 'interpolation'):
+        value = _get(data_cfg, key)
+        if value is not None:
+            out[key] = tuple(float(v) for v in value) if key in ('mean', 'std') else value
+    return out
+
+
+def _mode(data_config: dict) -> str:
+    return 'L' if data_config['input_size'][0] == 1 else 'RGB'
+
+
+def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
+    """timm's ``create_transform`` for ``data_config`` (resolve_data_config of the model), after a mode
+    conversion to the model's channel count. ``aug_cfg`` (the recipe's ``aug`` node) sets the training
+    augmentation: crop scale / ratio, flips, colour jitter, RandAugment string, random erasing."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    common = dict(
+        input_size=tuple(data_config['input_size']),
+        interpolation=data_config.get('interpolation', 'bilinear'),
+        mean=tuple(data_config['mean']),
+        std=tuple(data_config['std']),
+    )
+    if is_training:
+        aug = aug_cfg or {}
+        scale = _get(aug, 'scale')
+        ratio = _get(aug, 'ratio')
+        tf = create_transform(
+            is_training=True,
+            no_aug=bool(_get(aug, 'no_aug', False)),
+            scale=tuple(scale) if scale is not None else None,
+            ratio=tuple(ratio) if ratio is not None else None,
+            hflip=float(_get(aug, 'hflip', 0.5)),
+            vflip=float(_get(aug, 'vflip', 0.0)),
+            color_jitter=float(_get(aug, 'color_jitter', 0.0) or 0.0),
+            auto_augment=_get(aug, 'auto_augment') or None,
+            re_prob=float(_get(aug, 're_prob', 0.0)),
+            re_mode=_get(aug, 're_mode', 'pixel'),
+            re_count=int(_get(aug, 're_count', 1)),
+            **{**common, 'interpolation': _get(aug, 'interpolation') or common['interpolation']},
+        )
+    else:
+        tf = create_transform(is_training=False, crop_pct=data_config.get('crop_pct'),
+                              crop_mode=data_config.get('crop_mode'), **common)
+    return transforms.Compose([ToMode(_mode(data_config)), tf])
+
+
+def _worker_kwargs(num_workers: int) -> dict:
+    return dict(num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers: int = 0) -> Tuple[DataLoader, int]:
+    """The evaluation (test / val) loader of ``data_cfg`` (the Hydra ``data`` node) for a model whose
+    ``timm.data.resolve_data_config`` is ``data_config``; returns ``(loader, num_classes)``.
+
+    In order, unshuffled, last batch kept. ``data.eval_subset`` (first n samples) shortens it for tests.
+    """
+    ds, num_classes = create_dataset(data_cfg, 'eval', build_transform(data_config, is_training=False))
+    subset = _get(data_cfg, 'eval_subset')
+    if subset is not None:
+        ds = Subset(ds, range(min(int(subset), len(ds))))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **_worker_kwargs(num_workers))
+    return loader, num_classes
+
+
+def create_train_loader(
+        data_cfg,
+        data_config: dict,
+        batch_size: int,
+        aug_cfg=None,
+        num_workers: int = 0,
+        subset: Optional[int] = None,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        repeated_aug: int = 0,
+        seed: int = 0,
+) -> Tuple[DataLoader, int]:
+    """The shuffled training loader and the class count.
+
+    ``subset``: the first n samples only. In a distributed run (``num_replicas`` > 1) every rank reads its
+    own shard: timm's ``RepeatAugSampler`` when ``repeated_aug`` > 1 (DeiT's repeated augmentation), else
+    ``DistributedSampler``. Call ``set_loader_epoch(loader, epoch)`` before every epoch: the order of an
+    epoch is a function of (seed, epoch) only, which is what makes ``resume=`` exact.
+    """
+    ds, num_classes = create_dataset(data_cfg, 'train', build_transform(data_config, True, aug_cfg))
+    if subset is not None:
+        ds = Subset(ds, range(min(int(subset), len(ds))))
+    if num_replicas > 1:
+        from timm.data.distributed_sampler import RepeatAugSampler
+        from torch.utils.data.distributed import DistributedSampler
+        if repeated_aug and repeated_aug > 1:
+            sampler = RepeatAugSampler(ds, num_replicas=num_replicas, rank=rank, num_repeats=int(repeated_aug))
+        else:
+            sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=drop_last)
+    else:
+        sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator())
+    generator = torch.Generator()  # seeds the workers' augmentation RNGs, reseeded every epoch
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator,
+                        **_worker_kwargs(num_workers))
+    loader.vit_gka_seed = seed
+    return loader, num_classes
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, rank: int = 0) -> None:
+    """Make epoch ``epoch``'s sample order and augmentation seeds a function of (seed, epoch, rank)."""
+    seed = getattr(loader, 'vit_gka_seed', 0)
+    sampler = loader.sampler
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        sampler.generator.manual_seed(seed * 100003 + epoch)
+    elif type(sampler).__name__ == 'RepeatAugSampler':
+        sampler.set_epoch(seed * 100003 + epoch)  # it seeds its shuffle with the epoch number alone
+    elif hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed((seed * 100003 + epoch) * 1009 + rank)
