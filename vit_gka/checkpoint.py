@@ -13,6 +13,7 @@ The folder is written as ``last.tmp-*`` beside it, every file and the folder fsy
 renames: the old ``last`` becomes ``last.prev``, the new one becomes ``last``, ``last.prev`` is removed.
 A crash between the two renames leaves ``last.prev`` complete, and ``find_checkpoint`` falls back to it.
 """
+import contextlib
 import os
 import random
 import shutil
@@ -47,9 +48,8 @@ def _fsync_dir(path: str) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 
