@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_gka.cli import UserError
-from vit_gka.data import create_eval_loader, create_train_loader, set_loader_epoch
+from vit_gka.data import create_eval_loader, create_train_loader, patch_randaugment_posterize, set_loader_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -68,3 +68,13 @@ def test_image_folder(tmp_path):
         create_eval_loader(data_cfg('imagenet', root=str(tmp_path / 'missing')), RGB32, batch_size=4)
     with pytest.raises(UserError, match='not set'):
         create_eval_loader(data_cfg('imagenet'), RGB32, batch_size=4)
+
+
+def test_randaugment_posterize_at_full_magnitude():
+    """DeiT's RandAugment reaches 0-bit posterize; recent Pillow raises there unless patched."""
+    from timm.data.auto_augment import AugmentOp
+    patch_randaugment_posterize()
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    for mode in ('L', 'RGB'):
+        out = op(Image.new(mode, (28, 28), 200))
+        assert out.mode == mode and out.getextrema() in ((0, 0), ((0, 0),) * 3)

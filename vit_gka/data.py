@@ -186,6 +186,26 @@ def _mode(data_config: dict) -> str:
     return 'L' if data_config['input_size'][0] == 1 else 'RGB'
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits: a black image, as Pillow < 12 gave."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_randaugment_posterize() -> None:
+    """DeiT's RandAugment ``rand-m9-mstd0.5-inc1``: the magnitude noise reaches level 10, where timm's
+    'PosterizeIncreasing' keeps 0 bits; recent Pillow raises "bits must be between or equal to 1 and 8" for
+    that, older Pillow returned a black image. Restore the old result in timm's op table (idempotent)."""
+    from timm.data import auto_augment
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
     """timm's ``create_transform`` for ``data_config`` (resolve_data_config of the model), after a mode
     conversion to the model's channel count. ``aug_cfg`` (the recipe's ``aug`` node) sets the training
@@ -200,6 +220,7 @@ def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
         std=tuple(data_config['std']),
     )
     if is_training:
+        patch_randaugment_posterize()
         aug = aug_cfg or {}
         scale = _get(aug, 'scale')
         ratio = _get(aug, 'ratio')
