@@ -4,8 +4,8 @@
     python -m benchmarks.attention device=cuda dtype=bfloat16 model_batch=256 seqs=[197,577,4097,16385]
 
 Every measurement interleaves the contenders (A B C A B C ...) after a warm-up and reports medians,
-so machine noise hits all of them alike; compare the ratios, not the absolute times. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the process's peak-RSS growth (VmHWM, reset through
+so machine noise hits all of them alike; compare the ratios, not the absolute times. Peak memory (extra over
+the inputs) is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak-RSS growth (VmHWM, reset through
 /proc/self/clear_refs, with glibc returning large blocks to the OS) on the CPU.
 Options (OmegaConf ``key=value``): device, dtype, seqs, heads, head_dim, core_batch_tokens, reps,
 warmup, model_batch, models (pairs GKA,DeiT), img_size, train (also time forward+backward), windows
@@ -28,6 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import vit_gka  # noqa: E402,F401
+from timm.layers import Attention  # noqa: E402
+from vit_gka import GaussianKernelAttention  # noqa: E402
 from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad  # noqa: E402
 from vit_gka.masks import build_mask, structural_mask_mod  # noqa: E402
 
@@ -124,12 +126,42 @@ def bench_core(cfg, device, dtype):
             mask = None if radius is None else build_mask(n, device, window_2d=radius)
             fns = core_contenders(x, log_sigma, mask, cfg.train, cfg.reference_max_seq, radius)
             medians = interleaved_medians(fns, device, cfg.reps, cfg.warmup)
-            base = medians['standard (SDPA q,k,v)']
-            for name, fn in fns.items():
+            peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+            base = 'standard (SDPA q,k,v)'
+            for name in fns:
                 rows.append(dict(seq=n, batch=batch, window_2d=radius, impl=name, ms=medians[name] * 1e3,
-                                 time_vs_standard=medians[name] / base,
-                                 peak_mb=peak_memory_mb(fn, device)))
+                                 time_vs_standard=medians[name] / medians[base], peak_mb=peaks[name],
+                                 memory_vs_standard=peaks[name] / max(peaks[base], 1e-9)))
             print_rows(rows[-len(fns):], f'attention core N={n} B={batch} window_2d={radius}')
+    return rows
+
+
+def bench_layers(cfg, device, dtype):
+    """Whole attention layers, x (B, N, D) -> (B, N, D): timm's ``Attention`` (qkv, SDPA, proj) vs GKA
+    (prologue, SDPA, proj). This is what a block pays; the core rows above leave out the q, k, v that
+    the standard core receives ready-made."""
+    rows, dim = [], cfg.heads * cfg.head_dim
+    layers = {'timm Attention': Attention(dim, cfg.heads, qkv_bias=True),
+              'GaussianKernelAttention': GaussianKernelAttention(dim, cfg.heads)}
+    layers = {name: layer.to(device, dtype).eval() for name, layer in layers.items()}
+    for n in cfg.seqs:
+        batch = max(1, cfg.core_batch_tokens // n)
+        x = torch.randn(batch, n, dim, device=device, dtype=dtype)
+
+        def infer(layer):
+            def call():
+                with torch.no_grad():
+                    layer(x)
+            return call
+        fns = {name: infer(layer) for name, layer in layers.items()}
+        medians = interleaved_medians(fns, device, cfg.reps, cfg.warmup)
+        peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
+        base = 'timm Attention'
+        for name in fns:
+            rows.append(dict(seq=n, batch=batch, layer=name, ms=medians[name] * 1e3,
+                             time_vs_timm=medians[name] / medians[base], peak_mb=peaks[name],
+                             memory_vs_timm=peaks[name] / max(peaks[base], 1e-9)))
+        print_rows(rows[-len(fns):], f'attention layer (inference) N={n} B={batch} D={dim}')
     return rows
 
 
@@ -172,6 +204,7 @@ def main(argv):
           f' dtype={cfg.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}')
     torch.manual_seed(0)
     result = dict(config=OmegaConf.to_container(cfg), core=bench_core(cfg, device, dtype),
+                  layers=bench_layers(cfg, device, dtype),
                   models=bench_models(cfg, device, dtype))
     if cfg.out:
         with open(cfg.out, 'w') as f:
