@@ -237,7 +237,34 @@ def default_sigma(head_dim: int) -> float:
     return head_dim ** 0.25
 
 
-class GaussianKernelAttention(nn.Module):
+class ProjectedHeads(nn.Module):
+    """What every attention layer here shares with timm's ``Attention``: the split into heads, attention
+    dropout, the optional scale norm and the output projection W_O (with ``proj_drop``)."""
+
+    def __init__(self, dim: int, num_heads: int, scale_norm: bool, proj_bias: bool, attn_drop: float,
+                 proj_drop: float, norm_layer: Optional[Type[nn.Module]], dd: dict) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm and norm_layer is not None else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H * d) -> (B, H, N, d), a view."""
+        B, N, _ = x.shape
+        return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> concatenated heads -> scale norm -> W_O -> proj_drop, (B, N, H * d)."""
+        B, H, N, d = out.shape
+        return self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(B, N, H * d))))
+
+
+class GaussianKernelAttention(ProjectedHeads):
     """Projection-free Gaussian Kernel Attention, a drop-in ``attn_layer`` for timm's ViT ``Block``.
 
     Args:
@@ -286,10 +313,8 @@ class GaussianKernelAttention(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if dim % num_heads:
-            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        super().__init__(dim, num_heads, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, dd)
         impl = 'auto' if impl == 'fused' else impl
         if impl not in GKA_IMPLS:
             raise ValueError(f'impl={impl!r} is not one of {GKA_IMPLS}')
@@ -301,8 +326,6 @@ class GaussianKernelAttention(nn.Module):
             raise ValueError('impl="flex" has no attention dropout; use attn_drop=0 or another impl')
         if sigma_init is not None and not sigma_init > 0:
             raise ValueError(f'sigma_init must be > 0, got {sigma_init}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.impl = impl
         self.window = window
         self.window_2d = window_2d
@@ -314,10 +337,6 @@ class GaussianKernelAttention(nn.Module):
         self._block_masks = {}
 
         self.log_sigma = nn.Parameter(torch.full((num_heads,), math.log(self.sigma_init), **dd))
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(dim, **dd) if scale_norm and norm_layer is not None else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -361,8 +380,8 @@ class GaussianKernelAttention(nn.Module):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        B, N, C = x.shape
-        heads = x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        N = x.shape[1]
+        heads = self.split_heads(x)
         masked = attn_mask is not None or is_causal or self.window is not None or self.window_2d is not None
         if self.resolve_impl(heads, masked) == 'flex':
             if attn_mask is not None and attn_mask.dim() == 3:
@@ -373,11 +392,10 @@ class GaussianKernelAttention(nn.Module):
                 N, x.device, attn_mask, is_causal, self.window, self.window_2d, self.grid_size,
                 self.num_prefix_tokens)
             out = self.attend(heads, mask)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.merge_heads(out)
 
 
-class ValueFreeAttention(nn.Module):
+class ValueFreeAttention(ProjectedHeads):
     """The paper's "VLT" ablation (Table 5): dot-product attention that keeps W_Q and W_K (and W_O) but
     has no value projection; values are the raw head features plus the value bias when ``qkv_bias``.
 
@@ -399,22 +417,14 @@ class ValueFreeAttention(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if dim % num_heads:
-            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        super().__init__(dim, num_heads, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, dd)
         if qk_norm and norm_layer is None:
             raise ValueError('qk_norm=True needs a norm_layer')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.v_bias = nn.Parameter(torch.zeros(dim, **dd)) if qkv_bias else None
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(dim, **dd) if scale_norm and norm_layer is not None else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
             self,
@@ -424,11 +434,9 @@ class ValueFreeAttention(nn.Module):
     ) -> torch.Tensor:
         B, N, C = x.shape
         q, k = self.qk(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        v = x if self.v_bias is None else x + self.v_bias
-        v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.split_heads(x if self.v_bias is None else x + self.v_bias)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = build_mask(N, x.device, attn_mask, is_causal)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(self.norm(out)))
+        return self.merge_heads(out)

@@ -58,6 +58,7 @@ ELEMENTWISE_OPS = (
     'aten::sigmoid', 'aten::tanh', 'aten::softmax', 'aten::log_softmax', 'aten::abs', 'aten::where',
     'aten::lerp', 'aten::addcmul', 'aten::erf', 'aten::square', 'aten::max_pool2d', 'aten::avg_pool2d',
     'aten::adaptive_max_pool2d', 'aten::hardswish', 'aten::hardsigmoid', 'aten::leaky_relu', 'aten::hardtanh',
+    'aten::linalg_vector_norm',
 )
 # Boolean / integer / copy ops that build masks or move data: no arithmetic on activations.
 ZERO_WORK_OPS = (
