@@ -1,11 +1,13 @@
 """What a trained ViT's attention does: learned GKA bandwidths and mean attention distance per head.
 
-* ``sigma_table(model)``: sigma = exp(log_sigma) per layer x head of every GKA layer.
+* ``sigma_table(model)``: sigma = exp(log_sigma) per layer x head of every GKA layer (for the compact-kernel
+  ``KernelAttention`` layers, the same parameter is the bandwidth h).
 * ``mean_attention_distance(model, images)``: per layer and head, the average over images and patch queries
   of sum_j w_ij ||p_i - p_j|| / sum_j w_ij over patch keys j, in patches (Euclidean, on the patch grid;
   prefix tokens such as the class token are left out as queries and as keys), as in the ViT paper's Fig. 7.
   The weights w are materialised from each attention layer's input, caught by a forward pre-hook: GKA with
-  the paper's own formula (``vit_gka.attention.gka_reference``'s pieces), timm's ``Attention`` and
+  the paper's own formula (``vit_gka.attention.gka_reference``'s pieces), compact-kernel layers with
+  ``vit_gka.kernels.compact_weights`` (their exact sparse weights), timm's ``Attention`` and
   ``ValueFreeAttention`` as softmax(q k^T / sqrt(d)).
 """
 from typing import List, Optional
@@ -16,6 +18,7 @@ from timm.models.vision_transformer import Attention
 
 from vit_gka.attention import (GaussianKernelAttention, ValueFreeAttention, gaussian_kernel, pairwise_sq_dist,
                                row_normalise)
+from vit_gka.kernels import compact_weights
 
 SUPPORTED = (GaussianKernelAttention, ValueFreeAttention, Attention)
 
@@ -30,6 +33,9 @@ def sigma_table(model: nn.Module) -> Optional[torch.Tensor]:
 def attention_weights(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, N) attention weights of ``module`` on its input tokens ``x`` (B, N, D), unmasked."""
     B, N, C = x.shape
+    if getattr(module, 'degree', None) is not None:  # compact kernel (vit_gka.kernels.KernelAttention)
+        heads = x.view(B, N, module.num_heads, module.head_dim).transpose(1, 2)
+        return compact_weights(heads, module.log_sigma, module.degree, module.normalization)
     if isinstance(module, GaussianKernelAttention):
         heads = x.float().view(B, N, module.num_heads, module.head_dim).transpose(1, 2)
         return row_normalise(gaussian_kernel(pairwise_sq_dist(heads), module.log_sigma.float()), module.eps)

@@ -8,7 +8,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-KIND_COLOURS = {'GKA': 'tab:red', 'VLT': 'tab:orange', 'baseline': 'tab:blue', 'other': 'tab:green'}
+KIND_COLOURS = {'GKA': 'tab:red', 'compact': 'tab:purple', 'VLT': 'tab:orange', 'baseline': 'tab:blue',
+                'other': 'tab:green'}
 
 
 def _save(fig, path: str) -> str:
@@ -62,8 +63,10 @@ def params_by_part(rows: List[Dict], path: str) -> str:
     return _save(fig, path)
 
 
-def sigma_heatmap(sigma: np.ndarray, title: str, path: str, sigma_init: Optional[float] = None) -> str:
-    """Heatmap of the learned bandwidth sigma, layers (rows) x heads (columns), values written in."""
+def sigma_heatmap(sigma: np.ndarray, title: str, path: str, sigma_init: Optional[float] = None,
+                  name: str = 'sigma') -> str:
+    """Heatmap of the learned bandwidth (GKA's sigma; ``name='h'`` for a compact kernel's), layers (rows) x
+    heads (columns), values written in."""
     layers, heads = sigma.shape
     digits = 2 if np.ptp(sigma) >= 0.05 else 3 if np.ptp(sigma) >= 0.005 else 4
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * heads, 1.2 + 0.42 * layers))
@@ -77,8 +80,8 @@ def sigma_heatmap(sigma: np.ndarray, title: str, path: str, sigma_init: Optional
     ax.set_xlabel('head')
     ax.set_ylabel('layer')
     init = f' (init {sigma_init:.2f})' if sigma_init is not None else ''
-    ax.set_title(f'{title}: learned sigma{init}', fontsize=9)
-    fig.colorbar(im, ax=ax, label='sigma')
+    ax.set_title(f'{title}: learned {name}{init}', fontsize=9)
+    fig.colorbar(im, ax=ax, label=name)
     return _save(fig, path)
 
 
@@ -98,4 +101,26 @@ def attention_distance(results: Sequence[Dict], path: str, num_images: int) -> s
     axes[0][0].set_ylabel('mean attention distance (patches)')
     axes[0][-1].legend(fontsize=7, loc='best')
     fig.suptitle(f'Mean attention distance per head ({num_images} test images)', fontsize=10)
+    return _save(fig, path)
+
+
+def sparsity(rows: Sequence[Dict], path: str) -> str:
+    """Attention sparsity (fraction of exact zeros of the weights) against layer, one line per run with
+    ``sparsity_layers``; compact kernels solid, GKA dashed (its zeros are float32 underflow)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = 'osD^v<>ph*'
+    for i, r in enumerate(rows):
+        values = np.asarray(r['sparsity_layers'], dtype=float)
+        compact = r.get('kind') == 'compact'
+        ax.plot(np.arange(len(values)), values, marker=markers[i % len(markers)], ms=5,
+                ls='-' if compact else '--', lw=1.5 if compact else 1.0,
+                label=f"{r['label']} (mean {np.mean(values):.2f})")
+    layers = max(len(r['sparsity_layers']) for r in rows)
+    ax.set_xticks(range(layers))
+    ax.set_xlabel('layer')
+    ax.set_ylabel('fraction of exact zeros')
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title('Attention sparsity per layer', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='best')
     return _save(fig, path)

@@ -7,13 +7,22 @@ A run folder holds ``results.json`` (train.py / vit_gka/trainer.py), ``model/`` 
 give the runtime table. Written to ``--out`` (default ``<folder>/report`` for one folder, else ``report``):
 
 * ``report.md``: Table 2 (paper style): params total / attention / MLP (M), GMACs, GFLOPs (= 2 x MACs),
-  size (MB, fp32), top-1 of the exported model, and the change in params %, GFLOPs % and top-1 (points)
-  against the DeiT baseline of the same shape (embed dim, depth, heads, patch, input size, data, epochs);
-  Table 4: inference and training images/s and peak memory with change % (from bench.json), else the
-  training runs' own throughput; the learned-sigma summary.
+  size (MB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
+  top-1 (points) against the DeiT baseline of the same shape (embed dim, depth, heads, MLP width, patch,
+  input size, in channels; same data and epochs); Table 4: inference and training images/s and peak memory
+  with change % (from bench.json), else the training runs' own throughput; the learned-bandwidth summary;
+  the attention sparsity per layer.
 * ``table2.csv``, ``table4.csv``; ``top1_vs_gflops.png``, ``params_by_part.png``,
-  ``sigma_<run>.png`` (learned sigma per layer x head of each GKA run) and ``attention_distance_<run>.png``
-  (mean attention distance per head and layer, in patches, on N real test images, GKA next to its baseline).
+  ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
+  ``attention_distance_<run>.png`` (mean attention distance per head and layer, in patches, on N real test
+  images, next to the baseline's) and ``sparsity.png`` (per-layer attention sparsity of every run that has
+  it, when a compact-kernel run is among them).
+
+Kinds of attention: ``GKA`` (Gaussian), ``compact`` (``vit_gka.KernelAttention`` with an Epanechnikov,
+biweight or triweight kernel; the ``attention`` column names kernel and normalisation), ``VLT``,
+``baseline`` (timm's DeiT ``Attention``), ``other``. Sparsity is ``results.json``'s ``sparsity``: the fraction
+of exact zeros of the attention weights per layer, measured by training on the first test images with the
+final weights. GKA runs have it too (float32 underflow only: essentially 0); DeiT and VLT have none ("-").
 
 Hydra: ``python train.py -m ... hydra/callbacks=report`` (conf/hydra/callbacks/report.yaml) builds the
 report at the end of the sweep, in ``<sweep dir>/report``.
@@ -54,7 +63,8 @@ def find_runs(paths: Sequence[str]) -> List[str]:
 
 
 def _architecture(name: str, model_args: dict) -> Dict:
-    """Kind (GKA / VLT / baseline / other) and shape of a model, from a meta-device instance."""
+    """Kind (GKA / compact / VLT / baseline / other), ``attention`` (the kind, or kernel and normalisation
+    of a compact kernel) and shape of a model, from a meta-device instance."""
     import timm
     from timm.models.vision_transformer import Attention
 
@@ -64,13 +74,17 @@ def _architecture(name: str, model_args: dict) -> Dict:
         model = timm.create_model(name, **model_args)
     blocks = getattr(model, 'blocks', None)
     attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
-    kind = ('GKA' if isinstance(attn, GaussianKernelAttention) else 'VLT' if isinstance(attn, ValueFreeAttention)
-            else 'baseline' if type(attn) is Attention else 'other')
+    kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
+            else 'other' if not isinstance(attn, GaussianKernelAttention)
+            else 'compact' if getattr(attn, 'degree', None) is not None else 'GKA')
+    attention = f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else kind
     shape = None
     if attn is not None:
-        shape = (model.embed_dim, len(blocks), attn.num_heads, tuple(model.patch_embed.patch_size),
-                 tuple(model.patch_embed.img_size), model.patch_embed.proj.in_channels)
-    return {'kind': kind, 'shape': shape}
+        fc1 = getattr(getattr(blocks[0], 'mlp', None), 'fc1', None)
+        shape = (model.embed_dim, len(blocks), attn.num_heads, getattr(fc1, 'out_features', None),
+                 tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size),
+                 model.patch_embed.proj.in_channels)
+    return {'kind': kind, 'attention': attention, 'shape': shape}
 
 
 def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
@@ -89,6 +103,9 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
             res['top1'] = res['ema_top1']
         if res.get('size_mb') is None:
             res['size_mb'] = res['params'] * 4 / 2 ** 20
+        sparsity = res.get('sparsity') or {}
+        res['sparsity_mean'] = sparsity.get('mean')
+        res['sparsity_layers'] = sparsity.get('layers')
         rows.append(res)
     labels = [r['label'] for r in rows]
     for r in rows:
@@ -120,9 +137,9 @@ def _pct(value, base) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------------- tables
-TABLE2 = [('label', 'model'), ('kind', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
+TABLE2 = [('label', 'model'), ('attention', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
           ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MB, fp32)'),
-          ('top1', 'top-1 (%)'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
+          ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
           ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
 
 
@@ -132,7 +149,8 @@ def table2(rows: List[Dict]) -> List[Dict]:
     for r in rows:
         b = by_run.get(r['baseline_run'])
         out.append({
-            'run': r['run'], 'label': r['label'], 'kind': r['kind'], 'data': r.get('data'), 'epochs': r.get('epochs'),
+            'run': r['run'], 'label': r['label'], 'kind': r['kind'], 'attention': r['attention'],
+            'data': r.get('data'), 'epochs': r.get('epochs'), 'sparsity': r['sparsity_mean'],
             'params_m': r['params'] / 1e6,
             'attn_m': r['params_attn'] / 1e6 if r.get('params_attn') is not None else None,
             'mlp_m': r['params_mlp'] / 1e6 if r.get('params_mlp') is not None else None,
@@ -190,6 +208,8 @@ def _cell(key: str, value) -> str:
         return f'{value:+.2f}'
     if key in ('gmacs', 'gflops'):
         return f'{value:.4g}'
+    if key == 'sparsity':
+        return f'{value:.3f}'
     if key.endswith('_per_s') or key.endswith('_mb') and key != 'size_mb':
         return f'{value:.0f}'
     return f'{value:.2f}'
@@ -197,7 +217,7 @@ def _cell(key: str, value) -> str:
 
 def _markdown(rows: List[Dict], columns) -> str:
     body = [[_cell(k, r.get(k)) for k, _ in columns] for r in rows]
-    align = ['left' if k in ('label', 'kind', 'baseline', 'source') else 'right' for k, _ in columns]
+    align = ['left' if k in ('label', 'kind', 'attention', 'baseline', 'source') else 'right' for k, _ in columns]
     return tabulate(body, headers=[h for _, h in columns], tablefmt='github', disable_numparse=True, colalign=align)
 
 
@@ -231,12 +251,13 @@ def test_images(run_dir: str, model, num_images: int) -> torch.Tensor:
 
 
 def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
-    """Sigma heatmap and attention-distance plot for every GKA run (next to its baseline); paths written."""
+    """Bandwidth heatmap and attention-distance plot of every GKA and compact-kernel run (next to its
+    baseline); paths written."""
     from analysis import plots
     from analysis.attention_stats import attention_modules, mean_attention_distance, sigma_table
     by_run = {r['run']: r for r in rows}
     written = []
-    for r in [r for r in rows if r['kind'] == 'GKA']:
+    for r in [r for r in rows if r['kind'] in ('GKA', 'compact')]:
         if not os.path.isdir(os.path.join(r['run_dir'], 'model')):
             log.warning('%s has no model/ folder: no sigma or attention-distance plot', r['run'])
             continue
@@ -244,7 +265,7 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
         sigma = sigma_table(model)
         r['sigma_table'] = sigma.tolist()
         written.append(plots.sigma_heatmap(sigma.numpy(), r['label'], os.path.join(out, f"sigma_{r['run']}.png"),
-                                           r.get('sigma_init')))
+                                           r.get('sigma_init'), 'h' if r['kind'] == 'compact' else 'sigma'))
         try:
             images = test_images(r['run_dir'], model, num_images)
         except Exception as e:  # data not on this machine (e.g. ImageNet elsewhere): plot what is possible
@@ -272,19 +293,23 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     os.makedirs(out, exist_ok=True)
     t2 = table2(rows)
     t4 = table4(rows, load_bench(paths))
-    files = {'table2.csv': _csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs')] + TABLE2,
+    files = {'table2.csv': _csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
                                 os.path.join(out, 'table2.csv')),
              'table4.csv': _csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
     counted = [r for r in rows if r.get('gflops') is not None]
     if counted:
         files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'))
     files['params_by_part.png'] = plots.params_by_part(rows, os.path.join(out, 'params_by_part.png'))
+    sparse = [r for r in rows if r['sparsity_layers']]
+    if any(r['kind'] == 'compact' for r in sparse):
+        files['sparsity.png'] = plots.sparsity(sparse, os.path.join(out, 'sparsity.png'))
     for path in attention_figures(rows, out, num_images):
         files[os.path.basename(path)] = path
     md = [f'# Report: {len(rows)} runs', '', 'Runs: ' + ', '.join(f"`{r['run']}`" for r in rows), '',
           '## Table 2: parameters, compute and accuracy',
           'GMACs = 1e9 multiply-accumulates per image (fvcore, attention included); GFLOPs = 2 x GMACs (the GKA '
-          "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). Changes are against the "
+          "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). sparsity: mean over "
+          'layers of the fraction of exact zeros in the attention weights (see below). Changes are against the '
           'baseline of the same shape, data and epochs.', '', _markdown(t2, TABLE2), '',
           '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else the training runs\' own '
           'train / eval throughput (no memory figures).', '', _markdown(t4, TABLE4), '']
@@ -293,9 +318,17 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
         md += ['## Learned bandwidths', '']
         for r in sigma_rows:
             flat = [s for layer in r['sigma_table'] for s in layer]
-            md.append(f"- {r['label']}: sigma from {min(flat):.3f} to {max(flat):.3f} (mean {sum(flat) / len(flat):.3f}, "
+            name = 'h' if r['kind'] == 'compact' else 'sigma'
+            md.append(f"- {r['label']}: {name} from {min(flat):.3f} to {max(flat):.3f} (mean {sum(flat) / len(flat):.3f}, "
                       f"init {r.get('sigma_init') or 0:.3f}) over {len(r['sigma_table'])} layers x "
                       f"{len(r['sigma_table'][0])} heads")
+        md.append('')
+    if sparse:
+        md += ['## Attention sparsity', 'Fraction of exact zeros of the attention weights, per layer, measured by '
+               'training on the first test images with the final (model/) weights. Compact kernels are sparse by '
+               'construction; GKA zeros are float32 underflow only. DeiT and VLT: not measured.', '']
+        md += [f"- {r['label']} ({r['attention']}): mean {r['sparsity_mean']:.3f}; layers "
+               + ', '.join(f'{v:.3f}' for v in r['sparsity_layers']) for r in sparse]
         md.append('')
     md += ['## Figures', ''] + [f'![{name}]({name})' for name in files if name.endswith('.png')] + ['']
     files['report.md'] = os.path.join(out, 'report.md')

@@ -17,7 +17,7 @@ from vit_gka.attention import gka_reference
 from vit_gka.kernel_models import COMPACT_MODELS
 from vit_gka.kernels import (
     AttentionSparsity, attention_sparsity, attention_weights, compact_kernel, compact_kernel_attention,
-    compact_weights)
+    compact_weights, model_sparsity)
 from vit_gka.masks import build_mask
 
 DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
@@ -283,6 +283,24 @@ def test_sparsity_helpers():
     assert sparsity.values == {'blocks.0.attn': 0.0, 'blocks.1.attn': 0.0}
 
 
+
+def test_model_sparsity():
+    """What training logs: per-layer sparsity in model order on one batch, eval mode, mode restored."""
+    model = timm.create_model('bka_fixed_deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1,
+                              num_classes=10, embed_dim=32, num_heads=2, depth=3, drop_path_rate=0.5).train()
+    x = torch.randn(4, 1, 28, 28)
+    with AttentionSparsity(model) as meter:
+        model.eval()(x)
+    model.train()
+    result = model_sparsity(model, x)
+    assert model.training
+    assert result['layers'] == [meter.values[f'blocks.{i}.attn'] for i in range(3)]
+    assert result['mean'] == pytest.approx(sum(result['layers']) / 3) and 0 < result['mean'] < 1
+    assert model_sparsity(torch.compile(model), x)['layers'] == result['layers']  # measured on _orig_mod
+    deit = timm.create_model('deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1, depth=1)
+    assert model_sparsity(deit, x) is None
+
+
 def test_registry_names():
     assert set(timm.list_models('?ka_*_deit_*')) == set(COMPACT_MODELS)
     assert len(COMPACT_MODELS) == 12
@@ -309,3 +327,18 @@ def test_create_forward_backward_28x28(name):
     assert out.shape == (2, 10)
     out.logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('size', ['', '_tiny'])
+def test_fmnist_presets_have_the_gka_shape(size):
+    """The 28x28 compact-kernel presets differ from gka(_tiny)_fmnist in the timm name only."""
+    import os
+
+    from omegaconf import OmegaConf
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf', 'model')
+    gka = OmegaConf.load(os.path.join(conf, f'gka{size}_fmnist.yaml'))
+    for name in (n for n in COMPACT_MODELS if 'tiny' in n):
+        preset = name.split('_deit_')[0] + f'{size}_fmnist'
+        cfg = OmegaConf.load(os.path.join(conf, f'{preset}.yaml'))
+        assert cfg.name == name
+        assert cfg.args == gka.args and cfg.drop_path == gka.drop_path, preset

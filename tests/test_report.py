@@ -12,6 +12,7 @@ import torch
 
 from analysis import report
 from analysis.attention_stats import mean_attention_distance, sigma_table
+from test_train import TINY, check, needs_data, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ['train_subset=128', 'epochs=1', 'data.eval_subset=64', 'batch_size=64', 'workers=0', 'progress=false']
@@ -87,3 +88,45 @@ def test_attention_distance_limits():
         assert mean_attention_distance(model, images) == pytest.approx(torch.full((1, 2), uniform.item()), rel=1e-4)
         model.blocks[0].attn.log_sigma.fill_(-8.0)
         assert mean_attention_distance(model, images).abs().max() < 1e-4
+
+
+def _tb_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir, 'tb'))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+
+
+@needs_data
+def test_compact_kernel_sparsity_in_results_tensorboard_and_report(tmp_path):
+    """A tiny compact-kernel run and its DeiT baseline: sparsity in results.json and TensorBoard, then in
+    the report (Table 2 paired with deit_fmnist, the per-layer section and sparsity.png)."""
+    sweep = tmp_path / 'sweep'
+    check(run(['-m', 'model=eka_adaptive_fmnist,deit_fmnist', 'epochs=1', *TINY,
+               f'hydra.sweep.dir={sweep}', 'hydra.callbacks.report.num_images=8'], cwd=tmp_path))
+    eka, deit = sweep / '0_eka_adaptive_fmnist', sweep / '1_deit_fmnist'
+    res = json.load(open(eka / 'results.json'))
+    sparsity = res['sparsity']
+    assert len(sparsity['layers']) == 2 and all(0 < v < 1 for v in sparsity['layers'])  # sparsemax: some zeros
+    assert sparsity['mean'] == pytest.approx(sum(sparsity['layers']) / 2)
+    assert 0 < res['history'][-1]['sparsity'] < 1
+    assert json.load(open(deit / 'results.json'))['sparsity'] is None
+
+    scalars = _tb_scalars(str(eka))
+    assert {'sparsity/layer_00', 'sparsity/layer_01', 'sparsity/mean'} <= set(scalars)
+    assert scalars['sparsity/mean'] == [pytest.approx(res['history'][-1]['sparsity'])]
+    assert not any(tag.startswith('sparsity/') for tag in _tb_scalars(str(deit)))
+
+    out = sweep / 'report'
+    with open(out / 'table2.csv') as f:
+        rows = {r['label']: r for r in csv.DictReader(f)}
+    row = rows['eka_adaptive_fmnist']
+    assert row['kind'] == 'compact' and row['attention'] == 'epanechnikov / adaptive'
+    assert row['baseline'] == 'deit_fmnist' and float(row['d_params']) < -20
+    assert float(row['sparsity']) == pytest.approx(sparsity['mean']) and rows['deit_fmnist']['sparsity'] == ''
+    img = mpimg.imread(out / 'sparsity.png')
+    assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 0.01
+    assert (out / 'sigma_0_eka_adaptive_fmnist.png').is_file()
+    md = (out / 'report.md').read_text()
+    assert '## Attention sparsity' in md and '![sparsity.png](sparsity.png)' in md
+    assert f"- eka_adaptive_fmnist (epanechnikov / adaptive): mean {sparsity['mean']:.3f}" in md

@@ -38,7 +38,7 @@ summing to 0.98), another reason for float32.
 """
 import contextlib
 import math
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ from .masks import build_mask
 __all__ = [
     'KERNELS', 'KERNEL_DEGREE', 'NORMALIZATIONS', 'KernelAttention', 'AttentionSparsity',
     'attention_sparsity', 'attention_weights', 'compact_kernel', 'compact_kernel_attention',
-    'compact_weights', 'default_bandwidth',
+    'compact_weights', 'default_bandwidth', 'model_sparsity',
 ]
 
 KERNEL_DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
@@ -186,8 +186,8 @@ def default_bandwidth(head_dim: int) -> float:
 class KernelAttention(GaussianKernelAttention):
     """Projection-free kernel attention with a Gaussian (GKA) or compact kernel, timm ``attn_layer``.
 
-    Args: those of ``GaussianKernelAttention`` (timm's, ``impl``, ``window``, ``window_2d``,
-    ``sigma_init``, ``eps``), and
+    Args: ``dim``, ``num_heads`` and, as keywords, those of ``GaussianKernelAttention`` (timm's, ``impl``,
+    ``window``, ``window_2d``, ``sigma_init``, ``eps``, passed through), and
 
         kernel: ``"gaussian"`` (GKA itself: ``attend`` is GKA's, fused path and ``impl`` included),
             ``"epanechnikov"``, ``"biweight"`` or ``"triweight"`` ((1 - u^2)_+^n, n = 1, 2, 3).
@@ -205,22 +205,11 @@ class KernelAttention(GaussianKernelAttention):
             self,
             dim: int,
             num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            impl: str = 'auto',
-            window: Optional[int] = None,
-            window_2d: Optional[int] = None,
-            sigma_init: Optional[float] = None,
-            eps: float = 1e-6,
+            *,
             kernel: str = 'gaussian',
             normalization: str = 'fixed',
-            device=None,
-            dtype=None,
+            sigma_init: Optional[float] = None,
+            **kwargs,
     ) -> None:
         if kernel not in KERNELS:
             raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
@@ -229,10 +218,7 @@ class KernelAttention(GaussianKernelAttention):
         degree = KERNEL_DEGREE.get(kernel)
         if sigma_init is None and degree is not None and num_heads > 0 and dim % num_heads == 0:
             sigma_init = default_bandwidth(dim // num_heads)
-        super().__init__(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_norm,
-            proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, impl=impl,
-            window=window, window_2d=window_2d, sigma_init=sigma_init, eps=eps, device=device, dtype=dtype)
+        super().__init__(dim, num_heads=num_heads, sigma_init=sigma_init, **kwargs)
         self.kernel = kernel
         self.normalization = normalization
         self.degree = degree
@@ -349,3 +335,29 @@ class AttentionSparsity:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+@torch.no_grad()
+def model_sparsity(model: nn.Module, images: torch.Tensor, autocast=None) -> Optional[Dict[str, object]]:
+    """Per-layer attention sparsity of ``model`` on one batch: ``{'mean': float, 'layers': [float, ...]}``
+    (layers in model order), or None for a model without kernel attention (DeiT, VLT).
+
+    One forward in eval mode (no dropout or drop path) under ``autocast`` (a context-manager factory such
+    as ``accelerator.autocast``; default none), with ``AttentionSparsity`` attached: about twice one eval
+    batch's attention cost. A ``torch.compile``'d model is measured through its original module, whose
+    forward hooks run eagerly. GKA layers are measured too: their exact zeros are float32 underflow of
+    exp(-||x_i - x_j||^2 / 2 sigma^2), so essentially 0.
+    """
+    model = getattr(model, '_orig_mod', model)
+    meter = AttentionSparsity(model)
+    if not meter.layers:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with meter, (autocast() if autocast is not None else contextlib.nullcontext()):
+            model(images)
+    finally:
+        model.train(was_training)
+    layers: List[float] = [meter.values[name] for name in meter.layers if name in meter.values]
+    return {'mean': sum(layers) / len(layers) if layers else float('nan'), 'layers': layers}

@@ -16,8 +16,8 @@ __all__ = ['collect', 'format_table', 'SweepSummary']
 
 COLUMNS = (
     ('run', 'run'), ('model', 'model'), ('sigma_init', 'sigma_init'), ('params (M)', 'params'),
-    ('GMACs', 'gmacs'), ('top-1', 'top1'), ('EMA top-1', 'ema_top1'), ('train img/s', 'train_images_per_s'),
-    ('wall (s)', 'wall_time_s'),
+    ('GMACs', 'gmacs'), ('top-1', 'top1'), ('EMA top-1', 'ema_top1'), ('sparsity', 'sparsity'),
+    ('train img/s', 'train_images_per_s'), ('wall (s)', 'wall_time_s'),
 )
 
 
@@ -44,6 +44,8 @@ def _cell(key: str, value) -> str:
         return f'{value:.2f}'
     if key in ('train_images_per_s', 'wall_time_s'):
         return f'{value:.0f}'
+    if key == 'sparsity':  # results.json: {'mean': ..., 'layers': [...]} for kernel attention, else null
+        return f"{value['mean']:.3f}"
     if key == 'sigma_init':
         return f'{value:.3g}'
     if key == 'model':

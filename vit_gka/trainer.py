@@ -28,12 +28,17 @@ from . import checkpoint as ckpt
 from .cli import UserError
 from .data import create_dataset, create_eval_loader, create_train_loader, data_preprocessing, set_loader_epoch
 from .engine import evaluate, sigma_stats, train_one_epoch
+from .kernels import AttentionSparsity, model_sparsity
 
 log = logging.getLogger('vit_gka.train')
 
 RESULT_KEYS = ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
                'params', 'params_attn', 'params_mlp', 'gmacs', 'gflops', 'top1', 'top5', 'ema_top1', 'ema_top5',
-               'loss', 'train_images_per_s', 'wall_time_s', 'sigma_init')
+               'loss', 'train_images_per_s', 'wall_time_s', 'sigma_init', 'sparsity')
+
+# Attention sparsity (fraction of exact zeros of the attention weights, per layer) is measured on the first
+# SPARSITY_IMAGES test images, one extra forward per evaluation (models with kernel attention only).
+SPARSITY_IMAGES = 64
 
 
 def _mixed_precision(value: str) -> str:
@@ -162,6 +167,13 @@ def _sigma_init(model) -> Optional[float]:
     return None
 
 
+def _sparsity_batch(model, dataset, device) -> Optional[torch.Tensor]:
+    """The fixed batch that attention sparsity is measured on, or None for a model without kernel attention."""
+    if not AttentionSparsity(model).layers or len(dataset) == 0:
+        return None
+    return torch.stack([dataset[i][0] for i in range(min(SPARSITY_IMAGES, len(dataset)))]).to(device)
+
+
 def _model_stats(model) -> Dict[str, Any]:
     try:
         from .flops import model_stats
@@ -242,6 +254,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         rank=accelerator.process_index, repeated_aug=int(cfg.get('repeated_aug', 0) or 0), seed=int(cfg.seed))
     eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.get('eval_batch_size') or 2 * cfg.batch_size),
                                         num_workers=int(cfg.workers))
+    sparsity_images = _sparsity_batch(model, eval_loader.dataset, accelerator.device) if main else None
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
 
@@ -350,6 +363,11 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                 ema_metrics = evaluate(model_ema.module, eval_loader, accelerator)
                 line += f"  |  EMA top-1 {ema_metrics['top1']:.2f}"
                 record.update(ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
+        sparsity = None
+        if do_eval and sparsity_images is not None:
+            sparsity = model_sparsity(raw_model, sparsity_images, accelerator.autocast)
+            line += f"  |  sparsity {sparsity['mean']:.3f}"
+            record['sparsity'] = sparsity['mean']
         history.append(record)
         if main:
             tb.add_scalar('train/epoch_loss', stats['loss'], epoch + 1)
@@ -365,6 +383,10 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                 if ema_metrics is not None:
                     tb.add_scalar('eval/ema_top1', ema_metrics['top1'], epoch + 1)
                     tb.add_scalar('eval/ema_top5', ema_metrics['top5'], epoch + 1)
+            if sparsity is not None:
+                for i, value in enumerate(sparsity['layers']):
+                    tb.add_scalar(f'sparsity/layer_{i:02d}', value, epoch + 1)
+                tb.add_scalar('sparsity/mean', sparsity['mean'], epoch + 1)
             tb.flush()
         if do_eval:
             candidates = [(metrics['top1'], False)]
@@ -404,7 +426,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         results = _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, num_classes,
                                  num_epochs, global_batch, metrics, ema_metrics, best, history,
                                  train_images / max(train_time, 1e-9), prev_wall + time.time() - wall_start,
-                                 stop_epoch)
+                                 stop_epoch, sparsity_images, accelerator.autocast)
         tb.close()
         print(f"{cfg.get('model_choice', model_name)}: test top-1 {results['top1']:.2f}%"
               + (f" (EMA {results['ema_top1']:.2f}%)" if results['ema_top1'] is not None else '')
@@ -417,7 +439,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, num_classes, num_epochs,
-                   global_batch, metrics, ema_metrics, best, history, train_rate, wall_time, stop_epoch):
+                   global_batch, metrics, ema_metrics, best, history, train_rate, wall_time, stop_epoch,
+                   sparsity_images=None, autocast=None):
     use_ema = ema_metrics is not None and ema_metrics['top1'] > metrics['top1']
     final = model_ema.module if use_ema else raw_model
     if cfg.get('save_model', True):
@@ -456,6 +479,8 @@ def _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, n
         'wall_time_s': wall_time,
         'sigma_init': _sigma_init(raw_model),
         'sigma': {str(k): v for k, v in sigma_stats(final).items()},
+        # of the model/ weights on the first SPARSITY_IMAGES test images; None without kernel attention
+        'sparsity': model_sparsity(final, sparsity_images, autocast) if sparsity_images is not None else None,
         'history': history,
     }
     ckpt.write_text(os.path.join(run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
