@@ -11,27 +11,17 @@ Options (OmegaConf ``key=value``): device, dtype, seqs, heads, head_dim, core_ba
 warmup, model_batch, models (pairs GKA,DeiT), img_size, train (also time forward+backward), windows
 (2-D radii to time as well), out (a JSON file).
 """
-import json
-import os
-import statistics
 import sys
-import time
 
-if os.environ.get('MALLOC_MMAP_THRESHOLD_') is None and __name__ == '__main__':
-    # Large blocks as their own mappings, so freed memory leaves the RSS and peak-RSS deltas are honest.
-    os.environ['MALLOC_MMAP_THRESHOLD_'] = '65536'
-    os.execv(sys.executable, [sys.executable, '-m', 'benchmarks.attention', *sys.argv[1:]])
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-import vit_gka  # noqa: E402,F401
-from timm.layers import Attention  # noqa: E402
-from vit_gka import GaussianKernelAttention  # noqa: E402
-from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad  # noqa: E402
-from vit_gka.masks import build_mask, structural_mask_mod  # noqa: E402
+from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
+from vit_gka import GaussianKernelAttention
+from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad
+from vit_gka.masks import build_mask, structural_mask_mod
 
 DEFAULTS = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025, 4097],
@@ -40,50 +30,6 @@ DEFAULTS = dict(
             ['gka_deit_small_patch16_224', 'deit_small_patch16_224']],
     train=False, windows=[], reference_max_seq=4097, out=None,
 )
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _rss_kb(field):
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
-def peak_memory_mb(fn, device):
-    """Extra memory at the peak of one call of fn, in MB."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    before = _rss_kb('VmRSS:')
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # resets VmHWM to the current RSS
-    fn()
-    return (_rss_kb('VmHWM:') - before) / 1024
-
-
-def interleaved_medians(fns: dict, device, reps: int, warmup: int) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds after a warm-up."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
@@ -185,31 +131,13 @@ def bench_models(cfg, device, dtype):
     return rows
 
 
-def print_rows(rows, title):
-    keys = list(rows[0])
-    print(f'\n### {title}\n')
-    print('| ' + ' | '.join(keys) + ' |')
-    print('|' + '---|' * len(keys))
-    for row in rows:
-        print('| ' + ' | '.join(f'{v:.3g}' if isinstance(v, float) else str(v) for v in row.values()) + ' |')
-
-
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_cli(argv))
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        sys.exit(f'error: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}')
-    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
-    print(f'device={device} ({torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"}),'
-          f' dtype={cfg.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}')
+    cfg, device, dtype = options(DEFAULTS, argv)
     torch.manual_seed(0)
-    result = dict(config=OmegaConf.to_container(cfg), core=bench_core(cfg, device, dtype),
-                  layers=bench_layers(cfg, device, dtype),
-                  models=bench_models(cfg, device, dtype))
-    if cfg.out:
-        with open(cfg.out, 'w') as f:
-            json.dump(result, f, indent=1)
+    write_json(cfg, core=bench_core(cfg, device, dtype), layers=bench_layers(cfg, device, dtype),
+               models=bench_models(cfg, device, dtype))
 
 
 if __name__ == '__main__':
+    reexec_for_rss('benchmarks.attention')
     main(sys.argv[1:])

@@ -6,28 +6,20 @@
 One attention layer of the Small shape (D = 384, 6 heads of 64) per contender: fused GKA
 (``GaussianKernelAttention(impl='auto')``) and ``KernelAttention`` for every kernel x normalisation
 (dense: the N x N weights are materialised; entmax has no fused kernel). Every measurement interleaves
-the contenders after a warm-up and reports medians (``benchmarks.attention.interleaved_medians``);
+the contenders after a warm-up and reports medians (``benchmarks.common.interleaved_medians``);
 peak memory is the process's peak-RSS growth on the CPU, ``max_memory_allocated`` on CUDA
-(``benchmarks.attention.peak_memory_mb``). ``zeros`` is the fraction of exact zeros of the weights at
+(``benchmarks.common.peak_memory_mb``). ``zeros`` is the fraction of exact zeros of the weights at
 the default initial bandwidth on Gaussian inputs (GKA has none), for scale, not a trained model's.
 Options (OmegaConf ``key=value``): device, dtype, seqs, dim, heads, batch_tokens, reps, warmup, train
 (also time forward + backward), out (a JSON file).
 """
-import json
-import os
 import sys
 
-if os.environ.get('MALLOC_MMAP_THRESHOLD_') is None and __name__ == '__main__':
-    # Large blocks as their own mappings, so freed memory leaves the RSS and peak-RSS deltas are honest.
-    os.environ['MALLOC_MMAP_THRESHOLD_'] = '65536'
-    os.execv(sys.executable, [sys.executable, '-m', 'benchmarks.kernels', *sys.argv[1:]])
+import torch
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from benchmarks.attention import interleaved_medians, peak_memory_mb, print_rows  # noqa: E402
-from vit_gka import GaussianKernelAttention, KernelAttention  # noqa: E402
-from vit_gka.kernels import KERNEL_DEGREE, attention_sparsity, attention_weights  # noqa: E402
+from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
+from vit_gka import GaussianKernelAttention, KernelAttention
+from vit_gka.kernels import KERNEL_DEGREE, attention_sparsity, attention_weights
 
 DEFAULTS = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025],
@@ -82,19 +74,10 @@ def bench(cfg, device, dtype) -> list:
 
 
 def main(argv):
-    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_cli(argv))
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        sys.exit(f'error: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}')
-    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
-    where = torch.cuda.get_device_name() if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'
-    print(f'device={device} ({where}), dtype={cfg.dtype}, torch {torch.__version__}, '
-          f'threads {torch.get_num_threads()}')
-    rows = bench(cfg, device, dtype)
-    if cfg.out:
-        with open(cfg.out, 'w') as f:
-            json.dump(dict(config=OmegaConf.to_container(cfg), rows=rows), f, indent=1)
+    cfg, device, dtype = options(DEFAULTS, argv)
+    write_json(cfg, rows=bench(cfg, device, dtype))
 
 
 if __name__ == '__main__':
+    reexec_for_rss('benchmarks.kernels')
     main(sys.argv[1:])
