@@ -1,12 +1,18 @@
-"""GKA vs standard attention, side by side in one process: the attention core and whole models.
+"""GKA vs standard attention, side by side in one process: the attention core, the attention layer and
+whole models.
 
     python -m benchmarks.attention                      # CPU defaults
-    python -m benchmarks.attention device=cuda dtype=bfloat16 model_batch=256 seqs=[197,577,4097,16385]
+    bash benchmarks/gpu.sh                              # every GPU number (bf16, N up to 16385, windows)
+
+* core: timm's standard core (SDPA on ready-made q, k, v) vs each GKA backend on heads x (B, H, N, d);
+* layer: timm's ``Attention`` (qkv, SDPA, proj) vs ``GaussianKernelAttention`` on tokens (B, N, D);
+* models: GKA vs DeiT inference images/s.
 
 Every measurement interleaves the contenders (A B C A B C ...) after a warm-up and reports medians,
-so machine noise hits all of them alike; compare the ratios, not the absolute times. Peak memory (extra over
-the inputs) is ``torch.cuda.max_memory_allocated`` on CUDA and the process's peak-RSS growth (VmHWM, reset through
-/proc/self/clear_refs, with glibc returning large blocks to the OS) on the CPU.
+so machine noise hits all of them alike; compare the ratios, not the absolute times. ``peak_mb`` is the
+memory a call allocates beyond its inputs (``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
+process's peak-RSS growth, VmHWM reset through /proc/self/clear_refs, with glibc returning large blocks
+to the OS); ``with_inputs_mb`` adds the inputs each core needs (q, k, v for the standard one, x for GKA).
 Options (OmegaConf ``key=value``): device, dtype, seqs, heads, head_dim, core_batch_tokens, reps,
 warmup, model_batch, models (pairs GKA,DeiT), img_size, train (also time forward+backward), windows
 (2-D radii to time as well), out (a JSON file).
@@ -23,6 +29,7 @@ from vit_gka import GaussianKernelAttention
 from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad
 from vit_gka.masks import build_mask, structural_mask_mod
 
+STANDARD = 'standard (SDPA q,k,v)'
 DEFAULTS = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025, 4097],
     heads=6, head_dim=64, core_batch_tokens=8192, reps=7, warmup=2, model_batch=64, img_size=224,
@@ -47,7 +54,7 @@ def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
     qkv = [torch.randn_like(x).requires_grad_(train) for _ in range(3)]
     xg = x.detach().requires_grad_(train)
     fns = {
-        'standard (SDPA q,k,v)': run(lambda: F.scaled_dot_product_attention(*qkv, attn_mask=mask)),
+        STANDARD: run(lambda: F.scaled_dot_product_attention(*qkv, attn_mask=mask)),
         'gka sdpa_bias': run(lambda: gka_sdpa_bias(xg, log_sigma, mask)),
         'gka sdpa_pad': run(lambda: gka_sdpa_pad(xg, log_sigma, mask)),
     }
@@ -73,11 +80,14 @@ def bench_core(cfg, device, dtype):
             fns = core_contenders(x, log_sigma, mask, cfg.train, cfg.reference_max_seq, radius)
             medians = interleaved_medians(fns, device, cfg.reps, cfg.warmup)
             peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
-            base = 'standard (SDPA q,k,v)'
+            # What each core also holds while it runs: its inputs, q, k, v for the standard one, x for GKA.
+            x_mb = x.numel() * x.element_size() / 2 ** 20
+            held = {name: peak + (3 if name == STANDARD else 1) * x_mb for name, peak in peaks.items()}
             for name in fns:
                 rows.append(dict(seq=n, batch=batch, window_2d=radius, impl=name, ms=medians[name] * 1e3,
-                                 time_vs_standard=medians[name] / medians[base], peak_mb=peaks[name],
-                                 memory_vs_standard=peaks[name] / max(peaks[base], 1e-9)))
+                                 time_vs_standard=medians[name] / medians[STANDARD], peak_mb=peaks[name],
+                                 memory_vs_standard=peaks[name] / max(peaks[STANDARD], 1e-9),
+                                 with_inputs_mb=held[name], with_inputs_vs_standard=held[name] / held[STANDARD]))
             print_rows(rows[-len(fns):], f'attention core N={n} B={batch} window_2d={radius}')
     return rows
 
