@@ -28,6 +28,15 @@ def _data_overridden() -> bool:
     return any(o.lstrip('+~').split('=')[0].split('.')[0] == 'data' for o in HydraConfig.get().overrides.task)
 
 
+def _check_weights_file(cfg: DictConfig) -> None:
+    """Read ``ckpt``'s weights file the safe way first (vit_gka.checkpoint.load_weights): a truncated file, one
+    that holds no weights, or a pickle that would run code is refused in one line before timm reads it."""
+    if cfg.ckpt is not None:
+        from analysis import evaluation
+        from vit_gka.checkpoint import load_weights
+        load_weights(evaluation.weights_file(cfg.ckpt, cfg.weights))
+
+
 def _output_dir(cfg: DictConfig, run_dir) -> str:
     from hydra.core.hydra_config import HydraConfig
     out = cfg.out or run_dir or HydraConfig.get().runtime.output_dir
@@ -45,6 +54,7 @@ def main(cfg: DictConfig) -> float:
     data_cfg = cfg.data
     if run_dir is not None and not _data_overridden():
         data_cfg = evaluation.run_config(run_dir).data
+    _check_weights_file(cfg)
     out = _output_dir(cfg, run_dir)
     if cfg.bench:
         from analysis.benchmark import run_benchmark
@@ -54,7 +64,14 @@ def main(cfg: DictConfig) -> float:
             json.dump({'results': results}, f, indent=2)
         print(f'-> {path}')
         return float(results[0]['infer_images_per_s'])
-    result = evaluation.evaluate_model(cfg, run_dir, data_cfg)
+    try:
+        result = evaluation.evaluate_model(cfg, run_dir, data_cfg)
+    except UserError as e:
+        if isinstance(e.__cause__, RuntimeError):  # timm's strict load_state_dict: name the first mismatch
+            from vit_gka.checkpoint import describe_load_error
+            raise UserError(f"{str(e).rsplit(': ', 1)[0]}: {describe_load_error(e.__cause__)}; give a checkpoint "
+                            f"of this model and data set") from e
+        raise
     path = os.path.join(out, 'eval.json')
     with open(path, 'w') as f:
         json.dump(result, f, indent=2)

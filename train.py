@@ -31,5 +31,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == '__main__':
-    check_overrides(CONF_DIR, 'config')
+    from vit_gka.validation import validate
+    check_overrides(CONF_DIR, 'config', validate=validate)
     main()

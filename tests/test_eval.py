@@ -99,3 +99,49 @@ def test_user_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert proc.stderr.startswith('error: ') and 'Traceback' not in proc.stderr, args
+
+
+class _Payload:
+    """Unpickling this creates the file ``path``: the stand-in for code a crafted weights file would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+@pytest.mark.parametrize('case, message', [
+    ('pickle', 'refusing to load'),
+    ('truncated', 'is truncated or not a safetensors file'),
+    ('not weights', 'is truncated or not a checkpoint'),
+    ('classes', 'head.weight is [7, 128] in the checkpoint, [10, 128] in the model'),
+    ('architecture', 'another architecture (blocks.0.attn.log_sigma missing from the checkpoint)'),
+])
+def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
+    """eval.py ckpt=<file>: nothing of a bad file is loaded or run, and the run folder stays as it was."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from test_train import digest, one_line_error
+    folder, res = run
+    args = {k: v for k, v in res['model_args'].items() if k != 'num_classes'}
+    marker = tmp_path / 'payload_ran'
+    path = tmp_path / ('weights.pt' if case in ('pickle', 'not weights') else 'weights.safetensors')
+    if case == 'pickle':
+        torch.save({'state_dict': {}, 'payload': _Payload(str(marker))}, path)
+    elif case == 'truncated':
+        data = open(os.path.join(folder, 'checkpoints', 'last', 'model.safetensors'), 'rb').read()
+        path.write_bytes(data[:len(data) // 2])
+    elif case == 'not weights':
+        path.write_text('not a checkpoint\n')
+    elif case == 'classes':
+        save_file(timm.create_model(res['model'], **{**args, 'num_classes': 7}).state_dict(), path)
+    else:
+        save_file(timm.create_model('deit_tiny_patch16_224', **args, num_classes=10).state_dict(), path)
+    before = digest(folder)
+    proc = subprocess.run([sys.executable, 'eval.py', f'run={folder}', f'ckpt={path}', 'workers=0',
+                           f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one_line_error(proc, message)
+    assert digest(folder) == before and not (tmp_path / 'hydra').exists() and not marker.exists()

@@ -1,7 +1,9 @@
 """train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
 multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, and
-one-line errors for user mistakes. About 2 minutes on 2 cores."""
+one-line errors for user mistakes that leave an existing run folder as it was. About 2.5 minutes on 2 cores.
+The helpers (``run``, ``popen``, ``check``, ``digest``) serve test_reliability.py and test_eval.py too."""
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -24,10 +26,38 @@ TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0',
         'model.args.depth=2']
 
 
-def run(args, cwd, timeout=300, launcher=None):
-    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0'}
-    cmd = (launcher or [sys.executable]) + [TRAIN] + list(args)
+def _command(args, launcher=None, env=None):
+    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
+    return (launcher or [sys.executable]) + [TRAIN] + list(args), env
+
+
+def run(args, cwd, timeout=300, launcher=None, env=None):
+    cmd, env = _command(args, launcher, env)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def popen(args, cwd, env=None):
+    """train.py in the background (to be killed), output discarded."""
+    cmd, env = _command(args, env=env)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def digest(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def one_line_error(proc, message, code=2):
+    assert proc.returncode == code, f'exit {proc.returncode}\n{proc.stderr[-3000:]}'
+    assert 'Traceback' not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
 
 
 def check(proc):
@@ -132,20 +162,47 @@ def test_two_processes_share_one_run_dir(tmp_path):
     assert 'global batch 64 = 32 per process x 2 processes x 1 accumulation' in proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope='module')
+def existing_run(tmp_path_factory):
+    """A finished tiny run; every mistake below is made in it (hydra.run.dir=, resume=) and must leave it as it was."""
+    folder = tmp_path_factory.mktemp('existing')
+    check(run(['epochs=1', *TINY, 'model.args.depth=1', 'save_model=false', f'hydra.run.dir={folder}/run'],
+              cwd=folder))
+    empty = folder / 'no_images'
+    for split in ('train', 'val'):
+        (empty / split / 'cat').mkdir(parents=True)
+    (folder / 'a_file').write_text('not a folder\n')
+    return folder
+
+
+# The README's "Errors and what they mean" table lists these (and the checkpoint cases of test_reliability.py).
 @pytest.mark.parametrize('args, message', [
     (['model=no_such_model'], "unknown model 'no_such_model'"),
     (['data=no_such_data'], "unknown data set 'no_such_data'"),
     (['epoch=3'], "did you mean 'epochs'"),
     (['-m', 'model=gka_fmnist,gka_fmnistt'], "unknown model 'gka_fmnistt'"),
     (['data.root=/no/such/folder'], 'data.root does not exist'),
+    (['data=folder', 'data.root={existing}/no_images'], 'no images found under'),
     (['resume=/no/such/run'], 'resume path does not exist'),
+    (['resume={run}', 'model=deit_fmnist'], 'is a run of gka_deit_tiny_patch16_224, this run builds deit_tiny'),
+    (['resume={run}', 'model.args.depth=2'], 'depth=1 there, 2 here'),
     (['model.name=no_such_timm_model'], "unknown timm model 'no_such_timm_model'"),
     (['batch_size=abc'], "batch_size must be an integer"),
+    (['batch_size=0'], 'batch_size must be >= 1'),
+    (['epochs=-1'], 'epochs must be >= 1'),
+    (['+model.args.sigma_init=0'], 'model.args.sigma_init must be a number > 0'),
+    (['+model.args.window=0'], 'model.args.window must be a positive number of tokens'),
+    (['nonfinite=maybe'], 'nonfinite must be one of stop, skip'),
+    (['hydra.run.dir={existing}/a_file/run'], 'cannot create the output folder'),
     (['-m', 'hydra/launcher=slurm'], 'hydra-submitit-launcher'),
 ])
-def test_user_mistakes_give_one_line(tmp_path, args, message):
+def test_user_mistakes_give_one_line(existing_run, tmp_path, args, message):
+    run_dir = existing_run / 'run'
+    args = [a.format(existing=existing_run, run=run_dir) for a in args]
+    if '-m' not in args and not any(a.startswith('hydra.run.dir=') for a in args):
+        args.append(f'hydra.run.dir={run_dir}')  # Hydra itself would write .hydra/ and train.log into it
+    before = digest(run_dir)
     proc = run(args, cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert 'Traceback' not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+    one_line_error(proc, message)
+    assert digest(run_dir) == before
+    assert not os.listdir(tmp_path)  # and no new run folder

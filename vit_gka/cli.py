@@ -8,8 +8,13 @@ Two kinds of mistakes are caught:
 * in the values (data root that does not exist, resume path that does not exist, unknown timm model
   name): the task raises ``UserError`` and ``exit_on_user_error`` turns it into one line.
 
-Both print ``error: <message>`` to stderr and exit with status 2. Hydra's own reporting of these cases
-spans several lines plus a hint about ``HYDRA_FULL_ERROR``; real bugs still raise normally.
+Both print ``error: <message>`` to stderr and exit with status 2 (3 for a run stopped by a non-finite loss,
+see faults.py). Hydra's own reporting of these cases spans several lines plus a hint about
+``HYDRA_FULL_ERROR``; real bugs still raise normally. Only the main process of a distributed run prints.
+
+A mistake leaves existing folders as they were: before Hydra runs, ``check_overrides`` remembers what Hydra
+itself writes into an existing output folder (``.hydra/``, the job log); when the task then fails with an
+input ``UserError``, those are put back (a folder Hydra created for the failed job is removed).
 
 Usage::
 
@@ -18,41 +23,116 @@ Usage::
     def main(cfg): ...
 
     if __name__ == "__main__":
-        check_overrides(CONF_DIR, "config")
+        check_overrides(CONF_DIR, "config", validate=validate)  # validate(cfg): value checks, optional
         main()
 """
 import difflib
 import functools
 import os
+import re
+import shutil
 import sys
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 __all__ = ['UserError', 'fail', 'exit_on_user_error', 'check_overrides', 'require_path']
 
 EXIT_USER_ERROR = 2
+_HYDRA_FILES: Dict[str, Dict[str, Any]] = {}  # output folder -> what Hydra will touch, as it was
+_EXISTING: List[str] = []  # the nearest existing ancestor of the output folder, before Hydra ran
 
 
 class UserError(Exception):
-    """A mistake in what the user asked for (a name, a path, a value); reported as one line."""
+    """A mistake in what the user asked for (a name, a path, a value); reported as one line.
+
+    ``input_error``: raised before the task wrote anything (the output folder is put back as it was).
+    Raised in a DataLoader worker, PyTorch re-raises it in the main process with the worker's traceback
+    folded into the message; only the original message is kept."""
+    exit_code = EXIT_USER_ERROR
+    input_error = True
+
+    def __init__(self, message: str = ''):
+        text = str(message)
+        if 'Original Traceback' in text:
+            last = [ln for ln in text.splitlines() if ln.strip()][-1]
+            text = re.sub(r'^[\w.]*Error: ', '', last.strip())
+        super().__init__(text)
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    """Print ``error: message`` (one line) to stderr and exit with ``code``."""
-    line = ' '.join(str(message).split())
-    sys.stderr.write(f'error: {line}\n')
-    sys.stderr.flush()
+    """Print ``error: message`` (one line) to stderr and exit with ``code``; other processes of a distributed
+    run exit with ``code`` silently."""
+    if os.environ.get('RANK', '0') == '0':
+        line = ' '.join(str(message).split())
+        sys.stderr.write(f'error: {line}\n')
+        sys.stderr.flush()
     raise SystemExit(code)
 
 
+def _snapshot(folder: str) -> Dict[str, Any]:
+    """What Hydra will touch in an existing output folder: ``.hydra/*`` contents (None: no .hydra/) and the
+    sizes of the ``*.log`` files."""
+    hydra_dir = os.path.join(folder, '.hydra')
+    hydra = None
+    if os.path.isdir(hydra_dir):
+        hydra = {}
+        for name in os.listdir(hydra_dir):
+            with open(os.path.join(hydra_dir, name), 'rb') as f:
+                hydra[name] = f.read()
+    logs = {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
+            if n.endswith('.log') and os.path.isfile(os.path.join(folder, n))}
+    return {'hydra': hydra, 'logs': logs}
+
+
+def _put_back(folder: str) -> None:
+    """Undo what Hydra wrote into ``folder`` for a job that failed on its input."""
+    folder = os.path.abspath(folder)
+    before = _HYDRA_FILES.get(folder)
+    if before is None:  # a folder Hydra made for this job: remove it (and the parents it made) if it holds nothing else
+        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if names and all(n == '.hydra' or n.endswith('.log') for n in names):
+            shutil.rmtree(folder, ignore_errors=True)
+            parent = os.path.dirname(folder)
+            while _EXISTING and parent.startswith(_EXISTING[0] + os.sep) and not os.listdir(parent):
+                os.rmdir(parent)
+                parent = os.path.dirname(parent)
+        return
+    hydra_dir = os.path.join(folder, '.hydra')
+    if before['hydra'] is None:
+        shutil.rmtree(hydra_dir, ignore_errors=True)
+    else:
+        for name in os.listdir(hydra_dir) if os.path.isdir(hydra_dir) else []:
+            if name not in before['hydra']:
+                os.remove(os.path.join(hydra_dir, name))
+        for name, data in before['hydra'].items():
+            path = os.path.join(hydra_dir, name)
+            if not os.path.isfile(path) or open(path, 'rb').read() != data:
+                with open(path, 'wb') as f:
+                    f.write(data)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith('.log') and os.path.isfile(path):
+            if name in before['logs']:
+                os.truncate(path, before['logs'][name])
+            else:
+                os.remove(path)
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
-    """Decorate a Hydra task so that a ``UserError`` it raises becomes one line and exit status 2."""
+    """Decorate a Hydra task so that a ``UserError`` it raises becomes one line and exit status 2 (or the
+    error's ``exit_code``), with the output folder put back as it was for an input error."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            fail(str(e))
+            if e.input_error and os.environ.get('RANK', '0') == '0':
+                try:
+                    from hydra.core.hydra_config import HydraConfig
+                    _put_back(HydraConfig.get().runtime.output_dir)
+                except (ValueError, OSError):  # no Hydra context, or nothing to put back
+                    pass
+            fail(str(e), getattr(e, 'exit_code', EXIT_USER_ERROR))
 
     return wrapper
 
@@ -112,14 +192,18 @@ def _split_sweeps(overrides: List[str]) -> List[List[str]]:
     return variants
 
 
-def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]] = None) -> None:
+def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]] = None,
+                    validate: Optional[Callable[[Any], None]] = None) -> None:
     """Compose the configuration with the command line's overrides, before Hydra runs the app.
 
-    Reports an unknown config group option, a key not in the config or a malformed override as one line
-    (``fail``). Flags (``-m``, ``--cfg job``, ...) are left to Hydra; with ``--config-name`` /
-    ``--config-path`` / ``--config-dir`` the check is skipped (another config than this one).
+    Reports an unknown config group option, a key not in the config, a malformed override, a value that
+    ``validate(cfg)`` rejects (``UserError``) or an output folder that cannot be written as one line
+    (``fail``), and remembers what Hydra will write into an existing output folder (module docstring). Flags
+    (``-m``, ``--cfg job``, ...) are left to Hydra; with ``--config-name`` / ``--config-path`` /
+    ``--config-dir`` the check is skipped (another config than this one).
     """
     argv = sys.argv[1:] if argv is None else argv
+    multirun = any(a in ('-m', '--multirun') for a in argv)
     overrides, skip_next = [], False
     for arg in argv:
         if skip_next:
@@ -133,8 +217,6 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
         if arg.startswith('-'):
             continue
         overrides.append(arg)
-    if not overrides:
-        return
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -163,7 +245,7 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                             fail(f"unknown {name} '{value}'{_hint(value, _options(config_dir, group))}; "
                                  f"choose one of: {', '.join(_options(config_dir, group))}")
                 try:
-                    compose(config_name=config_name, overrides=variant, return_hydra_config=True)
+                    cfg = compose(config_name=config_name, overrides=variant, return_hydra_config=True)
                 except MissingConfigException as e:
                     message = str(e).splitlines()[0]
                     if 'submitit' in message:
@@ -179,8 +261,27 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                         if not hint and len(lines) > 1:
                             hint = f' ({lines[-1]})' if 'full_key' not in lines[-1] else f' ({lines[1]})'
                     fail(f'{message}{hint}')
+                _check_values(cfg, multirun, validate)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _check_values(cfg, multirun: bool, validate: Optional[Callable[[Any], None]]) -> None:
+    """``validate`` and the output folder of one composed configuration (with its ``hydra`` node)."""
+    from omegaconf import OmegaConf
+
+    from .validation import check_output_dir
+    key = 'hydra.sweep.dir' if multirun else 'hydra.run.dir'
+    raw = str(OmegaConf.to_container(cfg.hydra.sweep if multirun else cfg.hydra.run, resolve=False)['dir'])
+    try:
+        if validate is not None:
+            validate(cfg)
+        _EXISTING[:] = [check_output_dir(raw.split('${')[0] or '.', key)]
+    except UserError as e:
+        fail(str(e))
+    folder = os.path.abspath(os.path.expanduser(raw))
+    if not multirun and '${' not in raw and os.path.isdir(folder):
+        _HYDRA_FILES[folder] = _snapshot(folder)
 
 
 def _group_names(config_dir: str) -> List[str]:

@@ -11,24 +11,45 @@ torchvision (``data.download``).
 
 The ``data`` config node (``conf/data/*.yaml``) names the data set (``name``) and where it lives; see
 the yaml files for the keys.
+
+Reproducible order and augmentation (what makes a mid-epoch ``resume=`` exact): the training order of an
+epoch is a function of (seed, epoch) only, the same global order for any number of processes (a
+``DistributedSampler``, also for one process: process r of w reads positions r, r + w, ...), and every sample
+is transformed under torch / random / numpy RNGs seeded from (seed, epoch, its global position), whatever
+process or worker loads it. So skipping the first k batches of an epoch (``accelerate.skip_first_batches``)
+reproduces the rest of it exactly, and 2 processes with batch b see the samples and augmentations that one
+process with batch 2b sees.
+
+Unreadable images in an ImageFolder (corrupt, truncated, not an image): skipped, not fatal. The next image of
+the folder stands in for it, a warning names the file (once), and the number of such files (over all loader
+workers) is reported per epoch and in results.json (``unreadable_images``); ``MAX_UNREADABLE_IN_A_ROW`` in a
+row stop the run.
 """
 import gzip
+import logging
+import multiprocessing
 import os
+import random
 import shutil
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .cli import UserError
 
+log = logging.getLogger('vit_gka.data')
+
 __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
-           'build_transform', 'fashion_mnist_root']
+           'build_transform', 'fashion_mnist_root', 'set_loader_epoch', 'unreadable_images']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+MAX_UNREADABLE_IN_A_ROW = 20
+_MASK64 = (1 << 64) - 1
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -91,7 +112,7 @@ def fashion_mnist_root(data_cfg) -> Tuple[str, bool]:
     cache_dir = _expand(_get(data_cfg, 'cache_dir', '~/.cache/vit-gka')) or _expand('~/.cache/vit-gka')
     root = _expand(_get(data_cfg, 'root'))
     if root is not None and not os.path.isdir(root):
-        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}')
+        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}; give data.root=<an existing folder>')
     if root is None and _has_fmnist(system_dir, '.gz'):
         cache = os.path.join(cache_dir, 'fashion_mnist')
         raw = os.path.join(cache, 'FashionMNIST', 'raw')
@@ -115,28 +136,78 @@ def fashion_mnist_root(data_cfg) -> Tuple[str, bool]:
         'folder holding FashionMNIST/raw/, or set data.download=true')
 
 
+class CheckedImageFolder(Dataset):
+    """An ImageFolder (timm's folder reader) whose unreadable files are skipped and counted (module docstring)."""
+
+    def __init__(self, folder: str, transform=None):
+        from timm.data import create_reader
+        try:
+            self.reader = create_reader('', root=folder)
+        except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+            raise UserError(f'no images found under {folder} (expected <class>/<image>.jpg|.jpeg|.png); '
+                            f'point data.root at an ImageFolder tree') from e
+        self.transform = transform
+        # one flag per file, in shared memory: the loader's worker processes mark what they could not read
+        self.unreadable = multiprocessing.RawArray('B', len(self.reader))
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _read(self, index: int):
+        from PIL import Image
+        file, target = self.reader[index][:2]
+        try:
+            with Image.open(file) as img:
+                return img.convert('RGB'), target  # decodes every pixel: a truncated file fails here
+        finally:
+            file.close()
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        for _ in range(MAX_UNREADABLE_IN_A_ROW):
+            try:
+                img, target = self._read(index)
+                break
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad = self.reader.filename(index, absolute=True)
+                if not self.unreadable[index]:
+                    self.unreadable[index] = 1
+                    log.warning('unreadable image %s (%s): the next image stands in for it', bad,
+                                ' '.join(str(e).split()))
+                index = (index + 1) % len(self)
+        else:
+            raise UserError(f'{MAX_UNREADABLE_IN_A_ROW} unreadable images in a row, the last {bad}; check the '
+                            f'files under data.root')
+        return (self.transform(img) if self.transform is not None else img), target
+
+    @property
+    def classes(self):
+        return list(self.reader.class_to_idx)
+
+
+def unreadable_images(dataset: Dataset) -> int:
+    """How many unreadable images (files) ``dataset`` (or the ImageFolder it wraps) has met so far."""
+    while dataset is not None and not isinstance(dataset, CheckedImageFolder):
+        dataset = getattr(dataset, 'dataset', None)
+    return int(np.frombuffer(dataset.unreadable, dtype=np.uint8).sum()) if dataset is not None else 0
+
+
 def _image_folder(data_cfg, split: str, transform) -> Dataset:
-    from timm.data import ImageDataset
     root = _expand(_get(data_cfg, 'root'))
     if root is None:
-        raise UserError(f'data.root is not set (data={_get(data_cfg, "name")} reads <root>/<split folder>)')
+        raise UserError(f'data.root is not set (data={_get(data_cfg, "name")} reads <root>/<split folder>); '
+                        f'give data.root=<folder>')
     if not os.path.isdir(root):
-        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}')
+        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}; give data.root=<an existing folder>')
     sub = _get(data_cfg, 'train_dir' if split == 'train' else 'val_dir', split)
     folder = os.path.join(root, sub)
     if not os.path.isdir(folder):
-        raise UserError(f'{split} folder does not exist: {folder}')
-    ds = ImageDataset(folder, transform=transform)
-    if len(ds) == 0:
-        raise UserError(f'no images found under {folder}')
-    return ds
+        raise UserError(f'{split} folder does not exist: {folder} (data.root should hold {sub}/<class>/<images>)')
+    return CheckedImageFolder(folder, transform=transform)
 
 
 def _num_classes_of(ds: Dataset) -> int:
     base = ds.dataset if isinstance(ds, Subset) else ds
-    reader = getattr(base, 'reader', None)
-    if reader is not None and hasattr(reader, 'class_to_idx'):
-        return len(reader.class_to_idx)
     if hasattr(base, 'classes'):
         return len(base.classes)
     raise ValueError(f'cannot tell the number of classes of {type(base).__name__}')
@@ -152,7 +223,8 @@ def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
         try:
             ds = FashionMNIST(root, train=train, transform=transform, download=download)
         except (OSError, RuntimeError) as e:
-            raise UserError(f'could not read or download Fashion-MNIST under {root}: {e}') from e
+            raise UserError(f'could not read or download Fashion-MNIST under {root}: {e}; give data.root=<a folder '
+                            f'holding FashionMNIST/raw/ or the four .gz files>') from e
     elif name in ('cifar10', 'cifar100'):
         from torchvision.datasets import CIFAR10, CIFAR100
         root = _expand(_get(data_cfg, 'root')) or os.path.join(
@@ -262,6 +334,70 @@ def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers
     return loader, num_classes
 
 
+def _mix(*values: int) -> int:
+    """A 64-bit hash of integers (splitmix64 steps): well-spread seeds from (seed, epoch, position)."""
+    x = 0
+    for v in values:
+        x = (x + (int(v) & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x
+
+
+class SeededSampler(Sampler):
+    """Wraps this process's index sampler; yields ``(index, sample seed)`` with the seed a function of
+    (seed, epoch, global position): position p of process r of w is global position p * w + r."""
+
+    def __init__(self, sampler, seed: int, rank: int = 0, num_replicas: int = 1):
+        self.sampler, self.seed, self.rank, self.num_replicas = sampler, int(seed), int(rank), int(num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if type(self.sampler).__name__ == 'RepeatAugSampler':
+            self.sampler.set_epoch(self.seed * 100003 + epoch)  # it seeds its shuffle with the epoch alone
+        else:
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        key = _mix(self.seed, self.epoch)
+        for p, index in enumerate(self.sampler):
+            yield int(index), _mix(key, p * self.num_replicas + self.rank)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Loads ``(index, seed)`` under torch / random / numpy RNGs seeded with ``seed`` (the caller's RNG states
+    are put back when it runs in the main process)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is None:
+            return self.dataset[index]
+        saved = None
+        if torch.utils.data.get_worker_info() is None:
+            saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(seed >> 1)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
+
+
 def create_train_loader(
         data_cfg,
         data_config: dict,
@@ -277,40 +413,30 @@ def create_train_loader(
 ) -> Tuple[DataLoader, int]:
     """The shuffled training loader and the class count.
 
-    ``subset``: the first n samples only. In a distributed run (``num_replicas`` > 1) every rank reads its
-    own shard: timm's ``RepeatAugSampler`` when ``repeated_aug`` > 1 (DeiT's repeated augmentation), else
-    ``DistributedSampler``. Call ``set_loader_epoch(loader, epoch)`` before every epoch: the order of an
-    epoch is a function of (seed, epoch) only, which is what makes ``resume=`` exact.
+    ``subset``: the first n samples only. Every process reads its own shard of one global order: a
+    ``DistributedSampler`` (also for a single process), or timm's ``RepeatAugSampler`` when ``repeated_aug``
+    > 1 in a distributed run (DeiT's repeated augmentation). Call ``set_loader_epoch(loader, epoch)`` before
+    every epoch: order and augmentation are then functions of (seed, epoch), see the module docstring.
     """
     ds, num_classes = create_dataset(data_cfg, 'train', build_transform(data_config, True, aug_cfg))
     if subset is not None:
         ds = Subset(ds, range(min(int(subset), len(ds))))
-    if num_replicas > 1:
+    from torch.utils.data.distributed import DistributedSampler
+    if num_replicas > 1 and repeated_aug and repeated_aug > 1:
         from timm.data.distributed_sampler import RepeatAugSampler
-        from torch.utils.data.distributed import DistributedSampler
-        if repeated_aug and repeated_aug > 1:
-            sampler = RepeatAugSampler(ds, num_replicas=num_replicas, rank=rank, num_repeats=int(repeated_aug))
-        else:
-            sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                                         drop_last=drop_last)
+        sampler = RepeatAugSampler(ds, num_replicas=num_replicas, rank=rank, num_repeats=int(repeated_aug))
     else:
-        sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator())
-    generator = torch.Generator()  # seeds the workers' augmentation RNGs, reseeded every epoch
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator,
-                        **_worker_kwargs(num_workers))
-    loader.vit_gka_seed = seed
+        sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True,
+                                     seed=int(seed) * 100003, drop_last=drop_last)
+    generator = torch.Generator()  # the workers' base seed, reseeded every epoch
+    loader = DataLoader(SeededDataset(ds), batch_size=batch_size, drop_last=drop_last, generator=generator,
+                        sampler=SeededSampler(sampler, seed, rank, num_replicas), **_worker_kwargs(num_workers))
     return loader, num_classes
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, rank: int = 0) -> None:
-    """Make epoch ``epoch``'s sample order and augmentation seeds a function of (seed, epoch, rank)."""
-    seed = getattr(loader, 'vit_gka_seed', 0)
+    """Make epoch ``epoch``'s sample order and augmentation a function of (seed, epoch)."""
     sampler = loader.sampler
-    if isinstance(sampler, torch.utils.data.RandomSampler):
-        sampler.generator.manual_seed(seed * 100003 + epoch)
-    elif type(sampler).__name__ == 'RepeatAugSampler':
-        sampler.set_epoch(seed * 100003 + epoch)  # it seeds its shuffle with the epoch number alone
-    elif hasattr(sampler, 'set_epoch'):
-        sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch)
     if loader.generator is not None:
-        loader.generator.manual_seed((seed * 100003 + epoch) * 1009 + rank)
+        loader.generator.manual_seed(_mix(sampler.seed, epoch, rank) >> 1)

@@ -2,13 +2,14 @@
 
 ``train_one_epoch`` does one pass over the training loader: mixup / cutmix, forward (under Accelerate's
 mixed precision), backward, gradient accumulation, gradient clipping, the optimizer step, the EMA update
-and the per-step learning-rate schedule. ``evaluate`` returns top-1 / top-5 / loss / images per second
+and the per-step learning-rate schedule, with the non-finite guard and the per-update hook of faults.py
+(mid-epoch checkpoints, ``steps.jsonl``). ``evaluate`` returns top-1 / top-5 / loss / images per second
 over a whole loader, gathered across processes.
 """
 import contextlib
 import math
 import time
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -54,28 +55,44 @@ def train_one_epoch(
         log_interval: int = 50,
         progress: bool = True,
         desc: str = '',
+        start_step: int = 0,
+        totals: Optional[Dict[str, float]] = None,
+        nonfinite: str = 'stop',
+        on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, float]:
-    """One epoch. Returns ``loss`` (mean over the epoch and processes), ``lr`` (last), ``images_per_s``
-    (all processes together), ``images``, ``time_s`` and ``num_updates`` (optimizer steps so far).
+    """One epoch, or its rest. Returns ``loss`` (mean over the epoch and processes), ``lr`` (last),
+    ``images_per_s`` (all processes together), ``images``, ``time_s``, ``num_updates`` (optimizer updates so
+    far) and ``skipped`` (updates dropped for a non-finite loss or gradient, see faults.py).
 
     Gradient accumulation: ``accelerator.gradient_accumulation_steps`` micro-batches per optimizer step
     (``accelerator.backward`` divides the loss by it; gradients are not all-reduced until the last
     micro-batch); a shorter last group at the end of the epoch still steps. The schedule is stepped per
     optimizer update (``lr_scheduler.step_update``), the EMA after every update.
+
+    Mid-epoch resume: ``loader`` yields the epoch's batches from ``start_step`` on (``skip_first_batches``)
+    and ``totals`` are this process's sums over the first ``start_step`` (``loss_sum``, ``images``,
+    ``time_s``, ``skipped``). ``on_update(info)`` is called after every update with ``epoch``, ``step``
+    (micro-batches done), ``update``, ``loss`` (mean over the update's images on all processes; None when
+    not finite), ``lr``, ``skipped`` and this process's running ``totals``.
     """
     from tqdm import tqdm
+
+    from .faults import UpdateGuard
 
     model.train()
     accum = max(1, int(getattr(accelerator, 'gradient_accumulation_steps', 1)))
     device = accelerator.device
-    n_batches = len(loader)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    n_seen = 0
-    bar = tqdm(total=n_batches, desc=desc or f'epoch {epoch + 1}', leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process), mininterval=1.0)
-    start = time.perf_counter()
+    n_batches = start_step + len(loader)
+    done = dict(totals or {})
+    loss_sum = float(done.get('loss_sum', 0.0))
+    n_seen = int(done.get('images', 0))
+    skipped = int(done.get('skipped', 0))
+    guard = UpdateGuard(accelerator, nonfinite)
+    bar = tqdm(total=n_batches, initial=start_step, desc=desc or f'epoch {epoch + 1}', leave=False,
+               dynamic_ncols=True, disable=not (progress and accelerator.is_main_process), mininterval=1.0)
+    start = time.perf_counter() - float(done.get('time_s', 0.0))
     lr = optimizer.param_groups[0]['lr']
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(loader, start=start_step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -84,44 +101,61 @@ def train_one_epoch(
         ctx = contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
         with ctx:
             output = model(images)
-            loss = loss_fn(output.float(), targets)
+            loss = guard.loss(loss_fn(output.float(), targets), num_updates + 1)
             accelerator.backward(loss)
-        if sync:
-            if clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(_unwrap(model, accelerator), step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            lr = optimizer.param_groups[0]['lr']
         loss_value = loss.detach().float().item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch + 1}, step {step + 1}; stopping')
-        loss_sum += loss_value * images.shape[0]
-        n_seen += images.shape[0]
+        guard.add(loss_value, images.shape[0])
         bar.update(1)
-        if (step + 1) % log_interval == 0 or step + 1 == n_batches:
+        if not sync:
+            continue
+        guard.grads(model, num_updates + 1)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad) if clip_grad else None
+        where = f'epoch {epoch + 1}, step {step + 1}'
+        verdict = guard.verdict(model, num_updates + 1, where, grad_norm)
+        if verdict['ok']:
+            optimizer.step()
+            loss_sum += verdict['loss_sum']
+            n_seen += verdict['images']
+        else:
+            skipped += 1
+            if getattr(accelerator, 'scaler', None) is not None:  # fp16: let the loss scaler skip it (and back off)
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float('nan'))
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        num_updates += 1
+        if model_ema is not None and verdict['ok']:
+            model_ema.update(_unwrap(model, accelerator), step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        lr = optimizer.param_groups[0]['lr']
+        if on_update is not None:
+            on_update({'epoch': epoch, 'step': step + 1, 'update': num_updates,
+                       'loss': verdict['loss'] if math.isfinite(verdict['loss']) else None, 'lr': lr,
+                       'skipped': not verdict['ok'],
+                       'totals': {'loss_sum': loss_sum, 'images': n_seen, 'skipped': skipped,
+                                  'time_s': time.perf_counter() - start}})
+        if num_updates % log_interval == 0 or step + 1 == n_batches:
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', refresh=False)
-            if tb_writer is not None:
-                tb_writer.add_scalar('train/loss', loss_value, num_updates)
+            if tb_writer is not None and verdict['ok']:
+                tb_writer.add_scalar('train/loss', verdict['loss'], num_updates)
                 tb_writer.add_scalar('train/lr', lr, num_updates)
     bar.close()
     elapsed = time.perf_counter() - start
-    totals = torch.tensor([loss_sum.item(), float(n_seen)], dtype=torch.float64, device=device)
+    sums = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64, device=device)
     if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals, reduction='sum')
-    images_total = int(totals[1].item())
+        sums = accelerator.reduce(sums, reduction='sum')
+    images_total = int(sums[1].item())
     return {
-        'loss': totals[0].item() / max(images_total, 1),
+        'loss': sums[0].item() / max(images_total, 1),
         'lr': lr,
         'images_per_s': images_total / max(elapsed, 1e-9),
         'images': images_total,
         'time_s': elapsed,
         'num_updates': num_updates,
+        'skipped': skipped,
     }
 
 

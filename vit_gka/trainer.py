@@ -5,7 +5,9 @@ Run folder (Hydra's run dir; every process uses the main process's)::
     .hydra/                  Hydra's own record of the job
     config.yaml              the resolved configuration
     tb/                      TensorBoard events
-    checkpoints/last/        model.safetensors, model_ema.safetensors, state.pt (see checkpoint.py)
+    checkpoints/last/        model.safetensors, model_ema.safetensors, state.pt (see checkpoint.py); at epoch
+                             ends and, with checkpoint_every_steps=n, every n updates (exact mid-epoch resume)
+    steps.jsonl              loss and lr of every optimizer update (faults.py)
     best.safetensors         the best weights by test top-1 (raw or EMA, results.json says which)
     model/                   timm save_for_hf folder of the final weights: timm.create_model('local-dir:...')
     results.json             the numbers (see ``RESULT_KEYS``)
@@ -26,8 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
 from .cli import UserError
-from .data import create_dataset, create_eval_loader, create_train_loader, data_preprocessing, set_loader_epoch
+from .data import (create_dataset, create_eval_loader, create_train_loader, data_preprocessing, set_loader_epoch,
+                   unreadable_images)
 from .engine import evaluate, sigma_stats, train_one_epoch
+from .faults import NonFiniteError, StepLog
+from .validation import validate  # noqa: F401  (trainer.validate, as before)
 from .kernels import AttentionSparsity, model_sparsity
 
 log = logging.getLogger('vit_gka.train')
@@ -100,8 +105,8 @@ def _create_model(name: str, args: Dict[str, Any], data_cfg):
                         f"{', '.join(timm.list_models('gka_deit_*') + timm.list_models('vlt_deit_*'))}")
     try:
         model = timm.create_model(name, **args)
-    except TypeError as e:
-        raise UserError(f'cannot build {name} with model.args {args}: {e}') from e
+    except (TypeError, ValueError) as e:
+        raise UserError(f'cannot build {name} with model.args {args}: {e}; fix model.args') from e
     # What the data set prescribes (mean / std / crop / interpolation), the actual input size and classes:
     # recorded in the pretrained config so that resolve_data_config and the exported model folder agree.
     in_chans = model.patch_embed.proj.in_channels if hasattr(model, 'patch_embed') else args.get('in_chans', 3)
@@ -192,31 +197,6 @@ def _model_stats(model) -> Dict[str, Any]:
         model.train(was_training)
 
 
-_INT_KEYS = ('epochs', 'batch_size', 'seed', 'grad_accum', 'workers', 'log_interval', 'lr_base_size')
-_OPTIONAL_INT_KEYS = ('train_subset', 'stop_epoch', 'eval_batch_size', 'eval_interval')
-
-
-def validate(cfg: DictConfig) -> None:
-    """``UserError`` for values of the wrong type or range (``batch_size=abc``, ``epochs=0``)."""
-    def bad(key, value, what):
-        raise UserError(f'{key} must be {what}, got {value!r}')
-
-    for key in _INT_KEYS + _OPTIONAL_INT_KEYS:
-        value = cfg.get(key)
-        if value is None and key in _OPTIONAL_INT_KEYS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            bad(key, value, 'an integer' + (' or null' if key in _OPTIONAL_INT_KEYS else ''))
-        if value < (0 if key in ('seed', 'workers', 'eval_interval') else 1):
-            bad(key, value, 'positive' if key not in ('seed', 'workers', 'eval_interval') else '>= 0')
-    for key in ('lr',):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            bad(key, value, 'a positive number')
-    if cfg.get('mixed_precision') not in ('auto', 'no', 'bf16', 'fp16', 'fp8'):
-        bad('mixed_precision', cfg.get('mixed_precision'), 'auto, no, bf16, fp16 or fp8')
-
-
 def run_training(cfg: DictConfig) -> Dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns results.json's content (on every process)."""
     from accelerate.utils import set_seed
@@ -233,7 +213,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         log.setLevel(logging.WARNING)
     run_dir = _shared_run_dir(accelerator)
 
-    resume_dir = ckpt.find_checkpoint(cfg.resume) if cfg.get('resume') else None
+    chk = ckpt.load_checkpoint(cfg.resume) if cfg.get('resume') else None
     _, num_classes = create_dataset(cfg.data, 'train') if cfg.data.get('num_classes') is None else (
         None, int(cfg.data.num_classes))
 
@@ -286,39 +266,22 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.ema.enable:
         model_ema = ModelEmaV3(raw_model, decay=float(cfg.ema.decay), use_warmup=bool(cfg.ema.get('warmup', False)))
 
-    start_epoch, num_updates, best = 0, 0, {'top1': -1.0, 'epoch': None, 'ema': False}
-    history, prev_wall, prev_train_time, prev_images = [], 0.0, 0.0, 0
-    if resume_dir is not None:
-        model_state, ema_state, state = ckpt.load_checkpoint(resume_dir)
-        if state.get('model_name') != model_name or state.get('model_args') != model_args:
-            raise UserError(f"resume checkpoint {resume_dir} is {state.get('model_name')} "
-                            f"{state.get('model_args')}, not {model_name} {model_args}")
-        if int(state.get('epochs', num_epochs)) != num_epochs:
-            raise UserError(f"resume checkpoint {resume_dir} follows a {state.get('epochs')}-epoch schedule; "
-                            f"pass epochs={state.get('epochs')} (the schedule cannot be stretched on resume)")
-        raw_model.load_state_dict(model_state)
-        if model_ema is not None:
-            if ema_state is None:
-                raise UserError(f'resume checkpoint {resume_dir} has no EMA weights but ema.enable is true')
-            model_ema.module.load_state_dict(ema_state)
-        optimizer.load_state_dict(state['optimizer'])
-        lr_scheduler.load_state_dict(state['scheduler'])
-        start_epoch, num_updates = int(state['epoch']), int(state['num_updates'])
-        best = dict(state.get('best', best))
-        history = list(state.get('history', []))
-        prev_wall = float(state.get('wall_time_s', 0.0))
-        prev_train_time = float(state.get('train_time_s', 0.0))
-        prev_images = int(state.get('train_images', 0))
-        rngs = state['rng']
-        ckpt.set_rng_state(rngs[accelerator.process_index] if len(rngs) == world else rngs[0])
-        log.info('resumed from %s at epoch %d (%d updates)', resume_dir, start_epoch, num_updates)
-    else:
-        set_seed(int(cfg.seed) + accelerator.process_index)  # different augmentation per process
+    state = ckpt.restore_training(chk, dict(model_name=model_name, model_args=model_args, epochs=num_epochs,
+                                            global_batch_size=global_batch),
+                                  raw_model, model_ema, optimizer, lr_scheduler, accelerator)
+    if chk is None:
+        set_seed(int(cfg.seed) + accelerator.process_index)  # drop path etc. differ per process
+    start_epoch, start_step, totals, num_updates = state['epoch'], state['step'], state['totals'], state['num_updates']
+    best, history, nonfinite_skipped = state['best'], state['history'], state['nonfinite_skipped']
+    prev_wall, prev_train_time, prev_images = state['wall_time_s'], state['train_time_s'], state['train_images']
 
+    # Nothing is written before this point: every check of the input has passed.
     tb = None
+    step_log = StepLog(run_dir, enabled=main and bool(cfg.get('step_log', True)))
     if main:
         os.makedirs(run_dir, exist_ok=True)
         ckpt.write_text(os.path.join(run_dir, 'config.yaml'), OmegaConf.to_yaml(cfg, resolve=True))
+        step_log.carry_over(ckpt.run_dir_of(chk.folder) if chk is not None else None, num_updates)
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(os.path.join(run_dir, 'tb'))
 
@@ -337,17 +300,64 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     eval_interval = int(cfg.get('eval_interval', 1) or 0)
     metrics = ema_metrics = None
     train_time, train_images = prev_train_time, prev_images
+    last_dir = os.path.join(run_dir, 'checkpoints', 'last')
+    every = cfg.get('checkpoint_every_steps')
+    saved_at = [None]  # the update of the last checkpoint written
+
+    def save(epoch: int, step: int, updates: int, partial: Optional[Dict[str, Any]] = None) -> None:
+        """The checkpoint to continue at (epoch, step); a collective (every process's RNGs and partial sums)."""
+        procs = ckpt.gather_process_states(accelerator, {'totals': partial})
+        if main:
+            state = {
+                'epoch': epoch, 'step': step, 'num_updates': updates,
+                'optimizer': optimizer.state_dict(), 'scheduler': lr_scheduler.state_dict(),
+                'ema': {'decay': float(cfg.ema.decay), 'warmup': bool(cfg.ema.get('warmup', False)),
+                        'num_updates': updates} if model_ema is not None else None,
+                'rng': [p['rng'] for p in procs], 'procs': procs, 'best': best, 'history': history,
+                'model_name': model_name, 'model_args': model_args, 'seed': int(cfg.seed),
+                'global_batch_size': global_batch, 'epochs': num_epochs,
+                'wall_time_s': prev_wall + time.time() - wall_start, 'train_time_s': train_time,
+                'train_images': train_images, 'nonfinite_skipped': nonfinite_skipped,
+            }
+            ckpt.save_checkpoint(last_dir, raw_model.state_dict(), state,
+                                 model_ema.module.state_dict() if model_ema is not None else None)
+        saved_at[0] = updates
+
+    def on_update(info: Dict[str, Any]) -> None:
+        step_log.write({'epoch': info['epoch'] + 1, **{k: info[k] for k in ('step', 'update', 'loss', 'lr',
+                                                                             'skipped')}})
+        if every and info['update'] % int(every) == 0 and info['step'] < len(train_loader):
+            save(info['epoch'], info['step'], info['update'], info['totals'])
+
+    bad_images = unreadable_images(train_loader.dataset)
     for epoch in range(start_epoch, stop_epoch):
         set_loader_epoch(train_loader, epoch, accelerator.process_index)
-        stats = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, accelerator, epoch, lr_scheduler=lr_scheduler,
-            num_updates=num_updates, mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=cfg.get('clip_grad'),
-            tb_writer=tb, log_interval=int(cfg.get('log_interval', 50)), progress=bool(cfg.get('progress', True)),
-            desc=f'epoch {epoch + 1}/{num_epochs}')
+        loader = train_loader
+        if start_step:  # resumed mid-epoch: the same order, the first start_step batches not loaded
+            from accelerate import skip_first_batches
+            loader = skip_first_batches(train_loader, start_step)
+        try:
+            stats = train_one_epoch(
+                model, loader, optimizer, loss_fn, accelerator, epoch, lr_scheduler=lr_scheduler,
+                num_updates=num_updates, mixup_fn=mixup_fn, model_ema=model_ema, clip_grad=cfg.get('clip_grad'),
+                tb_writer=tb, log_interval=int(cfg.get('log_interval', 50)),
+                progress=bool(cfg.get('progress', True)), desc=f'epoch {epoch + 1}/{num_epochs}',
+                start_step=start_step, totals=totals, nonfinite=str(cfg.get('nonfinite', 'stop')),
+                on_update=on_update)
+        except NonFiniteError as e:
+            raise e.with_checkpoint(f'{last_dir} (update {saved_at[0]})' if saved_at[0] is not None else
+                                    chk.folder if chk is not None else None) from None
+        finally:
+            step_log.close()
+        nonfinite_skipped += stats['skipped']  # the epoch's, including those before a mid-epoch resume
+        start_step, totals = 0, None
         num_updates = stats['num_updates']
         lr_scheduler.step(epoch + 1)
         train_time += stats['time_s']
         train_images += stats['images']
+        if unreadable_images(train_loader.dataset) > bad_images:
+            bad_images = unreadable_images(train_loader.dataset)
+            log.warning('%d unreadable training images skipped so far (the warnings name them)', bad_images)
         last = epoch + 1 == stop_epoch
         do_eval = last or (eval_interval > 0 and (epoch + 1) % eval_interval == 0)
         line = (f"epoch {epoch + 1}/{num_epochs}  train loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
@@ -398,21 +408,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                 if main:
                     weights = (model_ema.module if is_ema else raw_model).state_dict()
                     ckpt.save_weights(weights, os.path.join(run_dir, 'best.safetensors'))
-        rngs = ckpt.gather_rng_states(accelerator)
-        if main:
-            state = {
-                'epoch': epoch + 1, 'num_updates': num_updates,
-                'optimizer': optimizer.state_dict(), 'scheduler': lr_scheduler.state_dict(),
-                'ema': {'decay': float(cfg.ema.decay), 'warmup': bool(cfg.ema.get('warmup', False)),
-                        'num_updates': num_updates} if model_ema is not None else None,
-                'rng': rngs, 'best': best, 'history': history,
-                'model_name': model_name, 'model_args': model_args, 'seed': int(cfg.seed),
-                'global_batch_size': global_batch, 'epochs': num_epochs,
-                'wall_time_s': prev_wall + time.time() - wall_start,
-                'train_time_s': train_time, 'train_images': train_images,
-            }
-            ckpt.save_checkpoint(os.path.join(run_dir, 'checkpoints', 'last'), raw_model.state_dict(), state,
-                                 model_ema.module.state_dict() if model_ema is not None else None)
+        save(epoch + 1, 0, num_updates)
         log.info(line)
         accelerator.wait_for_everyone()
 
@@ -426,7 +422,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         results = _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, num_classes,
                                  num_epochs, global_batch, metrics, ema_metrics, best, history,
                                  train_images / max(train_time, 1e-9), prev_wall + time.time() - wall_start,
-                                 stop_epoch, sparsity_images, accelerator.autocast)
+                                 stop_epoch, sparsity_images, accelerator.autocast,
+                                 faults={'nonfinite_skipped': nonfinite_skipped, 'unreadable_images': bad_images})
         tb.close()
         print(f"{cfg.get('model_choice', model_name)}: test top-1 {results['top1']:.2f}%"
               + (f" (EMA {results['ema_top1']:.2f}%)" if results['ema_top1'] is not None else '')
@@ -440,7 +437,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
 def _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, num_classes, num_epochs,
                    global_batch, metrics, ema_metrics, best, history, train_rate, wall_time, stop_epoch,
-                   sparsity_images=None, autocast=None):
+                   sparsity_images=None, autocast=None, faults=None):
     use_ema = ema_metrics is not None and ema_metrics['top1'] > metrics['top1']
     final = model_ema.module if use_ema else raw_model
     if cfg.get('save_model', True):
@@ -481,6 +478,7 @@ def _write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, n
         'sigma': {str(k): v for k, v in sigma_stats(final).items()},
         # of the model/ weights on the first SPARSITY_IMAGES test images; None without kernel attention
         'sparsity': model_sparsity(final, sparsity_images, autocast) if sparsity_images is not None else None,
+        **(faults or {}),  # nonfinite_skipped, unreadable_images (faults.py, data.py)
         'history': history,
     }
     ckpt.write_text(os.path.join(run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
