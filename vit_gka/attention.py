@@ -111,8 +111,8 @@ def gka_sdpa_pad(
 ) -> torch.Tensor:
     """GKA through ``F.scaled_dot_product_attention`` (the softmax identity); heads x (B, H, N, d).
 
-    The key-norm bias is folded into one extra dimension, q' = [x / sigma^2, 1], k' = [x, b], v' = [x, 0],
-    padded with zeros to a multiple of 8 so that q, k and v share one head width. Measured on the CPU
+    The key-norm bias is folded into one extra dimension, q' = [x / sigma^2, 1], k' = v' = [x, b],
+    padded with zeros to a multiple of 8 (v' is k' itself: the output's extra columns are dropped). Measured on the CPU
     (benchmarks/attention.py) this stays on the flash kernel with or without a mask, where an additive
     (B, H, N, N) bias would have to be materialised as soon as a mask is combined with it; on CUDA the
     same inputs are eligible for FlashAttention and the memory-efficient kernel.
@@ -129,12 +129,11 @@ def gka_sdpa_pad(
     zeros = x.new_zeros(*x.shape[:-1], width - head_dim - 1)
     q = torch.cat([scaled_queries(x, inv_var), torch.ones_like(bias), zeros], dim=-1)
     k = torch.cat([x, bias, zeros], dim=-1)
-    v = torch.cat([x, torch.zeros_like(bias), zeros], dim=-1)
 
     empty = empty_rows(mask)
     if empty is not None:
         mask = open_empty_rows(mask, empty)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    out = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
     out = out[..., :head_dim]
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
