@@ -15,7 +15,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -26,15 +26,6 @@ from vit_gka.cli import UserError, check_overrides, exit_on_user_error, require_
 def _data_overridden() -> bool:
     from hydra.core.hydra_config import HydraConfig
     return any(o.lstrip('+~').split('=')[0].split('.')[0] == 'data' for o in HydraConfig.get().overrides.task)
-
-
-def _check_weights_file(cfg: DictConfig) -> None:
-    """Read ``ckpt``'s weights file the safe way first (vit_gka.checkpoint.load_weights): a truncated file, one
-    that holds no weights, or a pickle that would run code is refused in one line before timm reads it."""
-    if cfg.ckpt is not None:
-        from analysis import evaluation
-        from vit_gka.checkpoint import load_weights
-        load_weights(evaluation.weights_file(cfg.ckpt, cfg.weights))
 
 
 def _output_dir(cfg: DictConfig, run_dir) -> str:
@@ -54,25 +45,17 @@ def main(cfg: DictConfig) -> float:
     data_cfg = cfg.data
     if run_dir is not None and not _data_overridden():
         data_cfg = evaluation.run_config(run_dir).data
-    _check_weights_file(cfg)
-    out = _output_dir(cfg, run_dir)
     if cfg.bench:
         from analysis.benchmark import run_benchmark
+        out = _output_dir(cfg, run_dir)
         results = run_benchmark(cfg, run_dir, data_cfg)
         path = os.path.join(out, 'bench.json')
         with open(path, 'w') as f:
             json.dump({'results': results}, f, indent=2)
         print(f'-> {path}')
         return float(results[0]['infer_images_per_s'])
-    try:
-        result = evaluation.evaluate_model(cfg, run_dir, data_cfg)
-    except UserError as e:
-        if isinstance(e.__cause__, RuntimeError):  # timm's strict load_state_dict: name the first mismatch
-            from vit_gka.checkpoint import describe_load_error
-            raise UserError(f"{str(e).rsplit(': ', 1)[0]}: {describe_load_error(e.__cause__)}; give a checkpoint "
-                            f"of this model and data set") from e
-        raise
-    path = os.path.join(out, 'eval.json')
+    result = evaluation.evaluate_model(cfg, run_dir, data_cfg)
+    path = os.path.join(_output_dir(cfg, run_dir), 'eval.json')
     with open(path, 'w') as f:
         json.dump(result, f, indent=2)
     print(evaluation.summary_line(result) + f' -> {path}', flush=True)

@@ -6,7 +6,8 @@
     accelerate launch --num_processes 2 --cpu train.py train_subset=512 epochs=1
     python train.py resume=runs/gka_fmnist/<date> hydra.run.dir=runs/gka_fmnist/<date>   # continue in place
 
-The loop is vit_gka/engine.py, the job (data, model, optimizer, checkpoints, results.json) vit_gka/trainer.py.
+The loop is vit_gka/engine.py, the job (data, model, optimizer, checkpoints, results.json) vit_gka/trainer.py,
+the recipe built from timm vit_gka/recipe.py.
 """
 import os
 import sys

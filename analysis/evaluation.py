@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.cli import UserError, require_path
+from vit_gka.loading import describe_load_error, load_weights
 
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
 
@@ -72,6 +73,7 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
     if cfg.ckpt is None:
         raise UserError(f'model_name={cfg.model_name} needs its weights: ckpt=<weights file>')
     file = weights_file(cfg.ckpt, cfg.weights)
+    load_weights(file)  # the safe read first: a truncated, foreign or code-running file stops here, in one line
     if run_dir is not None:
         res = run_results(run_dir)
         name, args = res['model'], dict(res['model_args'])
@@ -86,8 +88,11 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes,
                                   pretrained_cfg_overlay=dict(file=file, num_classes=num_classes), **args)
-    except (RuntimeError, TypeError) as e:  # weights of another architecture / classes, or a bad argument
+    except TypeError as e:  # a bad model argument
         raise UserError(f'cannot load {file} into {name} {args}: {str(e).splitlines()[0]}') from e
+    except RuntimeError as e:  # timm's strict load_state_dict: weights of another architecture / classes
+        raise UserError(f'cannot load {file} into {name} {args}: {describe_load_error(e)}; give a checkpoint '
+                        f'of this model and data set') from e
     _set_preprocessing(model, data_cfg)
     return model, file
 

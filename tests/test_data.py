@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_gka.cli import UserError
-from vit_gka.data import create_eval_loader, create_train_loader, patch_randaugment_posterize, set_loader_epoch
+from vit_gka.data import create_eval_loader, create_train_loader, patch_randaugment_posterize
+from vit_gka.sampling import set_loader_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from test_train import check, digest, needs_data, one_line_error, popen, run
 from vit_gka import checkpoint as ckpt
+from vit_gka import loading
 from vit_gka.cli import UserError
 from vit_gka.data import create_train_loader
 from vit_gka.faults import POISON_ENV
@@ -96,7 +97,7 @@ def test_kill_mid_epoch_then_resume_is_exact(straight, tmp_path):
         wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 3, proc)  # after update 3, in epoch 1
     finally:
         kill(proc)
-    state = ckpt.load_checkpoint(str(run_dir)).state
+    state = loading.load_checkpoint(str(run_dir)).state
     assert state['epoch'] == 0 and state['step'] in (2, 4)  # a mid-epoch checkpoint
     resume_reproduces(straight, run_dir)
 
@@ -117,7 +118,7 @@ def test_kill_while_a_checkpoint_is_written(straight, tmp_path, stage):
         wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 8 and paused(), proc)
     finally:
         kill(proc)
-    chk = ckpt.load_checkpoint(str(run_dir))
+    chk = loading.load_checkpoint(str(run_dir))
     assert chk.folder == str(folder / ('last' if stage == 'write' else 'last.prev'))
     assert (chk.state['epoch'], chk.state['step'], chk.state['num_updates']) == (1, 0, 6)
     resume_reproduces(straight, run_dir)
@@ -132,7 +133,7 @@ def test_nonfinite_stops_and_keeps_the_last_good_checkpoint(tmp_path, kind, mess
                cwd=tmp_path, env={POISON_ENV: f'5:{kind}'})
     one_line_error(proc, f'{message} at epoch 1, step 5 (update 5)', code=3)
     assert f'the last good checkpoint is {run_dir}/checkpoints/last (update 4)' in proc.stderr
-    chk = ckpt.load_checkpoint(str(run_dir))
+    chk = loading.load_checkpoint(str(run_dir))
     assert chk.state['num_updates'] == 4 and all(torch.isfinite(v).all() for v in chk.model.values())
     assert [r['update'] for r in steps(run_dir)] == [1, 2, 3, 4]
     assert not (run_dir / 'results.json').exists()
@@ -158,7 +159,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# Two processes see the same samples and augmentations as one with twice the batch (data.py), and DDP averages
+# Two processes see the same samples and augmentations as one with twice the batch (sampling.py), and DDP averages
 # their gradients; what differs is float32 rounding: two per-process means of 16 losses averaged by gloo
 # instead of one mean of 32, and the gradient sums in another order. Measured: 1e-7 relative on the losses and
 # 1.2e-7 absolute on the weights (raw and EMA) after 8 AdamW updates; AdamW divides by sqrt(v), which can
@@ -246,7 +247,7 @@ def test_a_mismatch_is_named_before_anything_is_loaded():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deeper = timm.create_model('gka_deit_tiny_patch16_224', depth=2, **SMALL).state_dict()
     with pytest.raises(UserError, match=r'another architecture: 11 not in the model \(e.g. blocks\.1\.'):
-        ckpt.check_weights(model, deeper, 'checkpoint')
+        loading.check_weights(model, deeper, 'checkpoint')
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(RuntimeError):  # what a plain strict load does: copies block 0, then raises
         model.load_state_dict(deeper)

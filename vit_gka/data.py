@@ -12,13 +12,7 @@ torchvision (``data.download``).
 The ``data`` config node (``conf/data/*.yaml``) names the data set (``name``) and where it lives; see
 the yaml files for the keys.
 
-Reproducible order and augmentation (what makes a mid-epoch ``resume=`` exact): the training order of an
-epoch is a function of (seed, epoch) only, the same global order for any number of processes (a
-``DistributedSampler``, also for one process: process r of w reads positions r, r + w, ...), and every sample
-is transformed under torch / random / numpy RNGs seeded from (seed, epoch, its global position), whatever
-process or worker loads it. So skipping the first k batches of an epoch (``accelerate.skip_first_batches``)
-reproduces the rest of it exactly, and 2 processes with batch b see the samples and augmentations that one
-process with batch 2b sees.
+The training order and every sample's augmentation are functions of (seed, epoch): see sampling.py.
 
 Unreadable images in an ImageFolder (corrupt, truncated, not an image): skipped, not fatal. The next image of
 the folder stands in for it, a warning names the file (once), and the number of such files (over all loader
@@ -29,27 +23,26 @@ import gzip
 import logging
 import multiprocessing
 import os
-import random
 import shutil
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .cli import UserError
+from .sampling import SeededDataset, train_sampler
 
 log = logging.getLogger('vit_gka.data')
 
 __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
-           'build_transform', 'fashion_mnist_root', 'set_loader_epoch', 'unreadable_images']
+           'build_transform', 'fashion_mnist_root', 'unreadable_images']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MAX_UNREADABLE_IN_A_ROW = 20
-_MASK64 = (1 << 64) - 1
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -334,70 +327,6 @@ def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers
     return loader, num_classes
 
 
-def _mix(*values: int) -> int:
-    """A 64-bit hash of integers (splitmix64 steps): well-spread seeds from (seed, epoch, position)."""
-    x = 0
-    for v in values:
-        x = (x + (int(v) & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x
-
-
-class SeededSampler(Sampler):
-    """Wraps this process's index sampler; yields ``(index, sample seed)`` with the seed a function of
-    (seed, epoch, global position): position p of process r of w is global position p * w + r."""
-
-    def __init__(self, sampler, seed: int, rank: int = 0, num_replicas: int = 1):
-        self.sampler, self.seed, self.rank, self.num_replicas = sampler, int(seed), int(rank), int(num_replicas)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if type(self.sampler).__name__ == 'RepeatAugSampler':
-            self.sampler.set_epoch(self.seed * 100003 + epoch)  # it seeds its shuffle with the epoch alone
-        else:
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        key = _mix(self.seed, self.epoch)
-        for p, index in enumerate(self.sampler):
-            yield int(index), _mix(key, p * self.num_replicas + self.rank)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class SeededDataset(Dataset):
-    """Loads ``(index, seed)`` under torch / random / numpy RNGs seeded with ``seed`` (the caller's RNG states
-    are put back when it runs in the main process)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is None:
-            return self.dataset[index]
-        saved = None
-        if torch.utils.data.get_worker_info() is None:
-            saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        torch.default_generator.manual_seed(seed >> 1)
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFFFFFF)
-        try:
-            return self.dataset[index]
-        finally:
-            if saved is not None:
-                torch.set_rng_state(saved[0])
-                random.setstate(saved[1])
-                np.random.set_state(saved[2])
-
-
 def create_train_loader(
         data_cfg,
         data_config: dict,
@@ -413,30 +342,15 @@ def create_train_loader(
 ) -> Tuple[DataLoader, int]:
     """The shuffled training loader and the class count.
 
-    ``subset``: the first n samples only. Every process reads its own shard of one global order: a
-    ``DistributedSampler`` (also for a single process), or timm's ``RepeatAugSampler`` when ``repeated_aug``
-    > 1 in a distributed run (DeiT's repeated augmentation). Call ``set_loader_epoch(loader, epoch)`` before
-    every epoch: order and augmentation are then functions of (seed, epoch), see the module docstring.
+    ``subset``: the first n samples only. Every process reads its own shard of one global order
+    (``sampling.train_sampler``). Call ``sampling.set_loader_epoch(loader, epoch)`` before every epoch: order
+    and augmentation are then functions of (seed, epoch).
     """
     ds, num_classes = create_dataset(data_cfg, 'train', build_transform(data_config, True, aug_cfg))
     if subset is not None:
         ds = Subset(ds, range(min(int(subset), len(ds))))
-    from torch.utils.data.distributed import DistributedSampler
-    if num_replicas > 1 and repeated_aug and repeated_aug > 1:
-        from timm.data.distributed_sampler import RepeatAugSampler
-        sampler = RepeatAugSampler(ds, num_replicas=num_replicas, rank=rank, num_repeats=int(repeated_aug))
-    else:
-        sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True,
-                                     seed=int(seed) * 100003, drop_last=drop_last)
     generator = torch.Generator()  # the workers' base seed, reseeded every epoch
     loader = DataLoader(SeededDataset(ds), batch_size=batch_size, drop_last=drop_last, generator=generator,
-                        sampler=SeededSampler(sampler, seed, rank, num_replicas), **_worker_kwargs(num_workers))
+                        sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
+                        **_worker_kwargs(num_workers))
     return loader, num_classes
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int, rank: int = 0) -> None:
-    """Make epoch ``epoch``'s sample order and augmentation a function of (seed, epoch)."""
-    sampler = loader.sampler
-    sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(_mix(sampler.seed, epoch, rank) >> 1)

@@ -1,0 +1,50 @@
+"""Accelerate for one job: the device (CPU processes where there is no GPU), mixed precision, and the one
+run folder that every process uses."""
+import os
+import shutil
+
+import torch
+from omegaconf import DictConfig
+
+__all__ = ['make_accelerator', 'shared_run_dir']
+
+
+def _mixed_precision(value: str) -> str:
+    if value in (None, 'auto'):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return 'bf16'
+        return 'no'
+    return str(value)
+
+
+def _no_accelerator_device() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    xpu = getattr(torch, 'xpu', None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
+def make_accelerator(cfg: DictConfig):
+    """Accelerate's state for this job. On a machine without GPU ``cpu=True`` is what makes Accelerate use
+    several CPU processes (gloo) under torchrun / ``accelerate launch --multi_gpu``."""
+    from accelerate import Accelerator
+    return Accelerator(
+        cpu=bool(cfg.get('cpu', False)) or _no_accelerator_device(),
+        mixed_precision=_mixed_precision(cfg.get('mixed_precision', 'auto')),
+        gradient_accumulation_steps=int(cfg.grad_accum),
+    )
+
+
+def shared_run_dir(accelerator) -> str:
+    """The main process's Hydra run dir, on every process; removes a stray folder Hydra made for this rank."""
+    from hydra.core.hydra_config import HydraConfig
+    mine = os.path.abspath(HydraConfig.get().runtime.output_dir)
+    if accelerator.num_processes == 1:
+        return mine
+    from accelerate.utils import broadcast_object_list
+    shared = broadcast_object_list([mine], from_process=0)[0]
+    if shared != mine and not accelerator.is_main_process and os.path.isdir(mine):
+        stray = set(os.listdir(mine))
+        if stray <= {'.hydra', f'{HydraConfig.get().job.name}.log'}:
+            shutil.rmtree(mine, ignore_errors=True)
+    return shared
