@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention
 
-from vit_gka.attention import (GaussianKernelAttention, ValueFreeAttention, gaussian_kernel, pairwise_sq_dist,
-                               row_normalise)
+from vit_gka.attention import GaussianKernelAttention, gaussian_kernel, pairwise_sq_dist, row_normalise
 from vit_gka.kernels import compact_weights
+from vit_gka.vlt import ValueFreeAttention
 
 SUPPORTED = (GaussianKernelAttention, ValueFreeAttention, Attention)
 

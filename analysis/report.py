@@ -69,7 +69,8 @@ def _architecture(name: str, model_args: dict) -> Dict:
     from timm.models.vision_transformer import Attention
 
     import vit_gka  # noqa: F401
-    from vit_gka.attention import GaussianKernelAttention, ValueFreeAttention
+    from vit_gka.attention import GaussianKernelAttention
+    from vit_gka.vlt import ValueFreeAttention
     with torch.device('meta'):
         model = timm.create_model(name, **model_args)
     blocks = getattr(model, 'blocks', None)

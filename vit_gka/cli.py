@@ -26,6 +26,7 @@ Usage::
         check_overrides(CONF_DIR, "config", validate=validate)  # validate(cfg): value checks, optional
         main()
 """
+import contextlib
 import difflib
 import functools
 import os
@@ -127,11 +128,9 @@ def exit_on_user_error(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as e:
             if e.input_error and os.environ.get('RANK', '0') == '0':
-                try:
-                    from hydra.core.hydra_config import HydraConfig
+                from hydra.core.hydra_config import HydraConfig
+                with contextlib.suppress(ValueError, OSError):  # no Hydra context, or nothing to put back
                     _put_back(HydraConfig.get().runtime.output_dir)
-                except (ValueError, OSError):  # no Hydra context, or nothing to put back
-                    pass
             fail(str(e), getattr(e, 'exit_code', EXIT_USER_ERROR))
 
     return wrapper

@@ -20,7 +20,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .attention import GaussianKernelAttention, ValueFreeAttention
+from .attention import GaussianKernelAttention
+from .vlt import ValueFreeAttention
 
 __all__ = ['GKA_ATTN_ARGS', 'checkpoint_filter_fn']
 
