@@ -20,6 +20,8 @@ from vit_gka.kernels import (
     compact_weights, model_sparsity)
 from vit_gka.masks import build_mask
 
+from test_attention import masks
+
 DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
 COMBOS = [(k, norm) for k in DEGREE for norm in ('fixed', 'adaptive')]
 N = 26  # 1 class token + a 5 x 5 patch grid
@@ -27,21 +29,7 @@ F64 = torch.float64
 
 
 def mask_cases(n=N, batch=2):
-    g = torch.Generator().manual_seed(3)
-    rand_bool = torch.rand(batch, 1, n, n, generator=g) > 0.4
-    rand_bool |= torch.eye(n, dtype=torch.bool)
-    rand_bool[:, :, 4] = False  # a fully masked row
-    additive = torch.where(torch.rand(batch, n, n, generator=g) > 0.3, 0.0, float('-inf')).double()
-    additive = additive + torch.rand(batch, n, n, generator=g).double()  # finite soft biases too
-    return {
-        'none': dict(),
-        'causal': dict(is_causal=True),
-        'window': dict(window=4),
-        'window_causal': dict(window=4, is_causal=True),
-        'window_2d': dict(window_2d=1),
-        'bool': dict(attn_mask=rand_bool),
-        'additive_causal': dict(attn_mask=additive, is_causal=True),
-    }
+    return masks(n, batch, p_masked=0.4, window=4, dtype=F64)
 
 
 def entmax_alpha(z, n):
