@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh-machine setup: Debian's Fashion-MNIST (the embedded default data set) and a venv in .venv.
+# Fresh-machine setup: Debian's Fashion-MNIST (the embedded default data set) and a venv in .venv with the
+# project installed editable (pip install -e '.[test]'), so `import vit_gka` works from any folder.
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""
@@ -12,4 +13,4 @@ fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q -e '.[test]'

@@ -26,8 +26,8 @@ from timm.layers import Attention
 
 from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
 from vit_gka import GaussianKernelAttention
-from vit_gka.attention import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad
-from vit_gka.masks import build_mask, structural_mask_mod
+from vit_gka.layers.gka import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad
+from vit_gka.layers.masks import build_mask, structural_mask_mod
 
 STANDARD = 'standard (SDPA q,k,v)'
 DEFAULTS = dict(

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
 from vit_gka import GaussianKernelAttention, KernelAttention
-from vit_gka.kernels import KERNEL_DEGREE, attention_sparsity, attention_weights
+from vit_gka.layers.compact import KERNEL_DEGREE, attention_sparsity, attention_weights
 
 DEFAULTS = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025],

@@ -1,13 +1,7 @@
-import os
-import sys
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import vit_gka  # noqa: E402,F401  (registers the models)
+import vit_gka  # noqa: F401  (registers the models)
 
 
 def pytest_collection_modifyitems(config, items):

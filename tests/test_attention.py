@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vit_gka import GaussianKernelAttention
-from vit_gka.attention import gka_reference, gka_sdpa_bias, gka_sdpa_pad
-from vit_gka.masks import build_mask, window_1d_mask, window_2d_mask
+from vit_gka.layers.gka import gka_reference, gka_sdpa_bias, gka_sdpa_pad
+from vit_gka.layers.masks import build_mask, window_1d_mask, window_2d_mask
 
 FUSED = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
 N = 50  # 1 class token + a 7 x 7 patch grid
@@ -191,7 +191,7 @@ def test_flex_matches_reference_forward(mask_name):
 
 
 def test_auto_picks_by_device_and_mask():
-    from vit_gka.attention import auto_impl
+    from vit_gka.layers.gka import auto_impl
     cpu = torch.zeros(1)
     assert auto_impl(cpu, masked=False) == 'sdpa_bias' and auto_impl(cpu, masked=True) == 'sdpa_pad'
     assert auto_impl(cpu, masked=True, windowed=True) == 'sdpa_pad'  # no flex backward on the CPU

@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vit_gka.cli import UserError
-from vit_gka.data import create_eval_loader, create_train_loader, patch_randaugment_posterize
-from vit_gka.sampling import set_loader_epoch
+from vit_gka.errors import UserError
+from vit_gka.data.datasets import create_eval_loader, create_train_loader, patch_randaugment_posterize
+from vit_gka.data.sampling import set_loader_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -21,7 +21,7 @@ RGB32 = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0
 
 
 def data_cfg(name, **kw):
-    cfg = OmegaConf.load(os.path.join(ROOT, 'conf', 'data', f'{name}.yaml'))
+    cfg = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'data', f'{name}.yaml'))
     cfg.cache_dir = kw.pop('cache_dir', cfg.get('cache_dir'))
     return OmegaConf.merge(cfg, kw)
 
@@ -41,7 +41,7 @@ def test_fashion_mnist_eval_loader(tmp_path):
 
 @needs_data
 def test_deit_augmentation_on_grayscale(tmp_path):
-    recipe = OmegaConf.load(os.path.join(ROOT, 'conf', 'recipe', 'deit.yaml'))
+    recipe = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'recipe', 'deit.yaml'))
     loader, _ = create_train_loader(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), GRAY, 16,
                                     aug_cfg=recipe.aug, subset=64, seed=3)
     set_loader_epoch(loader, 0)

@@ -8,9 +8,10 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from analysis import evaluation, report
-from analysis.benchmark import baseline_name, run_benchmark
-from vit_gka.cli import UserError
+from vit_gka import evaluate as evaluation
+from vit_gka.analysis import report
+from vit_gka.analysis.benchmark import baseline_name, run_benchmark
+from vit_gka.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
 
 
 def eval_cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, 'conf'), version_base='1.3'):
+    with initialize_config_dir(os.path.join(ROOT, 'vit_gka', 'conf'), version_base='1.3'):
         return compose('eval', overrides=['workers=0', *overrides])
 
 

@@ -12,8 +12,8 @@ from timm.models import model_entrypoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from analysis import flops as flops_cli
-from vit_gka.flops import count_impl, model_stats
+from vit_gka.analysis import flops_table as flops_cli
+from vit_gka.analysis.flops import count_impl, model_stats
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
 SHAPES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
@@ -107,7 +107,7 @@ def test_every_registered_model_is_fully_counted():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, '-m', 'analysis.flops', *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_gka.analysis.flops_table', *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_cli_json(capsys):

@@ -2,7 +2,7 @@
 
 The references loop over heads and rows and use explicit differences x_i - x_j; the adaptive one
 calls PyPI ``entmax`` on each row's unmasked scores only, in the paper's form
-z_j = n (2 x_i.x_j - ||x_j||^2) / h^2, so neither shares code or tricks with ``vit_gka.kernels``.
+z_j = n (2 x_i.x_j - ||x_j||^2) / h^2, so neither shares code or tricks with ``vit_gka.layers.compact``.
 """
 import math
 
@@ -13,12 +13,12 @@ from entmax import entmax15, entmax_bisect, sparsemax
 
 import vit_gka
 from vit_gka import GaussianKernelAttention, KernelAttention
-from vit_gka.attention import gka_reference
-from vit_gka.kernel_models import COMPACT_MODELS
-from vit_gka.kernels import (
+from vit_gka.layers.gka import gka_reference
+from vit_gka.models.compact_deit import COMPACT_MODELS
+from vit_gka.layers.compact import (
     AttentionSparsity, attention_sparsity, attention_weights, compact_kernel, compact_kernel_attention,
     compact_weights, model_sparsity)
-from vit_gka.masks import build_mask
+from vit_gka.layers.masks import build_mask
 
 from test_attention import masks
 
@@ -323,7 +323,7 @@ def test_fmnist_presets_have_the_gka_shape(size):
     import os
 
     from omegaconf import OmegaConf
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf', 'model')
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'vit_gka', 'conf', 'model')
     gka = OmegaConf.load(os.path.join(conf, f'gka{size}_fmnist.yaml'))
     for name in (n for n in COMPACT_MODELS if 'tiny' in n):
         preset = name.split('_deit_')[0] + f'{size}_fmnist'

@@ -25,11 +25,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from test_train import check, digest, needs_data, one_line_error, popen, run
-from vit_gka import checkpoint as ckpt
-from vit_gka import loading
-from vit_gka.cli import UserError
-from vit_gka.data import create_train_loader
-from vit_gka.faults import POISON_ENV
+from vit_gka.train import checkpoint as ckpt
+from vit_gka.train import loading
+from vit_gka.errors import UserError
+from vit_gka.data.datasets import create_train_loader
+from vit_gka.train.faults import POISON_ENV
 
 BASE = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=false', 'model.args.depth=1',
         'save_model=false']

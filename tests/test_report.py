@@ -10,8 +10,8 @@ import pytest
 import timm
 import torch
 
-from analysis import report
-from analysis.attention_stats import mean_attention_distance, sigma_table
+from vit_gka.analysis import report
+from vit_gka.analysis.attention import mean_attention_distance, sigma_table
 from test_train import TINY, check, needs_data, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,7 +27,7 @@ TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0',
 
 
 def _command(args, launcher=None, env=None):
-    env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
     return (launcher or [sys.executable]) + [TRAIN] + list(args), env
 
 
@@ -118,7 +118,7 @@ def test_gka_and_baseline_multirun(tmp_path):
 
 @needs_data
 def test_gmacs_in_results(tmp_path):
-    pytest.importorskip('vit_gka.flops')
+    pytest.importorskip('vit_gka.analysis.flops')
     check(run(['epochs=1', *TINY, 'save_model=false', f'hydra.run.dir={tmp_path}/r'], cwd=tmp_path))
     results = json.load(open(tmp_path / 'r' / 'results.json'))
     for key in ('params_attn', 'params_mlp', 'gmacs', 'gflops'):

@@ -1,0 +1,1 @@
+"""Analysis of models and runs: FLOPs and parameters, attention statistics, benchmarks, sweep reports."""

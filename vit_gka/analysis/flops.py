@@ -1,0 +1,236 @@
+"""Parameter and FLOP accounting with fvcore, including attention and GKA's own ops.
+
+Units, named everywhere: fvcore counts one multiply-accumulate (MAC) as one; ``gmacs`` is that count
+in 1e9 and ``gflops = 2 * gmacs`` is the unit of the GKA paper's Table 2 (timm publishes GMACs).
+
+What is counted (one image, the model's own input size):
+
+* Linear / conv / matmul / bmm: fvcore's handles. LayerNorm: fvcore's 5 per element (as timm's
+  published 1.26 / 4.61 / 17.58 GMACs for DeiT-Ti / S / B).
+* ``aten::scaled_dot_product_attention``, which fvcore skips: ``B*H*Nq*Nk*(d_qk + d_v)`` MACs, the
+  scores q.k and the weighted sum of the values.
+* GKA is counted as its mathematical operator: per head N x N scores over the head width d plus the
+  weighted sum over d, ``2*N*N*d`` MACs, whichever backend runs. The ``sdpa_pad`` backend pads q, k and
+  v from d to 8*ceil((d+1)/8) (64 -> 72: one bias column, seven zero columns); that is kernel
+  padding, 12.5% more attention products on the hardware, not work of the model, so the counter runs
+  the model with the unpadded ``sdpa_bias`` form (same result, same math). The paper's GKA-Ti / S / B
+  figures (1.98 / 7.11 / 26.76 GFLOPs) match this count.
+* Compact-kernel models (kernel_models.py) materialise the kernel: their two matmuls (x x^T and W x)
+  count the same 2*N*N*d.
+* Element-wise ops (residual adds, GELU, softmax, GKA's key norms ||x_j||^2 and q = x / sigma^2, the
+  additive key bias inside SDPA, the compact kernels' (1 - u^2)_+^n, entmax's sort (log2 N per score)
+  or bisection (30 steps per score)) are tallied separately as ``gelementwise`` (1e9 element
+  operations) and are *not* in ``gmacs``, as in fvcore's and timm's convention. Measured at 224: under
+  1% of the MACs for GKA, VLT and DeiT, under 2.3% for the compact kernels, 5.3% for entmax
+  bisection at Tiny size (tka_adaptive_deit_tiny): element-wise work, not multiply-accumulates.
+
+Anything fvcore sees that no handle covers is listed in ``unsupported``; for every registered model
+that list is empty.
+"""
+import contextlib
+import math
+import warnings
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit.script
+    warnings.simplefilter('ignore', FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+from vit_gka.layers.gka import GaussianKernelAttention
+from vit_gka.layers.compact import BISECT_ITERS_DEFAULT
+
+__all__ = ['model_stats', 'param_breakdown', 'flop_count', 'input_shape', 'count_impl']
+
+ATTN_NAMES = ('attn', 'attention', 'self_attn', 'token_mixer')
+MLP_NAMES = ('mlp', 'ffn', 'feed_forward', 'channel_mixer')
+
+# Element-wise (or reduction) ops: counted as one operation per element of their largest operand.
+ELEMENTWISE_OPS = (
+    'aten::add', 'aten::add_', 'aten::sub', 'aten::sub_', 'aten::rsub', 'aten::mul', 'aten::mul_',
+    'aten::div', 'aten::div_', 'aten::neg', 'aten::exp', 'aten::exp_', 'aten::log', 'aten::pow',
+    'aten::sqrt', 'aten::rsqrt', 'aten::sum', 'aten::mean', 'aten::amax', 'aten::amin',
+    'aten::clamp_min', 'aten::clamp_max', 'aten::gelu', 'aten::gelu_', 'aten::silu', 'aten::silu_',
+    'aten::sigmoid', 'aten::tanh', 'aten::softmax', 'aten::log_softmax', 'aten::abs', 'aten::where',
+    'aten::lerp', 'aten::addcmul', 'aten::erf', 'aten::square', 'aten::max_pool2d', 'aten::avg_pool2d',
+    'aten::adaptive_max_pool2d', 'aten::hardswish', 'aten::hardsigmoid', 'aten::leaky_relu', 'aten::hardtanh',
+    'aten::linalg_vector_norm',
+)
+# Boolean / integer / copy ops that build masks or move data: no arithmetic on activations.
+ZERO_WORK_OPS = (
+    'aten::le', 'aten::lt', 'aten::ne', 'aten::logical_and', 'aten::logical_or', 'aten::logical_not',
+    'aten::any', 'aten::all', 'aten::ones_like', 'aten::empty_like', 'aten::repeat', 'aten::expand_as',
+    'aten::masked_fill_', 'aten::clone', 'aten::scalar_tensor', 'aten::fill_', 'aten::numpy_T',
+    'aten::linspace', 'aten::meshgrid', 'aten::flip', 'aten::__or__', 'aten::__xor__', 'aten::__not__',
+    'aten::eye', 'aten::triu', 'aten::tril',
+)
+
+
+def _numel(value) -> int:
+    shape = get_shape(value)
+    return math.prod(shape) if shape is not None else 0
+
+
+def _elementwise_handle(inputs: List, outputs: List) -> Counter:
+    return Counter({'elementwise': max([_numel(v) for v in list(inputs) + list(outputs)] + [0])})
+
+
+def _entmax_handle(ops_per_score) -> object:
+    """entmax / sparsemax (PyPI ``entmax`` autograd Functions, compact-kernel models): element-wise
+    work on the N x N scores, ``ops_per_score(N)`` operations per score (sort or bisection steps)."""
+    def handle(inputs: List, outputs: List) -> Counter:
+        shape = get_shape(inputs[0])
+        return Counter({'elementwise': math.prod(shape) * ops_per_score(shape[-1])})
+    return handle
+
+
+def _sdpa_handle(inputs: List, outputs: List) -> Counter:
+    """aten::scaled_dot_product_attention(q, k, v, attn_mask, ...): B*H*Nq*Nk*(d_qk + d_v) MACs."""
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    batch = math.prod(q[:-2])
+    scores = batch * q[-2] * k[-2]
+    macs = scores * (q[-1] + v[-1])
+    elementwise = scores * (2 if get_shape(inputs[3]) is not None else 1)  # softmax exp (+ mask add)
+    return Counter({'scaled_dot_product_attention': macs, 'elementwise': elementwise})
+
+
+def _handles() -> Dict[str, object]:
+    handles = {op: _elementwise_handle for op in ELEMENTWISE_OPS}
+    handles.update({op: None for op in ZERO_WORK_OPS})
+    handles['aten::scaled_dot_product_attention'] = _sdpa_handle
+    sort_steps = _entmax_handle(lambda n: max(1, math.ceil(math.log2(n))))  # sort-based threshold
+    handles['prim::PythonOp.SparsemaxFunction'] = sort_steps
+    handles['prim::PythonOp.Entmax15Function'] = sort_steps
+    handles['prim::PythonOp.EntmaxBisectFunction'] = _entmax_handle(lambda n: BISECT_ITERS_DEFAULT)
+    return handles
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / accelerate / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, '_orig_mod', None) or (
+            model.module if isinstance(getattr(model, 'module', None), nn.Module) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+@contextlib.contextmanager
+def count_impl(model: nn.Module) -> Iterator[nn.Module]:
+    """Run GKA layers in their unpadded fused form (``sdpa_bias``) for counting; restored on exit.
+
+    The materialised ``reference`` form is left as it is (its two matmuls count the same 2*N*N*d).
+    """
+    saved = []
+    for module in model.modules():
+        if isinstance(module, GaussianKernelAttention) and module.impl != 'reference':
+            saved.append((module, module.impl))
+            module.impl = 'sdpa_bias'
+    try:
+        yield model
+    finally:
+        for module, impl in saved:
+            module.impl = impl
+
+
+def input_shape(
+        model: nn.Module,
+        img_size: Optional[Union[int, Sequence[int]]] = None,
+        in_chans: Optional[int] = None,
+) -> Tuple[int, int, int]:
+    """(C, H, W) of one input image: the arguments, else the model's patch embedding / first conv /
+    pretrained config."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    cfg_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    if in_chans is None:
+        first = cfg.get('first_conv')
+        try:
+            weight = model.get_submodule(first).weight if first else None
+        except AttributeError:
+            weight = None
+        in_chans = weight.shape[1] if weight is not None and weight.dim() == 4 else cfg_size[0]
+    if img_size is None:
+        embed = getattr(model, 'patch_embed', None)
+        img_size = getattr(embed, 'img_size', None) or cfg_size[1:]
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    return int(in_chans), int(img_size[0]), int(img_size[1])
+
+
+def _part(name: str) -> str:
+    parts = name.split('.')
+    if any(p in ATTN_NAMES for p in parts):
+        return 'attn'
+    if any(p in MLP_NAMES for p in parts):
+        return 'mlp'
+    return 'other'
+
+
+def param_breakdown(model: nn.Module) -> Dict[str, int]:
+    """Parameters in total, in attention modules (``*.attn.*``: W_Q/K/V, W_O, GKA's log_sigma), in MLPs
+    (``*.mlp.*``) and elsewhere (patch embedding, position embedding, class token, norms, head)."""
+    counts = Counter({'attn': 0, 'mlp': 0, 'other': 0})
+    for name, p in unwrap(model).named_parameters():
+        counts[_part(name)] += p.numel()
+    return {'params': sum(counts.values()), 'params_attn': counts['attn'],
+            'params_mlp': counts['mlp'], 'params_other': counts['other']}
+
+
+def flop_count(
+        model: nn.Module,
+        img_size: Optional[Union[int, Sequence[int]]] = None,
+        in_chans: Optional[int] = None,
+) -> FlopCountAnalysis:
+    """An analysed ``FlopCountAnalysis`` for one image (batch 1), with this module's handles.
+
+    ``.by_operator()`` holds MACs per op kind plus ``elementwise``; ``.unsupported_ops()`` what is left.
+    """
+    model = unwrap(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, *input_shape(model, img_size, in_chans), device=device, dtype=dtype)
+    analysis = FlopCountAnalysis(model, x)
+    for op, handle in _handles().items():
+        analysis.set_op_handle(op, handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), count_impl(model):
+            analysis.total()
+    finally:
+        model.train(was_training)
+    return analysis
+
+
+def model_stats(
+        model: nn.Module,
+        img_size: Optional[Union[int, Sequence[int]]] = None,
+        in_chans: Optional[int] = None,
+) -> dict:
+    """Parameters and compute of ``model`` for one image.
+
+    Returns ``params``, ``params_attn``, ``params_mlp``, ``params_other`` (counts), ``gmacs``
+    (1e9 multiply-accumulates, fvcore's unit), ``gflops`` (= 2 x gmacs, the paper's unit), ``size_mb``
+    (fp32 weights, MiB), ``gelementwise`` (1e9 element-wise operations, not in gmacs), ``macs_by_op``
+    (MACs per op kind) and ``unsupported`` (op kinds no handle counted: empty for the registered models).
+    """
+    stats = param_breakdown(model)
+    analysis = flop_count(model, img_size, in_chans)
+    by_op = analysis.by_operator()
+    elementwise = by_op.pop('elementwise', 0)
+    macs = sum(by_op.values())
+    stats.update(
+        gmacs=macs / 1e9,
+        gflops=2 * macs / 1e9,
+        size_mb=stats['params'] * 4 / 2 ** 20,
+        gelementwise=elementwise / 1e9,
+        macs_by_op={k: int(v) for k, v in sorted(by_op.items())},
+        unsupported=sorted(analysis.unsupported_ops()),
+    )
+    return stats

@@ -1,0 +1,398 @@
+"""Paper-style report of a sweep: tables (Markdown + CSV) and PNG plots from finished run folders.
+
+    python -m vit_gka.analysis.report <multirun-folder | run-dir> [...] [--out DIR] [--images N]
+
+A run folder holds ``results.json`` (train.py / vit_gka/trainer.py), ``model/`` (timm save_for_hf) and
+``config.yaml``; folders are searched recursively. ``bench.json`` files (``eval.py bench=true``) found there
+give the runtime table. Written to ``--out`` (default ``<folder>/report`` for one folder, else ``report``):
+
+* ``report.md``: Table 2 (paper style): params total / attention / MLP (M), GMACs, GFLOPs (= 2 x MACs),
+  size (MB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
+  top-1 (points) against the DeiT baseline of the same shape (embed dim, depth, heads, MLP width, patch,
+  input size, in channels; same data and epochs); Table 4: inference and training images/s and peak memory
+  with change % (from bench.json), else the training runs' own throughput; the learned-bandwidth summary;
+  the attention sparsity per layer.
+* ``table2.csv``, ``table4.csv``; ``top1_vs_gflops.png``, ``params_by_part.png``,
+  ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
+  ``attention_distance_<run>.png`` (mean attention distance per head and layer, in patches, on N real test
+  images, next to the baseline's) and ``sparsity.png`` (per-layer attention sparsity of every run that has
+  it, when a compact-kernel run is among them).
+
+Kinds of attention: ``GKA`` (Gaussian), ``compact`` (``vit_gka.KernelAttention`` with an Epanechnikov,
+biweight or triweight kernel; the ``attention`` column names kernel and normalisation), ``VLT``,
+``baseline`` (timm's DeiT ``Attention``), ``other``. Sparsity is ``results.json``'s ``sparsity``: the fraction
+of exact zeros of the attention weights per layer, measured by training on the first test images with the
+final weights. GKA runs have it too (float32 underflow only: essentially 0); DeiT and VLT have none ("-").
+
+Hydra: ``python train.py -m ... hydra/callbacks=report`` (conf/hydra/callbacks/report.yaml) builds the
+report at the end of the sweep, in ``<sweep dir>/report``.
+"""
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from hydra.experimental.callback import Callback
+from tabulate import tabulate
+
+log = logging.getLogger('vit_gka.analysis.report')
+
+USAGE = 'usage: python -m vit_gka.analysis.report <multirun-folder | run-dir> [...] [--out DIR] [--images N]'
+
+
+class ReportError(Exception):
+    """A mistake in what was asked (a path, an option): one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def find_runs(paths: Sequence[str]) -> List[str]:
+    """Run folders (holding results.json) at or under each path, sorted, without duplicates."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ReportError(f'{path} is not a folder')
+        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True))
+        if not found:
+            raise ReportError(f'no results.json under {path}')
+        runs += [os.path.abspath(r) for r in found if os.path.abspath(r) not in runs]
+    return runs
+
+
+def _architecture(name: str, model_args: dict) -> Dict:
+    """Kind (GKA / compact / VLT / baseline / other), ``attention`` (the kind, or kernel and normalisation
+    of a compact kernel) and shape of a model, from a meta-device instance."""
+    import timm
+    from timm.models.vision_transformer import Attention
+
+    import vit_gka  # noqa: F401
+    from vit_gka.layers.gka import GaussianKernelAttention
+    from vit_gka.layers.vlt import ValueFreeAttention
+    with torch.device('meta'):
+        model = timm.create_model(name, **model_args)
+    blocks = getattr(model, 'blocks', None)
+    attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
+    kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
+            else 'other' if not isinstance(attn, GaussianKernelAttention)
+            else 'compact' if getattr(attn, 'degree', None) is not None else 'GKA')
+    attention = f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else kind
+    shape = None
+    if attn is not None:
+        fc1 = getattr(getattr(blocks[0], 'mlp', None), 'fc1', None)
+        shape = (model.embed_dim, len(blocks), attn.num_heads, getattr(fc1, 'out_features', None),
+                 tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size),
+                 model.patch_embed.proj.in_channels)
+    return {'kind': kind, 'attention': attention, 'shape': shape}
+
+
+def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
+    """results.json of each run plus ``run``, ``label``, ``kind``, ``shape``, final ``top1`` and its baseline."""
+    rows = []
+    for run in run_dirs:
+        with open(os.path.join(run, 'results.json')) as f:
+            res = json.load(f)
+        res['run_dir'] = run
+        res['run'] = os.path.basename(run)
+        res.update(_architecture(res['model'], res.get('model_args') or {}))
+        res['label'] = res.get('model_config') or res['model']
+        # top-1 of the exported model/ folder: the better of raw and EMA weights (trainer.py's choice)
+        res['top1_raw'] = res['top1']
+        if res.get('model_folder_weights') == 'ema' and res.get('ema_top1') is not None:
+            res['top1'] = res['ema_top1']
+        if res.get('size_mb') is None:
+            res['size_mb'] = res['params'] * 4 / 2 ** 20
+        sparsity = res.get('sparsity') or {}
+        res['sparsity_mean'] = sparsity.get('mean')
+        res['sparsity_layers'] = sparsity.get('layers')
+        rows.append(res)
+    labels = [r['label'] for r in rows]
+    for r in rows:
+        if labels.count(r['label']) > 1:
+            r['label'] = f"{r['label']} s{r.get('seed')}" if len({(x['label'], x.get('seed')) for x in rows}) == len(rows) \
+                else f"{r['label']} ({r['run']})"
+    _pair(rows)
+    return rows
+
+
+def _pair_key(r: Dict):
+    return (r['shape'], r.get('data'), r.get('epochs'))
+
+
+def _pair(rows: List[Dict]) -> None:
+    """``baseline_run``: the baseline run of the same shape, data and epochs (same seed when there is one)."""
+    for r in rows:
+        r['baseline_run'] = None
+        if r['kind'] == 'baseline' or r['shape'] is None:
+            continue
+        cands = [b for b in rows if b['kind'] == 'baseline' and _pair_key(b) == _pair_key(r)]
+        same_seed = [b for b in cands if b.get('seed') == r.get('seed')]
+        if cands:
+            r['baseline_run'] = (same_seed or cands)[0]['run']
+
+
+def _pct(value, base) -> Optional[float]:
+    return None if value is None or not base else 100.0 * (value - base) / base
+
+
+# ------------------------------------------------------------------------------------------- tables
+TABLE2 = [('label', 'model'), ('attention', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
+          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MB, fp32)'),
+          ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
+          ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
+
+
+def table2(rows: List[Dict]) -> List[Dict]:
+    by_run = {r['run']: r for r in rows}
+    out = []
+    for r in rows:
+        b = by_run.get(r['baseline_run'])
+        out.append({
+            'run': r['run'], 'label': r['label'], 'kind': r['kind'], 'attention': r['attention'],
+            'data': r.get('data'), 'epochs': r.get('epochs'), 'sparsity': r['sparsity_mean'],
+            'params_m': r['params'] / 1e6,
+            'attn_m': r['params_attn'] / 1e6 if r.get('params_attn') is not None else None,
+            'mlp_m': r['params_mlp'] / 1e6 if r.get('params_mlp') is not None else None,
+            'gmacs': r.get('gmacs'), 'gflops': r.get('gflops'), 'size_mb': r['size_mb'], 'top1': r['top1'],
+            'baseline': b['label'] if b else None,
+            'd_params': _pct(r['params'], b['params']) if b else None,
+            'd_gflops': _pct(r.get('gflops'), b.get('gflops')) if b else None,
+            'd_top1': r['top1'] - b['top1'] if b else None,
+        })
+    return out
+
+
+BENCH_KEYS = ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')
+TABLE4 = [('label', 'model'), ('source', 'source'), ('batch_size', 'batch'), ('infer_images_per_s', 'inference img/s'),
+          ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MB'),
+          ('train_peak_mem_mb', 'training peak MB'), ('baseline', 'baseline'), ('d_infer', 'inference change (%)'),
+          ('d_train', 'training change (%)'), ('d_train_mem', 'training memory change (%)')]
+
+
+def load_bench(paths: Sequence[str]) -> List[Dict]:
+    """Rows of every bench.json (eval.py bench=true) under ``paths``."""
+    rows = []
+    for path in paths:
+        for file in sorted(glob.glob(os.path.join(path, '**', 'bench.json'), recursive=True)):
+            with open(file) as f:
+                rows += [dict(r, source=os.path.relpath(file, path)) for r in json.load(f)['results']]
+    return rows
+
+
+def table4(rows: List[Dict], bench: List[Dict]) -> List[Dict]:
+    """Runtime table: benchmark rows (paired by eval.py) if any, else the runs' own training / eval rates."""
+    if not bench:
+        bench = [{'label': r['label'], 'source': f"{r['run']}/results.json", 'batch_size': r.get('global_batch_size'),
+                  'infer_images_per_s': r.get('eval_images_per_s'), 'train_images_per_s': r.get('train_images_per_s'),
+                  'infer_peak_mem_mb': None, 'train_peak_mem_mb': None,
+                  'baseline': next((b['label'] for b in rows if b['run'] == r['baseline_run']), None)} for r in rows]
+    by_label = {(b['label'], b['source'] if 'results.json' not in b['source'] else ''): b for b in bench}
+    out = []
+    for row in bench:
+        b = by_label.get((row.get('baseline'), row['source'] if 'results.json' not in row['source'] else ''))
+        out.append({**{k: row.get(k) for k, _ in TABLE4}, **({
+            'd_infer': _pct(row.get('infer_images_per_s'), b.get('infer_images_per_s')),
+            'd_train': _pct(row.get('train_images_per_s'), b.get('train_images_per_s')),
+            'd_train_mem': _pct(row.get('train_peak_mem_mb'), b.get('train_peak_mem_mb')),
+        } if b else {})})
+    return out
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return '-'
+    if not isinstance(value, float):
+        return str(value)
+    if key.startswith('d_'):
+        return f'{value:+.2f}'
+    if key in ('gmacs', 'gflops'):
+        return f'{value:.4g}'
+    if key == 'sparsity':
+        return f'{value:.3f}'
+    if key.endswith('_per_s') or key.endswith('_mb') and key != 'size_mb':
+        return f'{value:.0f}'
+    return f'{value:.2f}'
+
+
+def _markdown(rows: List[Dict], columns) -> str:
+    body = [[_cell(k, r.get(k)) for k, _ in columns] for r in rows]
+    align = ['left' if k in ('label', 'kind', 'attention', 'baseline', 'source') else 'right' for k, _ in columns]
+    return tabulate(body, headers=[h for _, h in columns], tablefmt='github', disable_numparse=True, colalign=align)
+
+
+def _csv(rows: List[Dict], columns, path: str) -> str:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow([k for k, _ in columns])
+        writer.writerows([[r.get(k) for k, _ in columns] for r in rows])
+    return path
+
+
+# ------------------------------------------------------------------------------------------- models
+def load_model(run_dir: str):
+    """The run's exported model through timm's registry, exactly as a user gets it."""
+    import timm
+
+    import vit_gka  # noqa: F401
+    return timm.create_model(f'local-dir:{os.path.join(run_dir, "model")}', pretrained=True).eval()
+
+
+def test_images(run_dir: str, model, num_images: int) -> torch.Tensor:
+    """The first ``num_images`` test images of the run's data set, preprocessed for ``model``."""
+    from omegaconf import OmegaConf
+    from timm.data import resolve_data_config
+
+    from vit_gka.data.datasets import create_eval_loader
+    data_cfg = OmegaConf.load(os.path.join(run_dir, 'config.yaml')).data
+    loader, _ = create_eval_loader(data_cfg, resolve_data_config(model=model), batch_size=num_images, num_workers=0)
+    images, _ = next(iter(loader))
+    return images
+
+
+def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
+    """Bandwidth heatmap and attention-distance plot of every GKA and compact-kernel run (next to its
+    baseline); paths written."""
+    from vit_gka.analysis import plots
+    from vit_gka.analysis.attention import attention_modules, mean_attention_distance, sigma_table
+    by_run = {r['run']: r for r in rows}
+    written = []
+    for r in [r for r in rows if r['kind'] in ('GKA', 'compact')]:
+        if not os.path.isdir(os.path.join(r['run_dir'], 'model')):
+            log.warning('%s has no model/ folder: no sigma or attention-distance plot', r['run'])
+            continue
+        model = load_model(r['run_dir'])
+        sigma = sigma_table(model)
+        r['sigma_table'] = sigma.tolist()
+        written.append(plots.sigma_heatmap(sigma.numpy(), r['label'], os.path.join(out, f"sigma_{r['run']}.png"),
+                                           r.get('sigma_init'), 'h' if r['kind'] == 'compact' else 'sigma'))
+        try:
+            images = test_images(r['run_dir'], model, num_images)
+        except Exception as e:  # data not on this machine (e.g. ImageNet elsewhere): plot what is possible
+            log.warning('%s: no test images for the attention distance (%s)', r['run'], e)
+            continue
+        panels = [{'label': r['label'], 'distance': mean_attention_distance(model, images).numpy()}]
+        base = by_run.get(r['baseline_run'])
+        if base is not None and os.path.isdir(os.path.join(base['run_dir'], 'model')):
+            base_model = load_model(base['run_dir'])
+            if attention_modules(base_model):
+                panels.append({'label': base['label'], 'distance': mean_attention_distance(base_model, images).numpy()})
+        r['attention_distance'] = panels[0]['distance'].tolist()
+        written.append(plots.attention_distance(panels, os.path.join(out, f"attention_distance_{r['run']}.png"),
+                                                len(images)))
+    return written
+
+
+# ------------------------------------------------------------------------------------------- report
+def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: int = 64) -> Dict[str, str]:
+    """Write the report of the runs under ``paths`` into ``out``; returns {name: path} of what was written."""
+    from vit_gka.analysis import plots
+    paths = [os.path.abspath(p) for p in paths]
+    rows = load_runs(find_runs(paths))
+    out = out or (os.path.join(paths[0], 'report') if len(paths) == 1 else os.path.abspath('report'))
+    os.makedirs(out, exist_ok=True)
+    t2 = table2(rows)
+    t4 = table4(rows, load_bench(paths))
+    files = {'table2.csv': _csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
+                                os.path.join(out, 'table2.csv')),
+             'table4.csv': _csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
+    counted = [r for r in rows if r.get('gflops') is not None]
+    if counted:
+        files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'))
+    files['params_by_part.png'] = plots.params_by_part(rows, os.path.join(out, 'params_by_part.png'))
+    sparse = [r for r in rows if r['sparsity_layers']]
+    if any(r['kind'] == 'compact' for r in sparse):
+        files['sparsity.png'] = plots.sparsity(sparse, os.path.join(out, 'sparsity.png'))
+    for path in attention_figures(rows, out, num_images):
+        files[os.path.basename(path)] = path
+    md = [f'# Report: {len(rows)} runs', '', 'Runs: ' + ', '.join(f"`{r['run']}`" for r in rows), '',
+          '## Table 2: parameters, compute and accuracy',
+          'GMACs = 1e9 multiply-accumulates per image (fvcore, attention included); GFLOPs = 2 x GMACs (the GKA '
+          "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). sparsity: mean over "
+          'layers of the fraction of exact zeros in the attention weights (see below). Changes are against the '
+          'baseline of the same shape, data and epochs.', '', _markdown(t2, TABLE2), '',
+          '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else the training runs\' own '
+          'train / eval throughput (no memory figures).', '', _markdown(t4, TABLE4), '']
+    sigma_rows = [r for r in rows if r.get('sigma_table')]
+    if sigma_rows:
+        md += ['## Learned bandwidths', '']
+        for r in sigma_rows:
+            flat = [s for layer in r['sigma_table'] for s in layer]
+            name = 'h' if r['kind'] == 'compact' else 'sigma'
+            md.append(f"- {r['label']}: {name} from {min(flat):.3f} to {max(flat):.3f} (mean {sum(flat) / len(flat):.3f}, "
+                      f"init {r.get('sigma_init') or 0:.3f}) over {len(r['sigma_table'])} layers x "
+                      f"{len(r['sigma_table'][0])} heads")
+        md.append('')
+    if sparse:
+        md += ['## Attention sparsity', 'Fraction of exact zeros of the attention weights, per layer, measured by '
+               'training on the first test images with the final (model/) weights. Compact kernels are sparse by '
+               'construction; GKA zeros are float32 underflow only. DeiT and VLT: not measured.', '']
+        md += [f"- {r['label']} ({r['attention']}): mean {r['sparsity_mean']:.3f}; layers "
+               + ', '.join(f'{v:.3f}' for v in r['sparsity_layers']) for r in sparse]
+        md.append('')
+    md += ['## Figures', ''] + [f'![{name}]({name})' for name in files if name.endswith('.png')] + ['']
+    files['report.md'] = os.path.join(out, 'report.md')
+    with open(files['report.md'], 'w') as f:
+        f.write('\n'.join(md))
+    return files
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the report of a ``-m`` sweep in ``<sweep dir>/report`` when the sweep ends."""
+
+    def __init__(self, num_images: int = 64) -> None:
+        self.num_images = num_images
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if os.environ.get('RANK', '0') != '0':
+            return
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            files = build_report([sweep_dir], num_images=self.num_images)
+        except ReportError as e:
+            log.warning('no report: %s', e)
+            return
+        print(f"report: {files['report.md']} ({len(files) - 1} tables and figures)", flush=True)
+
+
+def parse_args(argv: Sequence[str]) -> Dict:
+    args = {'paths': [], 'out': None, 'images': 64}
+    it = iter(argv)
+    for arg in it:
+        if arg in ('-h', '--help'):
+            print(USAGE)
+            sys.exit(0)
+        key, _, inline = arg.partition('=')
+        if key in ('--out', '--images'):
+            value = inline or next(it, None)
+            if not value:
+                raise ReportError(f'{key} needs a value')
+            if key == '--images' and not (value.isdigit() and int(value) > 0):
+                raise ReportError(f'--images needs a positive integer, got {value!r}')
+            args[key[2:]] = int(value) if key == '--images' else value
+        elif arg.startswith('-'):
+            raise ReportError(f'unknown option {arg!r}')
+        else:
+            args['paths'].append(arg)
+    if not args['paths']:
+        raise ReportError('give a multirun folder or run folders')
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+    try:
+        args = parse_args(argv)
+        files = build_report(args['paths'], args['out'], args['images'])
+    except ReportError as e:
+        print(f'error: {e}\n{USAGE}', file=sys.stderr)
+        return 2
+    with open(files['report.md']) as f:
+        print(f.read())
+    print('wrote: ' + ', '.join(sorted(files.values())))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

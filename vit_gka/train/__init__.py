@@ -1,0 +1,1 @@
+"""The training job: Hydra entry point, recipe, loop, checkpoints and results (Accelerate, TensorBoard)."""

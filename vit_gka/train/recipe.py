@@ -1,0 +1,122 @@
+"""The training recipe from timm's pieces: model, loss, mixup / cutmix, scaled lr, optimizer, schedule, EMA.
+
+Each function reads its part of the composed Hydra config (``model``, ``aug``, ``optim``, ``sched``, ``ema``
+and the top-level keys) and returns what trainer.py runs with.
+"""
+import math
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vit_gka.errors import UserError
+from vit_gka.data.datasets import data_preprocessing
+
+__all__ = ['model_args', 'create_model', 'create_loss', 'create_mixup', 'scaled_lr', 'create_optimizer',
+           'create_scheduler', 'create_ema']
+
+
+def model_args(cfg: DictConfig, num_classes: int) -> Dict[str, Any]:
+    """``timm.create_model`` keywords: ``model.args`` plus the classes, input channels and drop path rate."""
+    args = OmegaConf.to_container(cfg.model.get('args') or {}, resolve=True)
+    args['num_classes'] = num_classes
+    if 'in_chans' not in args and cfg.data.get('in_chans') is not None:
+        args['in_chans'] = int(cfg.data.in_chans)
+    if cfg.get('drop_path') is not None:
+        args['drop_path_rate'] = float(cfg.drop_path)
+    return args
+
+
+def create_model(name: str, args: Dict[str, Any], data_cfg):
+    """The timm model ``name``, with the data set's preprocessing recorded in its pretrained config."""
+    import timm
+    import vit_gka  # noqa: F401  (registers the GKA / VLT models)
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model '{name}' (model.name); GKA models: "
+                        f"{', '.join(timm.list_models('gka_deit_*') + timm.list_models('vlt_deit_*'))}")
+    try:
+        model = timm.create_model(name, **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f'cannot build {name} with model.args {args}: {e}; fix model.args') from e
+    # What the data set prescribes (mean / std / crop / interpolation), the actual input size and classes:
+    # recorded in the pretrained config so that resolve_data_config and the exported model folder agree.
+    in_chans = model.patch_embed.proj.in_channels if hasattr(model, 'patch_embed') else args.get('in_chans', 3)
+    img_size = tuple(model.patch_embed.img_size) if hasattr(model, 'patch_embed') else None
+    cfg = dict(model.pretrained_cfg)
+    cfg.update(data_preprocessing(data_cfg))
+    if img_size is not None:
+        cfg['input_size'] = (in_chans, *img_size)
+    for key in ('mean', 'std'):
+        if len(cfg[key]) != in_chans:
+            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
+    cfg['num_classes'] = model.num_classes
+    model.pretrained_cfg = cfg
+    return model
+
+
+def create_loss(cfg: DictConfig, mixup_active: bool):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    smoothing = float(cfg.aug.get('smoothing', 0.0) or 0.0)
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # mixup / cutmix make soft targets (with smoothing folded in)
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def create_mixup(cfg: DictConfig, num_classes: int):
+    """timm's ``Mixup`` for the ``aug`` node, or None when neither mixup nor cutmix is on."""
+    from timm.data import Mixup
+    aug = cfg.aug
+    mixup, cutmix = float(aug.get('mixup', 0.0) or 0.0), float(aug.get('cutmix', 0.0) or 0.0)
+    cutmix_minmax = aug.get('cutmix_minmax')
+    if mixup <= 0 and cutmix <= 0 and cutmix_minmax is None:
+        return None
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,
+                 cutmix_minmax=list(cutmix_minmax) if cutmix_minmax is not None else None,
+                 prob=float(aug.get('mixup_prob', 1.0)), switch_prob=float(aug.get('mixup_switch_prob', 0.5)),
+                 mode=str(aug.get('mixup_mode', 'batch')), label_smoothing=float(aug.get('smoothing', 0.0) or 0.0),
+                 num_classes=num_classes)
+
+
+def scaled_lr(cfg: DictConfig, global_batch: int) -> float:
+    """lr = base lr x global batch / lr_base_size ('linear', DeiT), or its square root ('sqrt'), or as given."""
+    rule = str(cfg.get('lr_scale', 'linear'))
+    ratio = global_batch / float(cfg.get('lr_base_size', 512))
+    if rule == 'linear':
+        return float(cfg.lr) * ratio
+    if rule == 'sqrt':
+        return float(cfg.lr) * math.sqrt(ratio)
+    if rule in ('none', 'None'):
+        return float(cfg.lr)
+    raise UserError(f"lr_scale must be linear, sqrt or none, not '{rule}'")
+
+
+def create_optimizer(model, opt_cfg: DictConfig, lr: float):
+    """timm's ``create_optimizer_v2`` for the ``optim`` node (betas / eps / momentum only where given)."""
+    from timm.optim import create_optimizer_v2
+    return create_optimizer_v2(
+        model, opt=str(opt_cfg.opt), lr=lr, weight_decay=float(opt_cfg.weight_decay),
+        **({'betas': tuple(opt_cfg.betas)} if opt_cfg.get('betas') is not None else {}),
+        **({'eps': float(opt_cfg.eps)} if opt_cfg.get('eps') is not None else {}),
+        **({'momentum': float(opt_cfg.momentum)} if opt_cfg.get('momentum') is not None
+           and str(opt_cfg.opt) in ('sgd', 'momentum', 'nesterov') else {}))
+
+
+def create_scheduler(optimizer, cfg: DictConfig, updates_per_epoch: int):
+    """timm's ``create_scheduler_v2`` for the ``sched`` node, stepped per update; returns (scheduler, epochs)."""
+    from timm.scheduler import create_scheduler_v2
+    sched_cfg = cfg.sched
+    return create_scheduler_v2(
+        optimizer, sched=str(sched_cfg.sched), num_epochs=int(cfg.epochs),
+        warmup_epochs=sched_cfg.warmup_epochs, warmup_lr=float(sched_cfg.warmup_lr),
+        min_lr=float(sched_cfg.min_lr), cooldown_epochs=int(sched_cfg.get('cooldown_epochs', 0)),
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+
+
+def create_ema(model, ema_cfg: DictConfig):
+    """timm's ``ModelEmaV3`` of ``model`` when ``ema.enable``, else None."""
+    from timm.utils import ModelEmaV3
+    if not ema_cfg.enable:
+        return None
+    return ModelEmaV3(model, decay=float(ema_cfg.decay), use_warmup=bool(ema_cfg.get('warmup', False)))
