@@ -8,30 +8,9 @@ from vit_gka import GaussianKernelAttention
 from vit_gka.layers.gka import gka_reference, gka_sdpa_bias, gka_sdpa_pad
 from vit_gka.layers.masks import build_mask, window_1d_mask, window_2d_mask
 
+from helpers import N, masks
+
 FUSED = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
-N = 50  # 1 class token + a 7 x 7 patch grid
-
-
-def masks(n=N, batch=2, p_masked=0.3, window=5, dtype=torch.float32):
-    """The mask cases every attention test runs: none, causal, windows, random boolean (with a fully masked
-    row) and random additive. tests/test_kernels.py uses them too."""
-    g = torch.Generator().manual_seed(3)
-    rand_bool = torch.rand(batch, 1, n, n, generator=g) > p_masked
-    rand_bool |= torch.eye(n, dtype=torch.bool)  # self always visible, as with timm's padding masks
-    rand_bool[:, :, 4] = False  # a fully masked row
-    additive = torch.where(torch.rand(batch, n, n, generator=g) > 0.3, 0.0, float('-inf')).to(dtype)
-    additive = additive + torch.rand(batch, n, n, generator=g).to(dtype)  # finite soft biases too
-    return {
-        'none': dict(),
-        'causal': dict(is_causal=True),
-        'window': dict(window=window),
-        'window_causal': dict(window=window, is_causal=True),
-        'window_2d': dict(window_2d=1),
-        'bool': dict(attn_mask=rand_bool),
-        'additive_causal': dict(attn_mask=additive, is_causal=True),
-    }
-
-
 def naive_kernel_attention(x, sigma, allowed, eps=0.0):
     """GKA written from the formulas with loops over heads: K, W and y of Eq. 2-5 and Eq. 7."""
     out = torch.zeros_like(x)

@@ -13,6 +13,8 @@ from vit_gka.analysis import report
 from vit_gka.analysis.benchmark import baseline_name, run_benchmark
 from vit_gka.errors import UserError
 
+from helpers import Payload
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -102,15 +104,6 @@ def test_user_errors_are_one_line(tmp_path):
         assert proc.stderr.startswith('error: ') and 'Traceback' not in proc.stderr, args
 
 
-class _Payload:
-    """Unpickling this creates the file ``path``: the stand-in for code a crafted weights file would run."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
 
 @pytest.mark.parametrize('case, message', [
     ('pickle', 'refusing to load'),
@@ -131,7 +124,7 @@ def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
     marker = tmp_path / 'payload_ran'
     path = tmp_path / ('weights.pt' if case in ('pickle', 'not weights') else 'weights.safetensors')
     if case == 'pickle':
-        torch.save({'state_dict': {}, 'payload': _Payload(str(marker))}, path)
+        torch.save({'state_dict': {}, 'payload': Payload(str(marker))}, path)
     elif case == 'truncated':
         data = open(os.path.join(folder, 'checkpoints', 'last', 'model.safetensors'), 'rb').read()
         path.write_bytes(data[:len(data) // 2])

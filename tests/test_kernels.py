@@ -20,7 +20,7 @@ from vit_gka.layers.compact import (
     compact_weights, model_sparsity)
 from vit_gka.layers.masks import build_mask
 
-from test_attention import masks
+from helpers import masks
 
 DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
 COMBOS = [(k, norm) for k in DEGREE for norm in ('fixed', 'adaptive')]

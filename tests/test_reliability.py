@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from test_train import check, digest, needs_data, one_line_error, popen, run
+from helpers import Payload, check, digest, needs_data, one_line_error, popen, run
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
@@ -188,20 +188,11 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
     assert rb['loss'] == pytest.approx(ra['loss'], rel=LOSS_RTOL)
 
 
-class _Payload:
-    """Unpickling this creates the file ``path``: the stand-in for code a crafted checkpoint would run."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, 'w')
-
 
 def _craft(folder, case, marker):
     last = folder / 'checkpoints' / 'last'
     if case == 'pickle':
-        torch.save({'epoch': 1, 'payload': _Payload(str(marker))}, last / ckpt.STATE_FILE)
+        torch.save({'epoch': 1, 'payload': Payload(str(marker))}, last / ckpt.STATE_FILE)
     elif case == 'architecture':  # 2 blocks: block 0 would load, block 1 is extra
         save_file(timm.create_model('gka_deit_tiny_patch16_224', depth=2, **SMALL).state_dict(),
                   last / ckpt.MODEL_FILE)

@@ -12,7 +12,7 @@ import torch
 
 from vit_gka.analysis import report
 from vit_gka.analysis.attention import mean_attention_distance, sigma_table
-from test_train import TINY, check, needs_data, run
+from helpers import TINY, check, needs_data, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ['train_subset=128', 'epochs=1', 'data.eval_subset=64', 'batch_size=64', 'workers=0', 'progress=false']

@@ -1,12 +1,10 @@
 """train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
 multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, and
 one-line errors for user mistakes that leave an existing run folder as it was. About 2.5 minutes on 2 cores.
-The helpers (``run``, ``popen``, ``check``, ``digest``) serve test_reliability.py and test_eval.py too."""
+The helpers are tests/helpers.py."""
 import glob
-import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,55 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vit_gka  # noqa: F401
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, 'train.py')
-HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
-needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
-
-# Tiny and fast: 2 blocks (1 for resume), a few hundred images, one process-free data loader.
-TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0', 'progress=false',
-        'model.args.depth=2']
-
-
-def _command(args, launcher=None, env=None):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
-    return (launcher or [sys.executable]) + [TRAIN] + list(args), env
-
-
-def run(args, cwd, timeout=300, launcher=None, env=None):
-    cmd, env = _command(args, launcher, env)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def popen(args, cwd, env=None):
-    """train.py in the background (to be killed), output discarded."""
-    cmd, env = _command(args, env=env)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def digest(folder):
-    """{relative path: sha256} of every file under ``folder``."""
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-def one_line_error(proc, message, code=2):
-    assert proc.returncode == code, f'exit {proc.returncode}\n{proc.stderr[-3000:]}'
-    assert 'Traceback' not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
-
-
-def check(proc):
-    assert proc.returncode == 0, f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
-    return proc
-
+from helpers import TINY, check, digest, needs_data, one_line_error, run
 
 @needs_data
 def test_gka_and_baseline_multirun(tmp_path):

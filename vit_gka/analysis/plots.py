@@ -1,5 +1,4 @@
 """The report's PNG figures (matplotlib, Agg backend): each function writes one file and returns its path."""
-import os
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib

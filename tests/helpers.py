@@ -1,0 +1,90 @@
+"""What the test modules share: running train.py, checking its exit and one-line errors, digests of folders,
+the mask cases of the attention tests, and a pickle payload that stands in for code a crafted file would run."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'train.py')
+HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
+needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package dataset-fashion-mnist')
+
+# Tiny and fast: 2 blocks (1 for resume), a few hundred images, one process-free data loader.
+TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0', 'progress=false',
+        'model.args.depth=2']
+
+
+def _command(args, launcher=None, env=None):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
+    return (launcher or [sys.executable]) + [TRAIN] + list(args), env
+
+
+def run(args, cwd, timeout=300, launcher=None, env=None):
+    cmd, env = _command(args, launcher, env)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def popen(args, cwd, env=None):
+    """train.py in the background (to be killed), output discarded."""
+    cmd, env = _command(args, env=env)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def digest(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def one_line_error(proc, message, code=2):
+    assert proc.returncode == code, f'exit {proc.returncode}\n{proc.stderr[-3000:]}'
+    assert 'Traceback' not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+
+
+def check(proc):
+    assert proc.returncode == 0, f'exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
+    return proc
+
+
+N = 50  # 1 class token + a 7 x 7 patch grid
+
+
+def masks(n=N, batch=2, p_masked=0.3, window=5, dtype=torch.float32):
+    """The mask cases every attention test runs: none, causal, windows, random boolean (with a fully masked
+    row) and random additive. test_attention.py and test_kernels.py use them."""
+    g = torch.Generator().manual_seed(3)
+    rand_bool = torch.rand(batch, 1, n, n, generator=g) > p_masked
+    rand_bool |= torch.eye(n, dtype=torch.bool)  # self always visible, as with timm's padding masks
+    rand_bool[:, :, 4] = False  # a fully masked row
+    additive = torch.where(torch.rand(batch, n, n, generator=g) > 0.3, 0.0, float('-inf')).to(dtype)
+    additive = additive + torch.rand(batch, n, n, generator=g).to(dtype)  # finite soft biases too
+    return {
+        'none': dict(),
+        'causal': dict(is_causal=True),
+        'window': dict(window=window),
+        'window_causal': dict(window=window, is_causal=True),
+        'window_2d': dict(window_2d=1),
+        'bool': dict(attn_mask=rand_bool),
+        'additive_causal': dict(attn_mask=additive, is_causal=True),
+    }
+
+
+class Payload:
+    """Unpickling this creates the file ``path``: the stand-in for code a crafted weights file would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
