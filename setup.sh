@@ -12,5 +12,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77'  # setuptools: wheel builds without isolation (tests)
 .venv/bin/python -m pip install -q -e '.[test]'

@@ -2,6 +2,7 @@
 whole models.
 
     python -m benchmarks.attention                      # CPU defaults
+    python -m benchmarks.attention --seqs 197 577 --windows 7 --train --models   # no model rows
     bash benchmarks/gpu.sh                              # every GPU number (bf16, N up to 16385, windows)
 
 * core: timm's standard core (SDPA on ready-made q, k, v) vs each GKA backend on heads x (B, H, N, d);
@@ -13,30 +14,57 @@ so machine noise hits all of them alike; compare the ratios, not the absolute ti
 memory a call allocates beyond its inputs (``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
 process's peak-RSS growth, VmHWM reset through /proc/self/clear_refs, with glibc returning large blocks
 to the OS); ``with_inputs_mb`` adds the inputs each core needs (q, k, v for the standard one, x for GKA).
-Options (OmegaConf ``key=value``): device, dtype, seqs, heads, head_dim, core_batch_tokens, reps,
-warmup, model_batch, models (pairs GKA,DeiT), img_size, train (also time forward+backward), windows
-(2-D radii to time as well), out (a JSON file).
+The timing harness is vit_gka/analysis/benchmark.py.
 """
-import sys
+import argparse
+from typing import Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
 from vit_gka import GaussianKernelAttention
-from vit_gka.layers.gka import gka_flex, gka_reference, gka_sdpa_bias, gka_sdpa_pad
+from vit_gka.layers.gka import gka_reference
+from vit_gka.layers.gka_backends import gka_flex, gka_sdpa_bias, gka_sdpa_pad
 from vit_gka.layers.masks import build_mask, structural_mask_mod
+from vit_gka.analysis.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
+                                        print_rows, ratio, reexec_for_rss, write_json)
+from vit_gka.errors import UserError, fail
 
 STANDARD = 'standard (SDPA q,k,v)'
-DEFAULTS = dict(
-    device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025, 4097],
-    heads=6, head_dim=64, core_batch_tokens=8192, reps=7, warmup=2, model_batch=64, img_size=224,
-    models=[['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
-            ['gka_deit_small_patch16_224', 'deit_small_patch16_224']],
-    train=False, windows=[], reference_max_seq=4097, out=None,
-)
+MODELS = [('gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'),
+          ('gka_deit_small_patch16_224', 'deit_small_patch16_224')]
+
+
+def _model_pair(text: str) -> tuple:
+    names = tuple(text.split(','))
+    if len(names) != 2 or not all(names):
+        raise argparse.ArgumentTypeError(f'expected GKA_MODEL,BASELINE_MODEL, got {text!r}')
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m benchmarks.attention', description=__doc__.split('\n\n')[0],
+                                epilog='\n\n'.join(__doc__.split('\n\n')[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_options(p, reps=7, warmup=2)
+    p.add_argument('--seqs', type=int, nargs='+', default=[197, 577, 1025, 4097], metavar='N',
+                   help='sequence lengths (tokens) of the core and layer rows (default: %(default)s)')
+    p.add_argument('--heads', type=int, default=6, help='attention heads (default: %(default)s)')
+    p.add_argument('--head-dim', type=int, default=64, help='width of one head (default: %(default)s)')
+    p.add_argument('--core-batch-tokens', type=int, default=8192, metavar='TOKENS',
+                   help='batch = max(1, TOKENS // N) for the core and layer rows (default: %(default)s)')
+    p.add_argument('--windows', type=int, nargs='*', default=[], metavar='R',
+                   help='2-D window radii to time as well, core rows (default: none)')
+    p.add_argument('--reference-max-seq', type=int, default=4097, metavar='N',
+                   help='time the materialised reference core up to this N (default: %(default)s)')
+    p.add_argument('--models', type=_model_pair, nargs='*', default=MODELS, metavar='GKA,BASELINE',
+                   help='model pairs for the inference rows; --models alone: none (default: %s)'
+                        % ' '.join(','.join(pair) for pair in MODELS))
+    p.add_argument('--model-batch', type=int, default=64, help='batch of the model rows (default: %(default)s)')
+    p.add_argument('--img-size', type=int, default=224, help='image size of the model rows (default: %(default)s)')
+    return p
 
 
 def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
@@ -82,12 +110,13 @@ def bench_core(cfg, device, dtype):
             peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
             # What each core also holds while it runs: its inputs, q, k, v for the standard one, x for GKA.
             x_mb = x.numel() * x.element_size() / 2 ** 20
-            held = {name: peak + (3 if name == STANDARD else 1) * x_mb for name, peak in peaks.items()}
+            held = {name: None if peak is None else peak + (3 if name == STANDARD else 1) * x_mb
+                    for name, peak in peaks.items()}
             for name in fns:
                 rows.append(dict(seq=n, batch=batch, window_2d=radius, impl=name, ms=medians[name] * 1e3,
                                  time_vs_standard=medians[name] / medians[STANDARD], peak_mb=peaks[name],
-                                 memory_vs_standard=peaks[name] / max(peaks[STANDARD], 1e-9),
-                                 with_inputs_mb=held[name], with_inputs_vs_standard=held[name] / held[STANDARD]))
+                                 memory_vs_standard=ratio(peaks[name], peaks[STANDARD]),
+                                 with_inputs_mb=held[name], with_inputs_vs_standard=ratio(held[name], held[STANDARD])))
             print_rows(rows[-len(fns):], f'attention core N={n} B={batch} window_2d={radius}')
     return rows
 
@@ -116,7 +145,7 @@ def bench_layers(cfg, device, dtype):
         for name in fns:
             rows.append(dict(seq=n, batch=batch, layer=name, ms=medians[name] * 1e3,
                              time_vs_timm=medians[name] / medians[base], peak_mb=peaks[name],
-                             memory_vs_timm=peaks[name] / max(peaks[base], 1e-9)))
+                             memory_vs_timm=ratio(peaks[name], peaks[base])))
         print_rows(rows[-len(fns):], f'attention layer (inference) N={n} B={batch} D={dim}')
     return rows
 
@@ -124,6 +153,9 @@ def bench_layers(cfg, device, dtype):
 def bench_models(cfg, device, dtype):
     rows = []
     for gka_name, base_name in cfg.models:
+        for name in (gka_name, base_name):
+            if not timm.is_model(name):
+                raise UserError(f'--models: unknown model {name!r}')
         models = {name: timm.create_model(name, img_size=cfg.img_size).to(device, dtype).eval()
                   for name in (gka_name, base_name)}
         x = torch.randn(cfg.model_batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
@@ -141,13 +173,20 @@ def bench_models(cfg, device, dtype):
     return rows
 
 
-def main(argv):
-    cfg, device, dtype = options(DEFAULTS, argv)
-    torch.manual_seed(0)
-    write_json(cfg, core=bench_core(cfg, device, dtype), layers=bench_layers(cfg, device, dtype),
-               models=bench_models(cfg, device, dtype))
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Every table of the module docstring; mistakes end in one line ``error: ...``, exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        device, dtype = device_and_dtype(args)
+        torch.manual_seed(0)
+        results = dict(core=bench_core(args, device, dtype), layers=bench_layers(args, device, dtype),
+                       models=bench_models(args, device, dtype))
+    except UserError as e:
+        fail(str(e))
+    write_json(args.out, vars(args), **results)
 
 
 if __name__ == '__main__':
+    parser().parse_args()  # --help and mistakes answer before the re-exec
     reexec_for_rss('benchmarks.attention')
-    main(sys.argv[1:])
+    main()

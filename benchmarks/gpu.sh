@@ -14,8 +14,8 @@ OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "error: no CUDA device; this script measures the GPU numbers (CPU: python -m benchmarks.attention)")'
 mkdir -p "$OUT"
 
-"$PY" -m benchmarks.attention device=cuda dtype=bfloat16 seqs='[197,577,4097,16385]' windows='[7]' train=true \
-    models='[]' out="$OUT/attention.json" | tee "$OUT/attention.log"
+"$PY" -m benchmarks.attention --device cuda --dtype bfloat16 --seqs 197 577 4097 16385 --windows 7 --train \
+    --models --out "$OUT/attention.json" | tee "$OUT/attention.log"
 
 for size in tiny small base; do
     gka=gka_deit_${size}_patch16_224

@@ -1,32 +1,44 @@
 """Compact-kernel attention (Epanechnikov / biweight / triweight, fixed / adaptive) against fused GKA.
 
     python -m benchmarks.kernels                                   # CPU, N = 197, 577, 1025
-    python -m benchmarks.kernels device=cuda dtype=bfloat16 seqs=[197,577,1025,4097] train=true
+    python -m benchmarks.kernels --device cuda --dtype bfloat16 --seqs 197 577 1025 4097 --train
 
 One attention layer of the Small shape (D = 384, 6 heads of 64) per contender: fused GKA
 (``GaussianKernelAttention(impl='auto')``) and ``KernelAttention`` for every kernel x normalisation
 (dense: the N x N weights are materialised; entmax has no fused kernel). Every measurement interleaves
-the contenders after a warm-up and reports medians (``benchmarks.common.interleaved_medians``);
-peak memory is the process's peak-RSS growth on the CPU, ``max_memory_allocated`` on CUDA
-(``benchmarks.common.peak_memory_mb``). ``zeros`` is the fraction of exact zeros of the weights at
-the default initial bandwidth on Gaussian inputs (GKA has none), for scale, not a trained model's.
-Options (OmegaConf ``key=value``): device, dtype, seqs, dim, heads, batch_tokens, reps, warmup, train
-(also time forward + backward), out (a JSON file).
+the contenders after a warm-up and reports medians; peak memory is the process's peak-RSS growth on the
+CPU, ``max_memory_allocated`` on CUDA (the harness: vit_gka/analysis/benchmark.py). ``zeros`` is the
+fraction of exact zeros of the weights at the default initial bandwidth on Gaussian inputs (GKA has none),
+for scale, not a trained model's.
 """
-import sys
+import argparse
+from typing import Optional, Sequence
 
 import torch
 
-from benchmarks.common import interleaved_medians, options, peak_memory_mb, print_rows, reexec_for_rss, write_json
 from vit_gka import GaussianKernelAttention, KernelAttention
-from vit_gka.layers.compact import KERNEL_DEGREE, attention_sparsity, attention_weights
+from vit_gka.layers.compact import KERNEL_DEGREE
+from vit_gka.analysis.attention import attention_sparsity, attention_weights
+from vit_gka.analysis.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
+                                        print_rows, reexec_for_rss, write_json)
+from vit_gka.errors import UserError, fail
 
-DEFAULTS = dict(
-    device='cuda' if torch.cuda.is_available() else 'cpu', dtype='float32', seqs=[197, 577, 1025],
-    dim=384, heads=6, batch_tokens=4096, reps=5, warmup=1, train=False, out=None,
-)
 ALIASES = {('epanechnikov', 'fixed'): 'normalised ReLU', ('epanechnikov', 'adaptive'): 'sparsemax',
            ('biweight', 'adaptive'): 'entmax 1.5', ('triweight', 'adaptive'): 'entmax 4/3 (bisection)'}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m benchmarks.kernels', description=__doc__.split('\n\n')[0],
+                                epilog='\n\n'.join(__doc__.split('\n\n')[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_device_options(p, reps=5, warmup=1)
+    p.add_argument('--seqs', type=int, nargs='+', default=[197, 577, 1025], metavar='N',
+                   help='sequence lengths (tokens) (default: %(default)s)')
+    p.add_argument('--dim', type=int, default=384, help='model width D (default: %(default)s)')
+    p.add_argument('--heads', type=int, default=6, help='attention heads (default: %(default)s)')
+    p.add_argument('--batch-tokens', type=int, default=4096, metavar='TOKENS',
+                   help='batch = max(1, TOKENS // N) (default: %(default)s)')
+    return p
 
 
 def contenders(dim: int, heads: int, device, dtype) -> dict:
@@ -73,11 +85,18 @@ def bench(cfg, device, dtype) -> list:
     return rows
 
 
-def main(argv):
-    cfg, device, dtype = options(DEFAULTS, argv)
-    write_json(cfg, rows=bench(cfg, device, dtype))
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The tables of the module docstring; mistakes end in one line ``error: ...``, exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        device, dtype = device_and_dtype(args)
+        rows = bench(args, device, dtype)
+    except UserError as e:
+        fail(str(e))
+    write_json(args.out, vars(args), rows=rows)
 
 
 if __name__ == '__main__':
+    parser().parse_args()  # --help and mistakes answer before the re-exec
     reexec_for_rss('benchmarks.kernels')
-    main(sys.argv[1:])
+    main()

@@ -1,6 +1,7 @@
-"""Data sets and loaders: Fashion-MNIST from the Debian package, channel handling, the DeiT augmentation on
-1-channel images, ImageFolder data sets, and the eval-loader contract."""
+"""Data sets and loaders: Fashion-MNIST from the Debian package or a data.root of .gz files, channel handling, the
+DeiT augmentation on 1-channel images, ImageFolder data sets, the eval-loader contract, and the seeded sampler."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_gka.errors import UserError
-from vit_gka.data.datasets import create_eval_loader, create_train_loader, patch_randaugment_posterize
-from vit_gka.data.sampling import set_loader_epoch
+from vit_gka.data.datasets import (FMNIST_FILES, class_names, create_dataset, create_eval_loader, create_train_loader,
+                                   patch_randaugment_posterize)
+from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -42,8 +44,9 @@ def test_fashion_mnist_eval_loader(tmp_path):
 @needs_data
 def test_deit_augmentation_on_grayscale(tmp_path):
     recipe = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'recipe', 'deit.yaml'))
-    loader, _ = create_train_loader(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), GRAY, 16,
-                                    aug_cfg=recipe.aug, subset=64, seed=3)
+    dataset, num_classes = create_dataset(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), 'train')
+    assert num_classes == 10 and class_names(dataset)[:2] == ['T-shirt/top', 'Trouser']
+    loader = create_train_loader(dataset, GRAY, 16, recipe.aug, subset=64, seed=3)
     set_loader_epoch(loader, 0)
     a = [y for _, y in loader]
     set_loader_epoch(loader, 0)
@@ -79,3 +82,40 @@ def test_randaugment_posterize_at_full_magnitude():
     for mode in ('L', 'RGB'):
         out = op(Image.new(mode, (28, 28), 200))
         assert out.mode == mode and out.getextrema() in ((0, 0), ((0, 0),) * 3)
+
+
+@needs_data
+def test_fashion_mnist_root_with_only_gz_files(tmp_path):
+    """<root>/FashionMNIST/raw/ holding only the .gz files: decompressed into the cache (torchvision reads the
+    decompressed files only), the root itself left as it was."""
+    raw = tmp_path / 'data' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for name in FMNIST_FILES:
+        shutil.copy(os.path.join('/usr/share/datasets/fashion-mnist', name + '.gz'), raw)
+    before = sorted(os.listdir(raw))
+    cfg = data_cfg('fashion_mnist', root=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'), download=False)
+    loader, num_classes = create_eval_loader(cfg, GRAY, batch_size=32)
+    assert num_classes == 10 and len(loader.dataset) == 10000
+    assert next(iter(loader))[0].shape == (32, 1, 28, 28)
+    assert os.path.isfile(tmp_path / 'cache' / 'fashion_mnist' / 'FashionMNIST' / 'raw' / 't10k-images-idx3-ubyte')
+    assert sorted(os.listdir(raw)) == before
+    dataset, _ = create_dataset(cfg, 'train')
+    assert len(dataset) == 60000
+
+
+def test_repeat_aug_sampler_is_recognised_by_type():
+    """SeededSampler seeds timm's RepeatAugSampler (which shuffles by the epoch alone) with (seed, epoch), also a
+    subclass of it: recognised with isinstance, not by its class name."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    class Subclass(RepeatAugSampler):
+        pass
+
+    data = list(range(12))
+    sampler = train_sampler(data, seed=5, num_replicas=2, rank=0, repeated_aug=3)
+    assert isinstance(sampler.sampler, RepeatAugSampler)
+    for inner in (sampler.sampler, Subclass(data, num_replicas=2, rank=0, num_repeats=3)):
+        seeded = SeededSampler(inner, seed=5, rank=0, num_replicas=2)
+        seeded.set_epoch(2)
+        assert inner.epoch == 5 * 100003 + 2
+        assert [i for i, _ in seeded] == list(inner)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from vit_gka import evaluate as evaluation
 from vit_gka.analysis import report
-from vit_gka.analysis.benchmark import baseline_name, run_benchmark
+from vit_gka.analysis.benchmark import baseline_name
 from vit_gka.errors import UserError
 
 from helpers import Payload
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('run'))
     proc = subprocess.run(
-        [sys.executable, 'train.py', 'model=gka_fmnist', 'train_subset=128', 'epochs=1', 'data.eval_subset=64',
+        [sys.executable, 'train.py', 'model=gka', 'shape=fmnist', 'train_subset=128', 'epochs=1', 'data.eval_subset=64',
          'batch_size=64', 'workers=0', 'progress=false', f'hydra.run.dir={folder}'],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_benchmark_interleaves_gka_and_baseline_and_feeds_the_report(run, tmp_pa
     assert baseline_name('deit_small_patch16_224') is None
     cfg = eval_cfg(f'run={folder}', 'bench=true', 'bench_cfg.batch_size=8', 'bench_cfg.warmup=0',
                    'bench_cfg.steps=1', 'bench_cfg.rounds=2')
-    rows = run_benchmark(cfg, folder)
+    rows = evaluation.benchmark(cfg, folder)
     assert [r['model'] for r in rows] == ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224']
     assert rows[0]['input_size'] == rows[1]['input_size'] == [1, 28, 28]
     assert all(r['infer_images_per_s'] > 0 and r['train_images_per_s'] > 0 for r in rows)

@@ -1,5 +1,5 @@
-"""FLOP and parameter accounting (vit_gka/flops.py, analysis/flops.py) against published numbers, an
-analytic formula and torch's FlopCounterMode."""
+"""FLOP and parameter accounting (vit_gka/analysis/flops.py) against published numbers, an analytic formula and
+torch's FlopCounterMode; its command line (python -m vit_gka.analysis.flops, the vit-gka-flops command)."""
 import functools
 import json
 import subprocess
@@ -12,7 +12,7 @@ from timm.models import model_entrypoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit_gka.analysis import flops_table as flops_cli
+from vit_gka.analysis import flops as flops_cli
 from vit_gka.analysis.flops import count_impl, model_stats
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
@@ -107,7 +107,7 @@ def test_every_registered_model_is_fully_counted():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_gka.analysis.flops_table', *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_gka.analysis.flops', *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_cli_json(capsys):
@@ -118,9 +118,20 @@ def test_cli_json(capsys):
     assert rows[0]['img_size'] == [32, 32] and rows[0]['gflops'] == pytest.approx(2 * rows[0]['gmacs'])
 
 
-def test_cli_unknown_model_exits_2():
-    bad = run_cli('no_such_model')
-    assert bad.returncode == 2 and 'unknown model' in bad.stderr and 'Traceback' not in bad.stderr
+def test_cli_unknown_model_and_bad_size_exit_2_in_one_line():
+    for args, message in ((['no_such_model'], "unknown model 'no_such_model'"),
+                          (['deit_tiny_patch16_224', '--img-size', '0'], '--img-size: needs a positive integer')):
+        bad = run_cli(*args)
+        assert bad.returncode == 2 and bad.stdout == '', args
+        assert bad.stderr.startswith('error: ') and message in bad.stderr and bad.stderr.count('\n') == 1, bad.stderr
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        flops_cli.main(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: python -m vit_gka.analysis.flops') and '--img-size N' in out and '--json' in out
 
 
 def test_cli_markdown_in_process(capsys):

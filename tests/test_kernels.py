@@ -13,11 +13,11 @@ from entmax import entmax15, entmax_bisect, sparsemax
 
 import vit_gka
 from vit_gka import GaussianKernelAttention, KernelAttention
+from vit_gka.layers import ProjectionFreeAttention
 from vit_gka.layers.gka import gka_reference
 from vit_gka.models.compact_deit import COMPACT_MODELS
-from vit_gka.layers.compact import (
-    AttentionSparsity, attention_sparsity, attention_weights, compact_kernel, compact_kernel_attention,
-    compact_weights, model_sparsity)
+from vit_gka.analysis.attention import AttentionSparsity, attention_sparsity, attention_weights, model_sparsity
+from vit_gka.layers.compact import compact_kernel, compact_kernel_attention, compact_weights
 from vit_gka.layers.masks import build_mask
 
 from helpers import masks
@@ -230,10 +230,13 @@ def test_gaussian_kernel_is_gka_unchanged(normalization):
     x = torch.randn(2, 50, 48)
     for kwargs in ({}, {'is_causal': True}):
         torch.testing.assert_close(layer(x, **kwargs), gka(x, **kwargs), rtol=0, atol=0)
-    assert layer.resolve_impl(x.view(2, 50, 3, 16).transpose(1, 2), False) == gka.resolve_impl(
-        x.view(2, 50, 3, 16).transpose(1, 2), False)
+        torch.testing.assert_close(layer.weights(x, **kwargs), gka.weights(x, **kwargs), rtol=0, atol=0)
+    assert not isinstance(layer, GaussianKernelAttention)  # siblings under one base
+    assert isinstance(layer, ProjectionFreeAttention) and isinstance(gka, ProjectionFreeAttention)
     compact = KernelAttention(48, 3, kernel='biweight', window_2d=1)
-    assert compact.resolve_impl(x, True) == 'dense'  # never GKA's flex (Gaussian) branch
+    flex = KernelAttention(48, 3, kernel='biweight', window_2d=1, impl='flex')  # impl: GKA's backends only
+    flex.load_state_dict(compact.state_dict())
+    torch.testing.assert_close(flex(x), compact(x), rtol=0, atol=0)
 
 
 def test_default_bandwidth_and_validation():
@@ -269,7 +272,6 @@ def test_sparsity_helpers():
     with AttentionSparsity(gka) as sparsity:
         gka(x)
     assert sparsity.values == {'blocks.0.attn': 0.0, 'blocks.1.attn': 0.0}
-
 
 
 def test_model_sparsity():
@@ -315,18 +317,3 @@ def test_create_forward_backward_28x28(name):
     assert out.shape == (2, 10)
     out.logsumexp(-1).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-@pytest.mark.parametrize('size', ['', '_tiny'])
-def test_fmnist_presets_have_the_gka_shape(size):
-    """The 28x28 compact-kernel presets differ from gka(_tiny)_fmnist in the timm name only."""
-    import os
-
-    from omegaconf import OmegaConf
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'vit_gka', 'conf', 'model')
-    gka = OmegaConf.load(os.path.join(conf, f'gka{size}_fmnist.yaml'))
-    for name in (n for n in COMPACT_MODELS if 'tiny' in n):
-        preset = name.split('_deit_')[0] + f'{size}_fmnist'
-        cfg = OmegaConf.load(os.path.join(conf, f'{preset}.yaml'))
-        assert cfg.name == name
-        assert cfg.args == gka.args and cfg.drop_path == gka.drop_path, preset

@@ -4,7 +4,6 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import vit_gka
 from vit_gka import GaussianKernelAttention
 
 GKA_NAMES = timm.list_models('gka_deit_*')

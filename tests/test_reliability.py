@@ -28,8 +28,9 @@ from helpers import Payload, check, digest, needs_data, one_line_error, popen, r
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
-from vit_gka.data.datasets import create_train_loader
-from vit_gka.train.faults import POISON_ENV
+from vit_gka.data.datasets import create_dataset, create_train_loader
+from vit_gka.train.loop import POISON_ENV
+from vit_gka.train.state import load_checkpoint
 
 BASE = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=false', 'model.args.depth=1',
         'save_model=false']
@@ -97,8 +98,8 @@ def test_kill_mid_epoch_then_resume_is_exact(straight, tmp_path):
         wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 3, proc)  # after update 3, in epoch 1
     finally:
         kill(proc)
-    state = loading.load_checkpoint(str(run_dir)).state
-    assert state['epoch'] == 0 and state['step'] in (2, 4)  # a mid-epoch checkpoint
+    state = load_checkpoint(str(run_dir)).state
+    assert state.epoch == 0 and state.step in (2, 4)  # a mid-epoch checkpoint
     resume_reproduces(straight, run_dir)
 
 
@@ -118,9 +119,9 @@ def test_kill_while_a_checkpoint_is_written(straight, tmp_path, stage):
         wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 8 and paused(), proc)
     finally:
         kill(proc)
-    chk = loading.load_checkpoint(str(run_dir))
+    chk = load_checkpoint(str(run_dir))
     assert chk.folder == str(folder / ('last' if stage == 'write' else 'last.prev'))
-    assert (chk.state['epoch'], chk.state['step'], chk.state['num_updates']) == (1, 0, 6)
+    assert (chk.state.epoch, chk.state.step, chk.state.num_updates) == (1, 0, 6)
     resume_reproduces(straight, run_dir)
 
 
@@ -133,8 +134,8 @@ def test_nonfinite_stops_and_keeps_the_last_good_checkpoint(tmp_path, kind, mess
                cwd=tmp_path, env={POISON_ENV: f'5:{kind}'})
     one_line_error(proc, f'{message} at epoch 1, step 5 (update 5)', code=3)
     assert f'the last good checkpoint is {run_dir}/checkpoints/last (update 4)' in proc.stderr
-    chk = loading.load_checkpoint(str(run_dir))
-    assert chk.state['num_updates'] == 4 and all(torch.isfinite(v).all() for v in chk.model.values())
+    chk = load_checkpoint(str(run_dir))
+    assert chk.state.num_updates == 4 and all(torch.isfinite(v).all() for v in chk.model.values())
     assert [r['update'] for r in steps(run_dir)] == [1, 2, 3, 4]
     assert not (run_dir / 'results.json').exists()
 
@@ -276,10 +277,28 @@ def test_too_many_unreadable_images_stop_in_one_line(tmp_path):
     for i in range(4):
         for cls in ('cat', 'dog'):
             os.remove(tmp_path / 'train' / cls / f'{i}.png')
-    data = OmegaConf.create({'name': 'folder', 'root': str(tmp_path), 'train_dir': 'train', 'val_dir': 'val'})
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'vit_gka', 'conf')
+    data = OmegaConf.merge(OmegaConf.load(os.path.join(conf, 'data', 'folder.yaml')), {'root': str(tmp_path)})
+    aug = OmegaConf.load(os.path.join(conf, 'recipe', 'deit.yaml')).aug
     gray = {'input_size': (1, 28, 28), 'mean': (0.5,), 'std': (0.5,), 'crop_pct': 1.0, 'interpolation': 'bilinear'}
-    loader, _ = create_train_loader(data, gray, 4, num_workers=1)
+    loader = create_train_loader(create_dataset(data, 'train')[0], gray, 4, aug, num_workers=1)
     with pytest.raises(UserError) as e:  # raised in the worker process, re-raised here
         next(iter(loader))
     assert str(e.value).startswith('20 unreadable images in a row') and '\n' not in str(e.value)
     assert 'Traceback' not in str(e.value)
+
+
+def test_older_checkpoints_still_load(tmp_path):
+    """A state.pt with only the keys every version wrote, and weights with the ``_orig_mod.`` prefix that compiled
+    runs once saved: the state gets TrainState's defaults, the weights timm's names."""
+    folder = tmp_path / 'checkpoints' / 'last'
+    folder.mkdir(parents=True)
+    weights = timm.create_model('gka_deit_tiny_patch16_224', depth=1, **SMALL).state_dict()
+    save_file({f'_orig_mod.{k}': v for k, v in weights.items()}, folder / ckpt.MODEL_FILE)
+    torch.save({'epoch': 2, 'num_updates': 12, 'optimizer': {}, 'scheduler': {}, 'rng': [],
+                'model_name': 'gka_deit_tiny_patch16_224', 'model_args': {'depth': 1}}, folder / ckpt.STATE_FILE)
+    chk = load_checkpoint(str(tmp_path))
+    assert chk.folder == str(folder) and chk.model.keys() == weights.keys() and chk.ema is None
+    state = chk.state
+    assert (state.epoch, state.step, state.num_updates, state.epochs, state.history) == (2, 0, 12, None, [])
+    assert state.best == {'top1': -1.0, 'epoch': None, 'ema': False}

@@ -22,8 +22,8 @@ TINY_RUN = ['train_subset=128', 'epochs=1', 'data.eval_subset=64', 'batch_size=6
 def sweep(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('sweep'))
     proc = subprocess.run(
-        [sys.executable, 'train.py', '-m', 'model=gka_fmnist,deit_fmnist', *TINY_RUN, f'hydra.sweep.dir={folder}',
-         'hydra/callbacks=report', 'hydra.callbacks.report.num_images=16'],
+        [sys.executable, 'train.py', '-m', 'model=gka,deit', 'shape=fmnist', *TINY_RUN, f'hydra.sweep.dir={folder}',
+         'hydra.callbacks.report.num_images=16'],  # every -m sweep ends with the report
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'report: ' in proc.stdout
@@ -102,7 +102,7 @@ def test_compact_kernel_sparsity_in_results_tensorboard_and_report(tmp_path):
     """A tiny compact-kernel run and its DeiT baseline: sparsity in results.json and TensorBoard, then in
     the report (Table 2 paired with deit_fmnist, the per-layer section and sparsity.png)."""
     sweep = tmp_path / 'sweep'
-    check(run(['-m', 'model=eka_adaptive_fmnist,deit_fmnist', 'epochs=1', *TINY,
+    check(run(['-m', 'model=eka_adaptive,deit', 'shape=fmnist', 'epochs=1', *TINY,
                f'hydra.sweep.dir={sweep}', 'hydra.callbacks.report.num_images=8'], cwd=tmp_path))
     eka, deit = sweep / '0_eka_adaptive_fmnist', sweep / '1_deit_fmnist'
     res = json.load(open(eka / 'results.json'))

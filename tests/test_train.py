@@ -1,10 +1,11 @@
 """train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
-multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, and
-one-line errors for user mistakes that leave an existing run folder as it was. About 2.5 minutes on 2 cores.
-The helpers are tests/helpers.py."""
+multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, a compiled
+run, and one-line errors for user mistakes that leave an existing run folder as it was; the recipe's model
+arguments and unknown-model message. About 3 minutes on 2 cores. The helpers are tests/helpers.py."""
 import glob
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -14,10 +15,13 @@ from safetensors.torch import load_file
 
 import vit_gka  # noqa: F401
 from helpers import TINY, check, digest, needs_data, one_line_error, run
+from omegaconf import OmegaConf
+from vit_gka.errors import UserError
+from vit_gka.train import recipe
 
 @needs_data
 def test_gka_and_baseline_multirun(tmp_path):
-    proc = check(run(['-m', 'model=gka_fmnist,deit_fmnist', 'epochs=1', *TINY,
+    proc = check(run(['-m', 'model=gka,deit', 'shape=fmnist', 'epochs=1', *TINY,
                       f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path))
     runs = sorted(glob.glob(f'{tmp_path}/sweep/*_*fmnist'))
     assert [os.path.basename(r) for r in runs] == ['0_gka_fmnist', '1_deit_fmnist']
@@ -53,7 +57,12 @@ def test_gka_and_baseline_multirun(tmp_path):
         state = torch.load(os.path.join(run_dir, 'checkpoints', 'last', 'state.pt'), weights_only=True)
         assert state['epoch'] == 1 and state['num_updates'] == 6 and 'optimizer' in state and 'rng' in state
 
-        # The model folder rebuilds the exact model with no other argument.
+        # The model folder rebuilds the exact model with no other argument; its config.json holds the
+        # create_model arguments (what timm < 1.0.31 needs) and the class names.
+        config = json.load(open(os.path.join(run_dir, 'model', 'config.json')))
+        assert config['model_args']['patch_size'] == 7 and config['model_args']['in_chans'] == 1
+        assert config['model_args']['img_size'] in (28, [28, 28])
+        assert config['label_names'][:2] == ['T-shirt/top', 'Trouser'] and len(config['label_names']) == 10
         folder = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True)
         assert type(folder.blocks[0].attn).__name__ == attn
         assert folder.num_classes == 10 and tuple(folder.patch_embed.img_size) == (28, 28)
@@ -99,17 +108,57 @@ def test_resume_is_exact(tmp_path):
     assert ra['top1'] == rb['top1'] and ra['loss'] == rb['loss']
 
 
+# train.py, with run_training wrapped to record what it returns on each process.
+RECORDING_TRAIN_PY = """
+import json, os
+import vit_gka.train.job as job
+from vit_gka.train.main import main
+
+def run_training(cfg, _run=job.run_training):
+    results = _run(cfg)
+    with open(os.path.join(os.environ['RESULTS_OUT'], 'rank%s.json' % os.environ.get('RANK', '0')), 'w') as f:
+        json.dump(results, f)
+    return results
+
+job.run_training = run_training
+main()
+"""
+
+
 @needs_data
 def test_two_processes_share_one_run_dir(tmp_path):
-    # torchrun (what `accelerate launch --multi_gpu` runs); gloo on the CPU.
+    # torchrun (what `accelerate launch --multi_gpu` runs); gloo on the CPU. Every process gets the results.
+    script, out = tmp_path / 'train_recording.py', tmp_path / 'returned'
+    script.write_text(RECORDING_TRAIN_PY)
+    out.mkdir()
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533']
-    proc = check(run(['epochs=1', *TINY, 'save_model=false'], cwd=tmp_path, launcher=launcher))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'RESULTS_OUT': str(out)}
+    proc = check(subprocess.run([*launcher, str(script), 'epochs=1', *TINY, 'save_model=false'], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=300))
     results = glob.glob(f'{tmp_path}/runs/*/*/results.json')
     assert len(results) == 1, results
     assert len(glob.glob(f'{tmp_path}/runs/*/*')) == 1  # no stray folder of the second process
     data = json.load(open(results[0]))
     assert data['global_batch_size'] == 64
     assert 'global batch 64 = 32 per process x 2 processes x 1 accumulation' in proc.stdout + proc.stderr
+    returned = [json.load(open(out / f'rank{rank}.json')) for rank in (0, 1)]
+    assert returned[0] == returned[1] == data
+
+
+@needs_data
+def test_compiled_run_saves_plain_timm_weights(tmp_path):
+    # compile=true (CUDA's default with compile=auto): the compile wrapper stays out of every saved file.
+    run_dir = tmp_path / 'run'
+    check(run(['compile=true', 'epochs=1', 'train_subset=64', 'data.eval_subset=64', 'batch_size=32', 'workers=0',
+               'progress=false', 'model.args.depth=1', f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+    for name in ('checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors', 'best.safetensors',
+                 'model/model.safetensors'):
+        keys = list(load_file(run_dir / name))
+        assert keys and not any(k.startswith('_orig_mod.') for k in keys), name
+    model = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True)
+    assert model.num_classes == 10 and len(model.blocks) == 1
+    final = load_file(run_dir / 'model' / 'model.safetensors')
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
 
 
 @pytest.fixture(scope='module')
@@ -130,11 +179,11 @@ def existing_run(tmp_path_factory):
     (['model=no_such_model'], "unknown model 'no_such_model'"),
     (['data=no_such_data'], "unknown data set 'no_such_data'"),
     (['epoch=3'], "did you mean 'epochs'"),
-    (['-m', 'model=gka_fmnist,gka_fmnistt'], "unknown model 'gka_fmnistt'"),
+    (['-m', 'model=gka,gkaa', 'shape=fmnist'], "unknown model 'gkaa'"),
     (['data.root=/no/such/folder'], 'data.root does not exist'),
     (['data=folder', 'data.root={existing}/no_images'], 'no images found under'),
     (['resume=/no/such/run'], 'resume path does not exist'),
-    (['resume={run}', 'model=deit_fmnist'], 'is a run of gka_deit_tiny_patch16_224, this run builds deit_tiny'),
+    (['resume={run}', 'model=deit', 'shape=fmnist'], 'is a run of gka_deit_tiny_patch16_224, this run builds deit_tiny'),
     (['resume={run}', 'model.args.depth=2'], 'depth=1 there, 2 here'),
     (['model.name=no_such_timm_model'], "unknown timm model 'no_such_timm_model'"),
     (['batch_size=abc'], "batch_size must be an integer"),
@@ -156,3 +205,21 @@ def test_user_mistakes_give_one_line(existing_run, tmp_path, args, message):
     one_line_error(proc, message)
     assert digest(run_dir) == before
     assert not os.listdir(tmp_path)  # and no new run folder
+
+
+def test_model_args_of_an_empty_args_node():
+    # Every ImageNet-shape preset has `args: {}`: an empty DictConfig, not a plain dict.
+    cfg = OmegaConf.create({'model': {'name': 'gka_deit_small_patch16_224', 'args': {}}, 'data': {'in_chans': 3},
+                            'drop_path': 0.1})
+    assert recipe.model_args(cfg, 1000) == {'num_classes': 1000, 'in_chans': 3, 'drop_path_rate': 0.1}
+    cfg.model.args = {'img_size': 28, 'in_chans': 1}
+    assert recipe.model_args(cfg, 10) == {'img_size': 28, 'in_chans': 1, 'num_classes': 10, 'drop_path_rate': 0.1}
+
+
+def test_unknown_model_lists_every_vit_gka_family():
+    names = recipe.vit_gka_models()
+    for family in ('gka_deit_', 'vlt_deit_', 'eka_fixed_deit_', 'bka_adaptive_deit_', 'tka_fixed_deit_'):
+        assert any(n.startswith(family) for n in names), family
+    with pytest.raises(UserError) as e:
+        recipe.create_model('no_such_timm_model', {}, None)
+    assert all(n in str(e.value) for n in names)

@@ -1,32 +1,43 @@
-"""Evaluate a trained model (top-1, top-5, loss, images/s) or benchmark it against its baseline.
+"""Evaluate a trained model (top-1, top-5, loss, images/s) or benchmark it against its baseline; the
+``python eval.py`` / ``vit-gka-eval`` command, in the manner of timm's validate.py.
 
     python eval.py run=<run dir>                                  # <run>/model/ on the run's data
     python eval.py run=<run dir> ckpt=<run dir>/checkpoints/last weights=ema
     python eval.py model_name=<timm name> ckpt=<weights file> data=<data config> [model_args={img_size: 28}]
     python eval.py run=<run dir> bench=true                       # images/s and peak memory, vs baseline
 
-Models are built through ``timm.create_model`` only: ``local-dir:<run>/model`` or ``pretrained=True`` with
-``pretrained_cfg_overlay=dict(file=<weights>)``, so the numbers are what a user of the registry gets. Writes
-``eval.json`` (or ``bench.json``) into ``out`` (default: the run folder, else Hydra's output folder).
-See conf/eval.yaml for every option and analysis/benchmark.py for the benchmark.
+The whole of it: the model through ``timm.create_model`` only (``local-dir:<run>/model``, or
+``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=<weights>)``, so the numbers are what a user of the
+registry gets) -> the data set's test split with the model's own preprocessing (``resolve_data_config``) ->
+top-1 / top-5 / loss / images/s -> ``eval.json`` (``bench.json`` with ``bench=true``) in ``out`` (default: the
+run folder, else Hydra's output folder). See conf/eval.yaml for every option and analysis/benchmark.py for
+the benchmark. Mistakes end in one line ``error: ...``, exit status 2 (vit_gka/train/cli.py).
 """
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
+import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vit_gka.analysis.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
 from vit_gka.train.cli import check_overrides, exit_on_user_error
 from vit_gka.train.loading import describe_load_error, load_weights
 
+__all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'evaluate_model', 'benchmark',
+           'summary_line', 'main', 'cli']
+
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
 
+# ------------------------------------------------------------------------------------------- the run folder
+
 
 def run_config(run_dir: str) -> DictConfig:
+    """The run's resolved training configuration (``<run>/config.yaml``)."""
     path = os.path.join(run_dir, 'config.yaml')
     if not os.path.isfile(path):
         raise UserError(f'{run_dir} is not a training run folder (no config.yaml)')
@@ -34,6 +45,7 @@ def run_config(run_dir: str) -> DictConfig:
 
 
 def run_results(run_dir: str) -> Dict[str, Any]:
+    """What the run recorded (``<run>/results.json``): its model, arguments, data and top-1."""
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
         raise UserError(f'{run_dir} has no results.json (an unfinished run?)')
@@ -56,29 +68,25 @@ def weights_file(ckpt: str, weights: str) -> str:
     raise UserError(f'no {CKPT_FILES[weights]} in {ckpt} (nor in its last/ or checkpoints/last/)'
                     + (' (this run kept no EMA)' if weights == 'ema' else ''))
 
+# --------------------------------------------------------------------------------- the model, through timm
 
-def _set_preprocessing(model, data_cfg) -> None:
-    """The data set's mean / std / crop / interpolation and the model's real input size in its pretrained
-    config (as training recorded them), so ``resolve_data_config`` matches what the run evaluated with."""
-    from vit_gka.data.datasets import data_preprocessing
-    cfg = dict(model.pretrained_cfg)
-    cfg.update(data_preprocessing(data_cfg))
-    embed = getattr(model, 'patch_embed', None)
-    if embed is not None:
-        cfg['input_size'] = (embed.proj.in_channels, *embed.img_size)
-    in_chans = cfg['input_size'][0]
-    for key in ('mean', 'std'):
-        if len(cfg[key]) != in_chans:
-            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
-    model.pretrained_cfg = cfg
+
+def model_spec(cfg: DictConfig, run_dir: Optional[str]) -> Tuple[str, Dict[str, Any], str]:
+    """(timm name, ``create_model`` arguments, label) of the architecture: the run's recorded one, else
+    ``model_name=`` with ``model_args=``."""
+    if run_dir is not None:
+        res = run_results(run_dir)
+        return res['model'], dict(res['model_args']), res.get('model_config') or res['model']
+    name = cfg.model_name
+    args = OmegaConf.to_container(cfg.model_args, resolve=True) if cfg.model_args else {}
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model '{name}'")
+    return name, args, name
 
 
 def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch.nn.Module, str]:
-    """(model, description of the weights). ``run`` alone: ``local-dir:<run>/model``; with ``ckpt``: the
-    run's (or ``model=``'s) architecture with the checkpoint's weights."""
-    import timm
-
-    import vit_gka  # noqa: F401  (registers the GKA / VLT models)
+    """(model, where its weights came from). ``run`` alone: ``local-dir:<run>/model``; with ``ckpt``: the run's
+    (or ``model_name=``'s) architecture with the checkpoint's weights, read safely first."""
     if run_dir is not None and cfg.ckpt is None:
         folder = os.path.join(run_dir, 'model')
         if not os.path.isdir(folder):
@@ -88,13 +96,7 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
         raise UserError(f'model_name={cfg.model_name} needs its weights: ckpt=<weights file>')
     file = weights_file(cfg.ckpt, cfg.weights)
     load_weights(file)  # the safe read first: a truncated, foreign or code-running file stops here, in one line
-    if run_dir is not None:
-        res = run_results(run_dir)
-        name, args = res['model'], dict(res['model_args'])
-    else:
-        name, args = cfg.model_name, OmegaConf.to_container(cfg.model_args, resolve=True) if cfg.model_args else {}
-        if not timm.is_model(name):
-            raise UserError(f"unknown timm model '{name}'")
+    name, args, _ = model_spec(cfg, run_dir)
     num_classes = args.pop('num_classes', None) or int(data_cfg.get('num_classes') or 0) or None
     if num_classes is None:
         raise UserError('set the number of classes: model_args.num_classes=<N> or a data config with num_classes')
@@ -111,14 +113,37 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
     return model, file
 
 
+def _set_preprocessing(model: torch.nn.Module, data_cfg) -> None:
+    """The data set's mean / std / crop / interpolation and the model's real input size in its pretrained
+    config (as training recorded them), so ``resolve_data_config`` matches what the run evaluated with."""
+    from vit_gka.data.datasets import data_preprocessing
+    cfg = dict(model.pretrained_cfg)
+    cfg.update(data_preprocessing(data_cfg))
+    embed = getattr(model, 'patch_embed', None)
+    if embed is not None:
+        cfg['input_size'] = (embed.proj.in_channels, *embed.img_size)
+    in_chans = cfg['input_size'][0]
+    for key in ('mean', 'std'):
+        if len(cfg[key]) != in_chans:
+            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
+    model.pretrained_cfg = cfg
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    return torch.device('cuda' if torch.cuda.is_available() and not cfg.cpu else 'cpu')
+
+# ----------------------------------------------------------------------------------- evaluate / benchmark
+
+
 def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[str, Any]:
-    """Top-1 / top-5 / loss / images per second of the model ``cfg`` names, on ``data_cfg``'s test split."""
+    """Top-1 / top-5 / loss / images per second of the model ``cfg`` names, on ``data_cfg``'s test split; for a
+    run's own model/ also the top-1 the run recorded and whether this matches it."""
     from timm.data import resolve_data_config
 
     from vit_gka.data.datasets import create_eval_loader
     from vit_gka.train.loop import evaluate
     model, source = load_model(cfg, run_dir, data_cfg)
-    device = torch.device('cuda' if torch.cuda.is_available() and not cfg.cpu else 'cpu')
+    device = _device(cfg)
     model = model.to(device).eval()
     data_config = resolve_data_config(model=model)
     loader, num_classes = create_eval_loader(data_cfg, data_config, int(cfg.batch_size), int(cfg.workers))
@@ -138,6 +163,19 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
     return result
 
 
+def benchmark(cfg: DictConfig, run_dir: Optional[str]) -> List[Dict[str, Any]]:
+    """``bench=true``: images/s and peak memory of the model ``cfg`` names (random weights, its shape) and of
+    ``bench_cfg.baseline``, interleaved (``vit_gka.analysis.benchmark.benchmark_models``)."""
+    name, args, label = model_spec(cfg, run_dir)
+    args.pop('drop_path_rate', None)
+    bc = cfg.bench_cfg
+    device = _device(cfg)
+    amp = device.type == 'cuda' if str(bc.amp) == 'auto' else bool(bc.amp)
+    return benchmark_models(with_baseline(label, name, args, bc.baseline), device, batch_size=int(bc.batch_size),
+                            warmup=int(bc.warmup), steps=int(bc.steps), rounds=int(bc.rounds), amp=amp,
+                            train=bool(bc.train))
+
+
 def summary_line(result: Dict[str, Any]) -> str:
     line = (f"{result['model']} on {result['data']} ({result['num_images']} images): top-1 {result['top1']:.2f}%  "
             f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  {result['images_per_s']:.0f} img/s")
@@ -145,46 +183,45 @@ def summary_line(result: Dict[str, Any]) -> str:
         line += f"  (run recorded top-1 {result['recorded_top1']:.2f}%: {'same' if result['matches_recorded'] else 'DIFFERENT'})"
     return line
 
+# ------------------------------------------------------------------------------------------ the command
+
 
 def _data_overridden() -> bool:
     from hydra.core.hydra_config import HydraConfig
     return any(o.lstrip('+~').split('=')[0].split('.')[0] == 'data' for o in HydraConfig.get().overrides.task)
 
 
-def _output_dir(cfg: DictConfig, run_dir) -> str:
+def _write_json(cfg: DictConfig, run_dir: Optional[str], name: str, obj: Any) -> str:
+    """``obj`` as ``<out>/<name>`` (``out``: ``cfg.out``, else the run folder, else Hydra's output folder)."""
     from hydra.core.hydra_config import HydraConfig
     out = cfg.out or run_dir or HydraConfig.get().runtime.output_dir
     os.makedirs(out, exist_ok=True)
-    return out
+    path = os.path.join(out, name)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2)
+    return path
 
 
 @hydra.main(version_base='1.3', config_path='conf', config_name='eval')
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
+    """The model (and data: the run's own unless ``data=`` is given) -> eval.json, or bench.json."""
     run_dir = require_path(cfg.run, 'run') if cfg.run else None
     if run_dir is None and cfg.model_name is None:
         raise UserError('give run=<run dir>, or model_name=<timm name> with ckpt=<weights file>')
-    data_cfg = cfg.data
-    if run_dir is not None and not _data_overridden():
-        data_cfg = run_config(run_dir).data
     if cfg.bench:
-        from vit_gka.analysis.benchmark import run_benchmark
-        out = _output_dir(cfg, run_dir)
-        results = run_benchmark(cfg, run_dir, data_cfg)
-        path = os.path.join(out, 'bench.json')
-        with open(path, 'w') as f:
-            json.dump({'results': results}, f, indent=2)
-        print(f'-> {path}')
-        return float(results[0]['infer_images_per_s'])
+        rows = benchmark(cfg, run_dir)
+        print(f"-> {_write_json(cfg, run_dir, 'bench.json', {'results': rows})}")
+        return float(rows[0]['infer_images_per_s'])
+    data_cfg = run_config(run_dir).data if run_dir is not None and not _data_overridden() else cfg.data
     result = evaluate_model(cfg, run_dir, data_cfg)
-    path = os.path.join(_output_dir(cfg, run_dir), 'eval.json')
-    with open(path, 'w') as f:
-        json.dump(result, f, indent=2)
+    path = _write_json(cfg, run_dir, 'eval.json', result)
     print(summary_line(result) + f' -> {path}', flush=True)
     return float(result['top1'])
 
 
 def cli() -> None:
+    """``vit-gka-eval`` / ``python eval.py``: the command line's overrides checked (one-line errors), then main."""
     check_overrides(CONF_DIR, 'eval')
     main()
 

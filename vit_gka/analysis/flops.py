@@ -41,7 +41,7 @@ with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from vit_gka.layers.gka import GaussianKernelAttention
+from vit_gka.layers import GaussianKernelAttention, KernelAttention
 from vit_gka.layers.compact import BISECT_ITERS_DEFAULT
 
 __all__ = ['model_stats', 'param_breakdown', 'flop_count', 'input_shape', 'count_impl']
@@ -121,13 +121,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def count_impl(model: nn.Module) -> Iterator[nn.Module]:
-    """Run GKA layers in their unpadded fused form (``sdpa_bias``) for counting; restored on exit.
+    """Run GKA layers (and ``KernelAttention``, whose Gaussian kernel is GKA's) in their unpadded fused form
+    (``sdpa_bias``) for counting; restored on exit.
 
     The materialised ``reference`` form is left as it is (its two matmuls count the same 2*N*N*d).
     """
     saved = []
     for module in model.modules():
-        if isinstance(module, GaussianKernelAttention) and module.impl != 'reference':
+        if isinstance(module, (GaussianKernelAttention, KernelAttention)) and module.impl != 'reference':
             saved.append((module, module.impl))
             module.impl = 'sdpa_bias'
     try:
@@ -234,3 +235,113 @@ def model_stats(
         unsupported=sorted(analysis.unsupported_ops()),
     )
     return stats
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# python -m vit_gka.analysis.flops MODEL [MODEL ...] [--img-size N] [--json]     (the vit-gka-flops command)
+
+CLI_DESCRIPTION = """\
+Parameters and compute of registered timm / vit_gka models, one image each, no training needed.
+
+Markdown table: parameters total / attention / MLP / other in millions, GMACs (1e9 multiply-accumulates as
+fvcore counts them), GFLOPs (2 x GMACs, the GKA paper's unit) and the fp32 size in MiB. With --json a JSON
+list of objects (model, img_size, params, params_attn, params_mlp, params_other, gmacs, gflops, size_mb,
+gelementwise, unsupported). What is counted: the docstring of vit_gka/analysis/flops.py."""
+
+CLI_COLUMNS = [  # (row key, table header, divisor)
+    ('model', 'model', None),
+    ('input', 'input', None),
+    ('params', 'params (M)', 1e6),
+    ('params_attn', 'attn params (M)', 1e6),
+    ('params_mlp', 'MLP params (M)', 1e6),
+    ('params_other', 'other params (M)', 1e6),
+    ('gmacs', 'GMACs', 1),
+    ('gflops', 'GFLOPs (2 x MACs)', 1),
+    ('size_mb', 'size (MB, fp32)', 1),
+]
+CLI_JSON_KEYS = ('model', 'img_size', 'params', 'params_attn', 'params_mlp', 'params_other', 'gmacs', 'gflops',
+                 'size_mb', 'gelementwise', 'unsupported')
+
+
+class CommandLineError(Exception):
+    """A mistake on the command line (an unknown model, a bad option): one line ``error: ...``, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f'needs a positive integer, got {text!r}')
+    return int(text)
+
+
+def cli_parser(prog: Optional[str] = None):
+    """The ``argparse`` parser of the command; its errors raise ``CommandLineError``."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise CommandLineError(f'{message} (see {self.prog} --help)')
+
+    parser = Parser(prog=prog or 'python -m vit_gka.analysis.flops', description=CLI_DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='+', metavar='MODEL', help="timm model names, e.g. gka_deit_small_patch16_224")
+    parser.add_argument('--img-size', type=_positive_int, default=None, metavar='N',
+                        help="input height and width (default: the model's own)")
+    parser.add_argument('--json', action='store_true', help='print JSON instead of the Markdown table')
+    return parser
+
+
+def _create_model(name: str, img_size: Optional[int] = None) -> nn.Module:
+    """``timm.create_model(name)``, at ``img_size`` when the model takes one; ``CommandLineError`` if unknown."""
+    import timm
+    if not timm.is_model(name):
+        raise CommandLineError(f"unknown model {name!r} (not in timm's registry or vit_gka's)")
+    if img_size is None:
+        return timm.create_model(name)
+    try:
+        return timm.create_model(name, img_size=img_size)
+    except TypeError:  # a model without an img_size argument (e.g. a CNN) takes any input size
+        return timm.create_model(name)
+
+
+def stats_row(name: str, img_size: Optional[int] = None) -> dict:
+    """``model_stats`` of one model with its name, input ``img_size`` [H, W] and ``input`` text (``3x224x224``)."""
+    model = _create_model(name, img_size)
+    stats = model_stats(model, img_size=img_size)
+    shape = input_shape(model, img_size)
+    return {'model': name, 'img_size': list(shape[1:]), 'input': 'x'.join(map(str, shape)), **stats}
+
+
+def markdown(rows: List[dict]) -> str:
+    """The rows as a Markdown table (``CLI_COLUMNS``), then one line per model with ops no handle counted."""
+    from tabulate import tabulate
+    table = [[r[key] / scale if scale else r[key] for key, _, scale in CLI_COLUMNS] for r in rows]
+    text = tabulate(table, headers=[h for _, h, _ in CLI_COLUMNS], tablefmt='github', floatfmt='.2f')
+    notes = [f'{r["model"]}: ops not counted: {", ".join(r["unsupported"])}' for r in rows if r['unsupported']]
+    return '\n'.join([text, *notes])
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """The command: prints the table (or JSON) and returns 0; a mistake prints ``error: ...`` and returns 2."""
+    import json
+    import sys
+    try:
+        args = cli_parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
+        rows = [stats_row(name, args.img_size) for name in args.models]
+    except CommandLineError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{k: r[k] for k in CLI_JSON_KEYS} for r in rows], indent=1))
+    else:
+        print(markdown(rows))
+    return 0
+
+
+def cli() -> None:
+    """The ``vit-gka-flops`` console script."""
+    raise SystemExit(main(prog='vit-gka-flops'))
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

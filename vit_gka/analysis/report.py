@@ -1,8 +1,9 @@
 """Paper-style report of a sweep: tables (Markdown + CSV) and PNG plots from finished run folders.
 
     python -m vit_gka.analysis.report <multirun-folder | run-dir> [...] [--out DIR] [--images N]
+    vit-gka-report <multirun-folder | run-dir> [...] [--out DIR] [--images N]      # the same, installed
 
-A run folder holds ``results.json`` (train.py / vit_gka/trainer.py), ``model/`` (timm save_for_hf) and
+A run folder holds ``results.json`` (train.py, vit_gka/train/), ``model/`` (timm save_for_hf) and
 ``config.yaml``; folders are searched recursively. ``bench.json`` files (``eval.py bench=true``) found there
 give the runtime table. Written to ``--out`` (default ``<folder>/report`` for one folder, else ``report``):
 
@@ -24,9 +25,10 @@ biweight or triweight kernel; the ``attention`` column names kernel and normalis
 of exact zeros of the attention weights per layer, measured by training on the first test images with the
 final weights. GKA runs have it too (float32 underflow only: essentially 0); DeiT and VLT have none ("-").
 
-Hydra: ``python train.py -m ... hydra/callbacks=report`` (conf/hydra/callbacks/report.yaml) builds the
-report at the end of the sweep, in ``<sweep dir>/report``.
+Hydra: every ``python train.py -m ...`` sweep ends with this report, in ``<sweep dir>/report``
+(``ReportCallback``, ``hydra.callbacks.report`` in conf/config.yaml; ``hydra.callbacks.report.num_images=<n>``).
 """
+import argparse
 import csv
 import glob
 import json
@@ -41,7 +43,7 @@ from tabulate import tabulate
 
 log = logging.getLogger('vit_gka.analysis.report')
 
-USAGE = 'usage: python -m vit_gka.analysis.report <multirun-folder | run-dir> [...] [--out DIR] [--images N]'
+PROG = 'python -m vit_gka.analysis.report'
 
 
 class ReportError(Exception):
@@ -68,8 +70,7 @@ def _architecture(name: str, model_args: dict) -> Dict:
     import timm
     from timm.models.vision_transformer import Attention
 
-    import vit_gka  # noqa: F401
-    from vit_gka.layers.gka import GaussianKernelAttention
+    from vit_gka.layers import ProjectionFreeAttention as GaussianKernelAttention  # GKA and compact kernels
     from vit_gka.layers.vlt import ValueFreeAttention
     with torch.device('meta'):
         model = timm.create_model(name, **model_args)
@@ -98,7 +99,7 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
         res['run'] = os.path.basename(run)
         res.update(_architecture(res['model'], res.get('model_args') or {}))
         res['label'] = res.get('model_config') or res['model']
-        # top-1 of the exported model/ folder: the better of raw and EMA weights (trainer.py's choice)
+        # top-1 of the exported model/ folder: the better of raw and EMA weights (the training job's choice)
         res['top1_raw'] = res['top1']
         if res.get('model_folder_weights') == 'ema' and res.get('ema_top1') is not None:
             res['top1'] = res['ema_top1']
@@ -233,9 +234,10 @@ def _csv(rows: List[Dict], columns, path: str) -> str:
 # ------------------------------------------------------------------------------------------- models
 def load_model(run_dir: str):
     """The run's exported model through timm's registry, exactly as a user gets it."""
-    import timm
+    import importlib
 
-    import vit_gka  # noqa: F401
+    import timm
+    importlib.import_module('vit_gka.models')  # registers the GKA, VLT and compact-kernel families
     return timm.create_model(f'local-dir:{os.path.join(run_dir, "model")}', pretrained=True).eval()
 
 
@@ -356,37 +358,37 @@ class ReportCallback(Callback):
         print(f"report: {files['report.md']} ({len(files) - 1} tables and figures)", flush=True)
 
 
-def parse_args(argv: Sequence[str]) -> Dict:
-    args = {'paths': [], 'out': None, 'images': 64}
-    it = iter(argv)
-    for arg in it:
-        if arg in ('-h', '--help'):
-            print(USAGE)
-            sys.exit(0)
-        key, _, inline = arg.partition('=')
-        if key in ('--out', '--images'):
-            value = inline or next(it, None)
-            if not value:
-                raise ReportError(f'{key} needs a value')
-            if key == '--images' and not (value.isdigit() and int(value) > 0):
-                raise ReportError(f'--images needs a positive integer, got {value!r}')
-            args[key[2:]] = int(value) if key == '--images' else value
-        elif arg.startswith('-'):
-            raise ReportError(f'unknown option {arg!r}')
-        else:
-            args['paths'].append(arg)
-    if not args['paths']:
-        raise ReportError('give a multirun folder or run folders')
-    return args
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'a positive integer is needed, got {text!r}')
+    return int(text)
 
 
-def main(argv: Sequence[str]) -> int:
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description='Paper-style report (Markdown + CSV tables, PNG plots) of finished training runs: '
+        'Table 2 (params, GMACs, top-1, each run against its same-shape DeiT baseline), Table 4 (runtime), the '
+        'learned bandwidths, attention sparsity and mean attention distance.')
+    p.add_argument('paths', nargs='+', metavar='FOLDER',
+                   help='a multirun folder or run folders (searched recursively for results.json)')
+    p.add_argument('--out', metavar='DIR', help='output folder (default: <FOLDER>/report for one folder, else ./report)')
+    p.add_argument('--images', type=_positive_int, default=64, metavar='N',
+                   help='test images for the mean attention distance (default: 64)')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """The command line; returns the exit status: 0, or 2 for a usage error (argparse's message) or a path
+    without runs (one line ``error: ...``)."""
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
     try:
-        args = parse_args(argv)
-        files = build_report(args['paths'], args['out'], args['images'])
+        args = parser(prog).parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), printed by argparse
+        return int(e.code or 0)
+    try:
+        files = build_report(args.paths, args.out, args.images)
     except ReportError as e:
-        print(f'error: {e}\n{USAGE}', file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
         return 2
     with open(files['report.md']) as f:
         print(f.read())
@@ -394,5 +396,11 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def cli() -> None:
+    """``vit-gka-report``: the console script."""
+    name = os.path.basename(sys.argv[0])
+    sys.exit(main(prog=PROG if name.endswith('.py') or name == '__main__' else name))
+
+
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
+    cli()

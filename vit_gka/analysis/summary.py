@@ -1,18 +1,24 @@
 """The comparison table of finished runs (their results.json), printed after a Hydra sweep.
 
 ``SweepSummary`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``): when a ``-m`` sweep ends it
-prints one row per job of the sweep folder. ``python -m vit_gka.summary <folder> [...]`` prints the same
-table for any folders holding run folders (searched recursively for results.json).
+prints one row per job of the sweep folder. The same table for any folders holding run folders (searched
+recursively for results.json)::
+
+    python -m vit_gka.analysis.summary <folder> [<folder> ...]
+    vit-gka-summary <folder> [<folder> ...]          # the same, installed
 """
+import argparse
 import glob
 import json
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-__all__ = ['collect', 'format_table', 'SweepSummary']
+__all__ = ['collect', 'format_table', 'SweepSummary', 'main', 'cli']
+
+PROG = 'python -m vit_gka.analysis.summary'
 
 COLUMNS = (
     ('run', 'run'), ('model', 'model'), ('sigma_init', 'sigma_init'), ('params (M)', 'params'),
@@ -83,17 +89,38 @@ class SweepSummary(Callback):
             print(f'\n{len(rows)} runs in {sweep_dir}:\n{format_table(rows)}', flush=True)
 
 
-def main(argv: Sequence[str]) -> int:
-    if not argv:
-        sys.stderr.write('usage: python -m vit_gka.summary <folder> [<folder> ...]\n')
-        return 2
-    rows = collect(argv)
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description='The comparison table (Markdown) of finished training runs: '
+                                'one row per results.json found under the folders.')
+    p.add_argument('folders', nargs='+', metavar='FOLDER',
+                   help='a multirun folder, a run folder or any folder holding them (searched recursively)')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """The command line; returns the exit status: 0, or 2 for a usage error (argparse's message) or a folder
+    that does not exist or holds no results.json (one line ``error: ...``)."""
+    try:
+        args = parser(prog).parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), printed by argparse
+        return int(e.code or 0)
+    for folder in args.folders:
+        if not os.path.isdir(folder):
+            sys.stderr.write(f'error: {folder} is not a folder\n')
+            return 2
+    rows = collect(args.folders)
     if not rows:
-        sys.stderr.write(f'error: no results.json under {" ".join(argv)}\n')
-        return 1
+        sys.stderr.write(f'error: no results.json under {" ".join(args.folders)}\n')
+        return 2
     print(format_table(rows))
     return 0
 
 
+def cli() -> None:
+    """``vit-gka-summary``: the console script."""
+    name = os.path.basename(sys.argv[0])
+    sys.exit(main(prog=PROG if name.endswith('.py') or name == '__main__' else name))
+
+
 if __name__ == '__main__':
-    raise SystemExit(main(sys.argv[1:]))
+    cli()

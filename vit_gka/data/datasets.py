@@ -6,8 +6,12 @@ crop. Grayscale sources feed 1-channel models directly and are repeated to RGB f
 
 Fashion-MNIST is looked up, in order, in the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist/*.gz``, decompressed once into a cache folder where torchvision's
-``FashionMNIST`` expects them: ``<cache>/FashionMNIST/raw/``), then under ``data.root``, then downloaded by
-torchvision (``data.download``).
+``FashionMNIST`` expects them: ``<cache>/FashionMNIST/raw/``), then under ``data.root`` (its
+``FashionMNIST/raw/`` decompressed, or the four .gz files there or directly under ``data.root``: decompressed
+into the cache folder), then downloaded by torchvision (``data.download``).
+
+The training set is read once (``create_dataset``, before the model: its class count sizes the head) and
+given the model's transform by ``create_train_loader``.
 
 The ``data`` config node (``conf/data/*.yaml``) names the data set (``name``) and where it lives; see
 the yaml files for the keys.
@@ -37,21 +41,12 @@ from vit_gka.data.sampling import SeededDataset, train_sampler
 log = logging.getLogger('vit_gka.data')
 
 __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
-           'build_transform', 'fashion_mnist_root', 'unreadable_images']
+           'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MAX_UNREADABLE_IN_A_ROW = 20
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` for a DictConfig, a dict or None."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
 
 
 def _expand(path: Optional[str]) -> Optional[str]:
@@ -98,32 +93,27 @@ def fashion_mnist_root(data_cfg) -> Tuple[str, bool]:
     """The ``root`` to give torchvision's ``FashionMNIST`` and whether it may download there.
 
     1. the Debian package files (``data.system_dir``), decompressed once into ``data.cache_dir``;
-    2. ``data.root`` holding ``FashionMNIST/raw/`` (decompressed or .gz) or the four .gz files directly;
+    2. ``data.root`` holding ``FashionMNIST/raw/`` with the decompressed files (read there), or with only the
+       .gz files, or the four .gz files directly under ``data.root`` (both decompressed once into
+       ``data.cache_dir``, where torchvision, which reads decompressed files only, then finds them);
     3. ``data.root`` (or the cache folder) with ``download=True`` when ``data.download`` is set.
     """
-    system_dir = _expand(_get(data_cfg, 'system_dir', '/usr/share/datasets/fashion-mnist'))
-    cache_dir = _expand(_get(data_cfg, 'cache_dir', '~/.cache/vit-gka')) or _expand('~/.cache/vit-gka')
-    root = _expand(_get(data_cfg, 'root'))
+    system_dir = _expand(data_cfg.system_dir)
+    cache = os.path.join(_expand(data_cfg.cache_dir), 'fashion_mnist')
+    root = _expand(data_cfg.root)
     if root is not None and not os.path.isdir(root):
-        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}; give data.root=<an existing folder>')
-    if root is None and _has_fmnist(system_dir, '.gz'):
-        cache = os.path.join(cache_dir, 'fashion_mnist')
-        raw = os.path.join(cache, 'FashionMNIST', 'raw')
-        if not _has_fmnist(raw):
-            _decompress_into(system_dir, raw)
-        return cache, False
-    if root is not None:
-        raw = os.path.join(root, 'FashionMNIST', 'raw')
-        if _has_fmnist(raw) or _has_fmnist(raw, '.gz'):
-            return root, False
-        if _has_fmnist(root, '.gz'):  # the four .gz files directly under data.root
-            cache = os.path.join(cache_dir, 'fashion_mnist')
-            target = os.path.join(cache, 'FashionMNIST', 'raw')
-            if not _has_fmnist(target):
-                _decompress_into(root, target)
+        raise UserError(f'data.root does not exist: {data_cfg.root}; give data.root=<an existing folder>')
+    sources = [system_dir] if root is None else [os.path.join(root, 'FashionMNIST', 'raw'), root]
+    if root is not None and _has_fmnist(sources[0]):
+        return root, False
+    for source in sources:
+        if _has_fmnist(source, '.gz'):
+            raw = os.path.join(cache, 'FashionMNIST', 'raw')
+            if not _has_fmnist(raw):
+                _decompress_into(source, raw)
             return cache, False
-    if _get(data_cfg, 'download', False):
-        return root or os.path.join(cache_dir, 'fashion_mnist'), True
+    if data_cfg.download:
+        return root or cache, True
     raise UserError(
         'Fashion-MNIST not found: install the Debian package dataset-fashion-mnist, or set data.root to a '
         'folder holding FashionMNIST/raw/, or set data.download=true')
@@ -186,13 +176,13 @@ def unreadable_images(dataset: Dataset) -> int:
 
 
 def _image_folder(data_cfg, split: str, transform) -> Dataset:
-    root = _expand(_get(data_cfg, 'root'))
+    root = _expand(data_cfg.root)
     if root is None:
-        raise UserError(f'data.root is not set (data={_get(data_cfg, "name")} reads <root>/<split folder>); '
+        raise UserError(f'data.root is not set (data={data_cfg.name} reads <root>/<split folder>); '
                         f'give data.root=<folder>')
     if not os.path.isdir(root):
-        raise UserError(f'data.root does not exist: {_get(data_cfg, "root")}; give data.root=<an existing folder>')
-    sub = _get(data_cfg, 'train_dir' if split == 'train' else 'val_dir', split)
+        raise UserError(f'data.root does not exist: {data_cfg.root}; give data.root=<an existing folder>')
+    sub = data_cfg.train_dir if split == 'train' else data_cfg.val_dir
     folder = os.path.join(root, sub)
     if not os.path.isdir(folder):
         raise UserError(f'{split} folder does not exist: {folder} (data.root should hold {sub}/<class>/<images>)')
@@ -208,7 +198,7 @@ def _num_classes_of(ds: Dataset) -> int:
 
 def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
     """The ``split`` ('train' or 'eval') of the data set named by ``data_cfg.name`` and its class count."""
-    name = _get(data_cfg, 'name', 'fashion_mnist')
+    name = data_cfg.name
     train = split == 'train'
     if name == 'fashion_mnist':
         from torchvision.datasets import FashionMNIST
@@ -220,20 +210,19 @@ def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
                             f'holding FashionMNIST/raw/ or the four .gz files>') from e
     elif name in ('cifar10', 'cifar100'):
         from torchvision.datasets import CIFAR10, CIFAR100
-        root = _expand(_get(data_cfg, 'root')) or os.path.join(
-            _expand(_get(data_cfg, 'cache_dir', '~/.cache/vit-gka')), name)
-        if _get(data_cfg, 'root') not in (None, '') and not os.path.isdir(root):
-            raise UserError(f'data.root does not exist: {_get(data_cfg, "root")} (create it to download into it)')
+        root = _expand(data_cfg.root) or os.path.join(_expand(data_cfg.cache_dir), name)
+        if data_cfg.root not in (None, '') and not os.path.isdir(root):
+            raise UserError(f'data.root does not exist: {data_cfg.root} (create it to download into it)')
         cls = CIFAR10 if name == 'cifar10' else CIFAR100
         try:
-            ds = cls(root, train=train, transform=transform, download=bool(_get(data_cfg, 'download', True)))
+            ds = cls(root, train=train, transform=transform, download=bool(data_cfg.download))
         except (OSError, RuntimeError) as e:
             raise UserError(f'could not read or download {name} under {root}: {e}') from e
     elif name in ('imagenet', 'folder'):
         ds = _image_folder(data_cfg, 'train' if train else 'val', transform)
     else:
         raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}")
-    return ds, int(_get(data_cfg, 'num_classes') or _num_classes_of(ds))
+    return ds, int(data_cfg.num_classes or _num_classes_of(ds))
 
 
 def data_preprocessing(data_cfg) -> Dict[str, Any]:
@@ -241,7 +230,7 @@ def data_preprocessing(data_cfg) -> Dict[str, Any]:
     it replaces the model's pretrained-config values for training and is exported with the model."""
     out = {}
     for key in ('mean', 'std', 'crop_pct', 'interpolation'):
-        value = _get(data_cfg, key)
+        value = data_cfg[key]
         if value is not None:
             out[key] = tuple(float(v) for v in value) if key in ('mean', 'std') else value
     return out
@@ -273,8 +262,8 @@ def patch_randaugment_posterize() -> None:
 
 def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
     """timm's ``create_transform`` for ``data_config`` (resolve_data_config of the model), after a mode
-    conversion to the model's channel count. ``aug_cfg`` (the recipe's ``aug`` node) sets the training
-    augmentation: crop scale / ratio, flips, colour jitter, RandAugment string, random erasing."""
+    conversion to the model's channel count. ``aug_cfg`` (the recipe's ``aug`` node; training only) sets the
+    training augmentation: crop scale / ratio, flips, colour jitter, RandAugment string, random erasing."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -286,22 +275,20 @@ def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
     )
     if is_training:
         patch_randaugment_posterize()
-        aug = aug_cfg or {}
-        scale = _get(aug, 'scale')
-        ratio = _get(aug, 'ratio')
+        aug = aug_cfg
         tf = create_transform(
             is_training=True,
-            no_aug=bool(_get(aug, 'no_aug', False)),
-            scale=tuple(scale) if scale is not None else None,
-            ratio=tuple(ratio) if ratio is not None else None,
-            hflip=float(_get(aug, 'hflip', 0.5)),
-            vflip=float(_get(aug, 'vflip', 0.0)),
-            color_jitter=float(_get(aug, 'color_jitter', 0.0) or 0.0),
-            auto_augment=_get(aug, 'auto_augment') or None,
-            re_prob=float(_get(aug, 're_prob', 0.0)),
-            re_mode=_get(aug, 're_mode', 'pixel'),
-            re_count=int(_get(aug, 're_count', 1)),
-            **{**common, 'interpolation': _get(aug, 'interpolation') or common['interpolation']},
+            no_aug=bool(aug.no_aug),
+            scale=tuple(aug.scale) if aug.scale is not None else None,
+            ratio=tuple(aug.ratio) if aug.ratio is not None else None,
+            hflip=float(aug.hflip),
+            vflip=float(aug.vflip),
+            color_jitter=float(aug.color_jitter or 0.0),
+            auto_augment=aug.auto_augment or None,
+            re_prob=float(aug.re_prob),
+            re_mode=aug.re_mode,
+            re_count=int(aug.re_count),
+            **{**common, 'interpolation': aug.interpolation or common['interpolation']},
         )
     else:
         tf = create_transform(is_training=False, crop_pct=data_config.get('crop_pct'),
@@ -320,18 +307,38 @@ def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers
     In order, unshuffled, last batch kept. ``data.eval_subset`` (first n samples) shortens it for tests.
     """
     ds, num_classes = create_dataset(data_cfg, 'eval', build_transform(data_config, is_training=False))
-    subset = _get(data_cfg, 'eval_subset')
+    subset = data_cfg.eval_subset
     if subset is not None:
         ds = Subset(ds, range(min(int(subset), len(ds))))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **_worker_kwargs(num_workers))
     return loader, num_classes
 
 
+class Transformed(Dataset):
+    """``dataset`` (yielding ``(image, target)``) with ``transform`` applied to its images."""
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, target = self.dataset[index]
+        return self.transform(img), target
+
+
+def class_names(dataset: Dataset) -> Optional[list]:
+    """The class names of a data set from ``create_dataset`` (folder names, torchvision's labels), or None."""
+    classes = getattr(dataset, 'classes', None)
+    return [str(c) for c in classes] if classes else None
+
+
 def create_train_loader(
-        data_cfg,
+        dataset: Dataset,
         data_config: dict,
         batch_size: int,
-        aug_cfg=None,
+        aug_cfg,
         num_workers: int = 0,
         subset: Optional[int] = None,
         drop_last: bool = False,
@@ -339,18 +346,19 @@ def create_train_loader(
         rank: int = 0,
         repeated_aug: int = 0,
         seed: int = 0,
-) -> Tuple[DataLoader, int]:
-    """The shuffled training loader and the class count.
+) -> DataLoader:
+    """The shuffled training loader of ``dataset`` (``create_dataset(data_cfg, 'train')``, no transform), with
+    the training transform of ``data_config`` (``timm.data.resolve_data_config`` of the model) and ``aug_cfg``
+    (the recipe's ``aug`` node).
 
     ``subset``: the first n samples only. Every process reads its own shard of one global order
     (``sampling.train_sampler``). Call ``sampling.set_loader_epoch(loader, epoch)`` before every epoch: order
     and augmentation are then functions of (seed, epoch).
     """
-    ds, num_classes = create_dataset(data_cfg, 'train', build_transform(data_config, True, aug_cfg))
+    ds = Transformed(dataset, build_transform(data_config, True, aug_cfg))
     if subset is not None:
         ds = Subset(ds, range(min(int(subset), len(ds))))
     generator = torch.Generator()  # the workers' base seed, reseeded every epoch
-    loader = DataLoader(SeededDataset(ds), batch_size=batch_size, drop_last=drop_last, generator=generator,
-                        sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
-                        **_worker_kwargs(num_workers))
-    return loader, num_classes
+    return DataLoader(SeededDataset(ds), batch_size=batch_size, drop_last=drop_last, generator=generator,
+                      sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
+                      **_worker_kwargs(num_workers))

@@ -13,7 +13,9 @@ import random
 
 import numpy as np
 import torch
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ['SeededDataset', 'SeededSampler', 'train_sampler', 'set_loader_epoch']
 
@@ -41,7 +43,7 @@ class SeededSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        if type(self.sampler).__name__ == 'RepeatAugSampler':
+        if isinstance(self.sampler, RepeatAugSampler):
             self.sampler.set_epoch(self.seed * 100003 + epoch)  # it seeds its shuffle with the epoch alone
         else:
             self.sampler.set_epoch(epoch)
@@ -83,14 +85,13 @@ class SeededDataset(Dataset):
                 random.setstate(saved[1])
                 np.random.set_state(saved[2])
 
+
 def train_sampler(ds: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, repeated_aug: int = 0,
                   drop_last: bool = False) -> SeededSampler:
     """This process's shard of one global order: a ``DistributedSampler`` (also for a single process), or
     timm's ``RepeatAugSampler`` when ``repeated_aug`` > 1 in a distributed run (DeiT's repeated augmentation);
     wrapped to yield each sample's seed with its index."""
-    from torch.utils.data.distributed import DistributedSampler
     if num_replicas > 1 and repeated_aug and repeated_aug > 1:
-        from timm.data.distributed_sampler import RepeatAugSampler
         sampler = RepeatAugSampler(ds, num_replicas=num_replicas, rank=rank, num_repeats=int(repeated_aug))
     else:
         sampler = DistributedSampler(ds, num_replicas=num_replicas, rank=rank, shuffle=True,

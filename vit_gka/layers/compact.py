@@ -2,9 +2,9 @@
 
 Paper: "Sparse Attention as Compact Kernel Regression", Santos, Goncalves, McNamee, Treviso, Martins,
 arXiv 2601.22766 (2026); reference code github.com/deep-spin/sparse_att. It builds on GKA
-(arXiv 2605.02144, ``vit_gka.layers.gka``): same projection-free layer (the head slices x of the
-LayerNorm'd tokens are queries, keys and values; one bandwidth per head; one output projection W_O),
-with the Gaussian kernel replaced by a compact one. Per head, with h = exp(log_sigma_h):
+(arXiv 2605.02144, ``vit_gka.layers.gka``): the same projection-free layer (``ProjectionFreeAttention``: the
+head slices x of the LayerNorm'd tokens are queries, keys and values; one bandwidth per head; one output
+projection W_O), with the Gaussian kernel replaced by a compact one. Per head, with h = exp(log_sigma_h):
 
     u_ij^2 = ||x_i - x_j||^2 / h^2
     K_ij   = (1 - u_ij^2)_+^n          n = 1 Epanechnikov, 2 biweight, 3 triweight
@@ -25,7 +25,7 @@ and two ways to normalise each row of K into weights W (output y_i = sum_j W_ij 
 Both are dense: the N x N weights are materialised (entmax has no fused kernel), in float32 at least and
 with autocast off, so bfloat16 / float16 inputs and mixed precision give float32-accurate weights.
 
-Masks follow ``vit_gka.masks`` (SDPA convention). Fixed: K is multiplied by the 0/1 mask or by
+Masks follow ``vit_gka.layers.masks`` (SDPA convention). Fixed: K is multiplied by the 0/1 mask or by
 exp(additive mask) (GKA's Eq. 7). Adaptive: additive masks are added to the scores and masked scores
 are -inf; a fully masked row gives zeros. PyPI ``entmax`` 1.3, checked on the CPU: -inf entries get
 exact zeros and zero gradients when the row has one finite score, but a row of -inf only crashes
@@ -36,22 +36,21 @@ So masked scores are replaced by a finite value that is provably outside the sup
 alpha well above 2, does not arise: alpha = 1 + 1/n <= 2. entmax in bfloat16 is not accurate (rows
 summing to 0.98), another reason for float32.
 """
-import contextlib
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from entmax import entmax15, entmax_bisect, sparsemax
 
-from vit_gka.layers.gka import GaussianKernelAttention, apply_mask, gaussian_kernel, pairwise_sq_dist, row_normalise
-from vit_gka.layers.masks import build_mask
+from vit_gka.layers.gka import apply_mask, default_sigma, gka_core, gka_weights, pairwise_sq_dist
+from vit_gka.layers.gka_backends import check_impl
+from vit_gka.layers.projection_free import ProjectionFreeAttention, no_autocast
 
 __all__ = [
-    'KERNELS', 'KERNEL_DEGREE', 'NORMALIZATIONS', 'KernelAttention', 'AttentionSparsity',
-    'attention_sparsity', 'attention_weights', 'compact_kernel', 'compact_kernel_attention',
-    'compact_weights', 'default_bandwidth', 'model_sparsity',
+    'KERNELS', 'KERNEL_DEGREE', 'NORMALIZATIONS', 'KernelAttention', 'compact_kernel', 'compact_kernel_attention',
+    'compact_weights', 'default_bandwidth',
 ]
 
 KERNEL_DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
@@ -117,12 +116,6 @@ def mask_scores(
     return torch.where(allowed, z, fill), empty
 
 
-def _no_autocast(device: torch.device):
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _exact_sq_dist(x: torch.Tensor) -> torch.Tensor:
     """||x_i - x_j||^2 through the norm identity (GKA Eq. 6), clamped at 0, with an exact 0 diagonal."""
     n = x.shape[-2]
@@ -143,7 +136,7 @@ def compact_weights(
     ``fixed`` rows whose diagonal is masked and whose allowed keys all lie outside the bandwidth (K = 0).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         xf = x.to(acc)
         sq_dist = _exact_sq_dist(xf)
         inv_h2 = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
@@ -165,7 +158,7 @@ def compact_kernel_attention(
     """y_i = sum_j W_ij x_j with compact-kernel weights; heads x (B, H, N, d) -> (B, H, N, d), x's dtype."""
     weights = compact_weights(x, log_sigma, n, normalization, mask)
     weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         return (weights @ x.to(weights.dtype)).to(x.dtype)
 
 
@@ -183,22 +176,23 @@ def default_bandwidth(head_dim: int) -> float:
     return math.sqrt(2 * head_dim)
 
 
-class KernelAttention(GaussianKernelAttention):
-    """Projection-free kernel attention with a Gaussian (GKA) or compact kernel, timm ``attn_layer``.
+class KernelAttention(ProjectionFreeAttention):
+    """Projection-free kernel attention with a Gaussian (GKA) or compact kernel, a timm ``attn_layer``.
 
-    Args: ``dim``, ``num_heads`` and, as keywords, those of ``GaussianKernelAttention`` (timm's, ``impl``,
-    ``window``, ``window_2d``, ``sigma_init``, ``eps``, passed through), and
+    Args: those of ``GaussianKernelAttention`` (timm's, ``impl``, ``window``, ``window_2d``, ``sigma_init``,
+    ``eps``; all but ``dim`` and ``num_heads`` as keywords), and
 
-        kernel: ``"gaussian"`` (GKA itself: ``attend`` is GKA's, fused path and ``impl`` included),
+        kernel: ``"gaussian"`` (GKA itself: GKA's core, fused backends and ``impl`` included),
             ``"epanechnikov"``, ``"biweight"`` or ``"triweight"`` ((1 - u^2)_+^n, n = 1, 2, 3).
         normalization: ``"fixed"`` (K / row sum; normalised ReLU for Epanechnikov) or ``"adaptive"``
             (alpha-entmax, alpha = 1 + 1/n: sparsemax, entmax-1.5, alpha 4/3). For the Gaussian both
             are GKA (softmax is the alpha -> 1 limit and the adaptive threshold cancels).
 
     For compact kernels ``log_sigma`` is log h, the bandwidth in u = ||x_i - x_j|| / h, initialised to
-    ``sigma_init`` or ``default_bandwidth(d)`` = sqrt(2 d) (see there why not GKA's sigma); ``impl`` is accepted and
-    unused (the compact kernels have one materialised implementation) and ``eps`` is not needed (rows
-    are nonempty or zeroed). Masks, windows and fully masked rows as for GKA.
+    ``sigma_init`` or ``default_bandwidth(d)`` = sqrt(2 d) (see there why not GKA's sigma); ``impl`` is
+    accepted and unused (the compact kernels have one materialised implementation) and ``eps`` is not
+    needed (rows are nonempty or zeroed). ``degree`` is n (None for the Gaussian). Masks, windows and
+    fully masked rows as for GKA.
     """
 
     def __init__(
@@ -208,156 +202,49 @@ class KernelAttention(GaussianKernelAttention):
             *,
             kernel: str = 'gaussian',
             normalization: str = 'fixed',
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            impl: str = 'auto',
+            window: Optional[int] = None,
+            window_2d: Optional[int] = None,
             sigma_init: Optional[float] = None,
-            **kwargs,
+            eps: float = 1e-6,
+            device=None,
+            dtype=None,
     ) -> None:
         if kernel not in KERNELS:
             raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
         if normalization not in NORMALIZATIONS:
             raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
+        impl = check_impl(impl, attn_drop)
         degree = KERNEL_DEGREE.get(kernel)
-        if sigma_init is None and degree is not None and num_heads > 0 and dim % num_heads == 0:
-            sigma_init = default_bandwidth(dim // num_heads)
-        super().__init__(dim, num_heads=num_heads, sigma_init=sigma_init, **kwargs)
+        super().__init__(
+            dim, num_heads, scale_norm=scale_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+            norm_layer=norm_layer, window=window, window_2d=window_2d, sigma_init=sigma_init,
+            default_sigma=default_sigma if degree is None else default_bandwidth,
+            dd={'device': device, 'dtype': dtype})
+        self.impl = impl
+        self.eps = eps
         self.kernel = kernel
         self.normalization = normalization
         self.degree = degree
 
     def extra_repr(self) -> str:
-        return f'kernel={self.kernel}, normalization={self.normalization}, {super().extra_repr()}'
+        return (f'kernel={self.kernel}, normalization={self.normalization}, heads={self.num_heads}, '
+                f'impl={self.impl}, window={self.window}, window_2d={self.window_2d}')
 
-    def resolve_impl(self, x: torch.Tensor, masked: bool) -> str:
-        """GKA's backend choice for the Gaussian; ``"dense"`` for compact kernels, so that ``forward``
-        never takes GKA's FlexAttention branch (a Gaussian score_mod) and always reaches ``attend``."""
-        if self.degree is None:
-            return super().resolve_impl(x, masked)
-        return 'dense'
+    def core(self, heads: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        if self.kernel == 'gaussian':
+            return gka_core(self, heads, attn_mask, is_causal, self.impl, self.eps)
+        mask = self.mask(heads.shape[-2], heads.device, attn_mask, is_causal)
+        return compact_kernel_attention(heads, self.log_sigma, self.degree, self.normalization, mask, self.dropout_p)
 
-    def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The attention core on heads x (B, H, N, d): GKA's for the Gaussian, else the compact kernel."""
-        if self.degree is None:
-            return super().attend(x, mask)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        return compact_kernel_attention(x, self.log_sigma, self.degree, self.normalization, mask, dropout_p)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Attention sparsity: the fraction of exact zeros in the attention weights, per layer.
-
-def attention_sparsity(weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Fraction of exact zeros of ``weights`` (..., N, N), a 0-dim float tensor.
-
-    With an SDPA-style ``mask`` (bool True = may attend, or additive with -inf) only the entries the
-    mask allows are counted, so the number measures the kernel's sparsity, not the mask's.
-    """
-    zeros = weights == 0
-    if mask is None:
-        return zeros.float().mean()
-    allowed = mask if mask.dtype == torch.bool else mask > float('-inf')
-    allowed = allowed.expand_as(weights)
-    return (zeros & allowed).sum().float() / allowed.sum().clamp_min(1).float()
-
-
-@torch.no_grad()
-def attention_weights(
-        module: GaussianKernelAttention,
-        x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The materialised weights (B, H, N, N) and mask that ``module`` applies to tokens x (B, N, C).
-
-    Works for ``KernelAttention`` of any kernel and for plain ``GaussianKernelAttention`` (the Gaussian
-    weights via GKA's Eq. 2-4, in float32; they equal the fused path's softmax, so exact zeros there are
-    float32 underflow). Attention dropout is not applied.
-    """
-    B, N, C = x.shape
-    mask = build_mask(N, x.device, attn_mask, is_causal, module.window, module.window_2d,
-                      module.grid_size, module.num_prefix_tokens)
-    heads = x.reshape(B, N, module.num_heads, module.head_dim).transpose(1, 2)
-    degree = getattr(module, 'degree', None)
-    if degree is not None:
-        return compact_weights(heads, module.log_sigma, degree, module.normalization, mask), mask
-    acc = torch.promote_types(x.dtype, torch.float32)
-    with _no_autocast(x.device):
-        xf = heads.to(acc)
-        kernel = apply_mask(gaussian_kernel(pairwise_sq_dist(xf), module.log_sigma.to(acc)), mask)
-        return row_normalise(kernel, module.eps), mask
-
-
-class AttentionSparsity:
-    """Forward hooks that record each kernel-attention layer's sparsity (fraction of exact zeros).
-
-    Every ``GaussianKernelAttention`` (so GKA and all ``KernelAttention`` layers) in ``model`` gets a
-    hook that recomputes the layer's weights from its input under ``no_grad`` (one extra dense attention
-    per layer; enable it only on the steps you log) and stores the fraction of exact zeros among the
-    entries its mask allows::
-
-        with AttentionSparsity(model) as sparsity:
-            model(images)
-        for name, value in sparsity.values.items():   # {'blocks.0.attn': 0.93, ...}
-            writer.add_scalar(f'sparsity/{name}', value, step)
-
-    ``values`` keeps the last forward's numbers (python floats); ``mean()`` is their average. Use
-    ``attach()`` / ``detach()`` instead of ``with`` to keep the hooks across several forwards.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, GaussianKernelAttention)}
-        self.values: Dict[str, float] = {}
-        self._handles = []
-
-    def _hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            x = args[0]
-            attn_mask = kwargs.get('attn_mask', args[1] if len(args) > 1 else None)
-            is_causal = kwargs.get('is_causal', args[2] if len(args) > 2 else False)
-            weights, mask = attention_weights(module, x, attn_mask, is_causal)
-            self.values[name] = float(attention_sparsity(weights, mask))
-        return hook
-
-    def attach(self) -> 'AttentionSparsity':
-        if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(name), with_kwargs=True)
-                             for name, m in self.layers.items()]
-        return self
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def mean(self) -> float:
-        return sum(self.values.values()) / len(self.values) if self.values else float('nan')
-
-    def __enter__(self) -> 'AttentionSparsity':
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-
-@torch.no_grad()
-def model_sparsity(model: nn.Module, images: torch.Tensor, autocast=None) -> Optional[Dict[str, object]]:
-    """Per-layer attention sparsity of ``model`` on one batch: ``{'mean': float, 'layers': [float, ...]}``
-    (layers in model order), or None for a model without kernel attention (DeiT, VLT).
-
-    One forward in eval mode (no dropout or drop path) under ``autocast`` (a context-manager factory such
-    as ``accelerator.autocast``; default none), with ``AttentionSparsity`` attached: about twice one eval
-    batch's attention cost. A ``torch.compile``'d model is measured through its original module, whose
-    forward hooks run eagerly. GKA layers are measured too: their exact zeros are float32 underflow of
-    exp(-||x_i - x_j||^2 / 2 sigma^2), so essentially 0.
-    """
-    model = getattr(model, '_orig_mod', model)
-    meter = AttentionSparsity(model)
-    if not meter.layers:
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        with meter, (autocast() if autocast is not None else contextlib.nullcontext()):
-            model(images)
-    finally:
-        model.train(was_training)
-    layers: List[float] = [meter.values[name] for name in meter.layers if name in meter.values]
-    return {'mean': sum(layers) / len(layers) if layers else float('nan'), 'layers': layers}
+    def head_weights(self, heads: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.kernel == 'gaussian':
+            return gka_weights(heads, self.log_sigma, mask, self.eps)
+        return compact_weights(heads, self.log_sigma, self.degree, self.normalization, mask)

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_gka.layers.gka import ProjectedHeads
 from vit_gka.layers.masks import build_mask
+from vit_gka.layers.projection_free import ProjectedHeads
 
 
 class ValueFreeAttention(ProjectedHeads):
@@ -56,5 +56,5 @@ class ValueFreeAttention(ProjectedHeads):
         q, k = self.q_norm(q), self.k_norm(k)
         mask = build_mask(N, x.device, attn_mask, is_causal)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p)
         return self.merge_heads(out)

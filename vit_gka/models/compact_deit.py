@@ -10,16 +10,15 @@ https://arxiv.org/abs/2012.12877). Every attention is ``vit_gka.KernelAttention`
     normalization: fixed (K / row sum; eka_fixed is normalised-ReLU attention) or
                    adaptive (alpha-entmax, alpha = 1 + 1/n: eka sparsemax, bka entmax-1.5, tka alpha 4/3)
 
-so ``gka_deit_*`` (models.py) is the Gaussian member of the family and ``timm.list_models('?ka_*')`` lists
+so ``gka_deit_*`` (``gka_deit.py``) is the Gaussian member of the family and ``timm.list_models('?ka_*')`` lists
 all of it. Parameter counts equal GKA's (4.38 M Tiny, 16.73 M Small: the kernel has no parameters
 beyond the per-head bandwidth). Keywords as for GKA: every VisionTransformer one, plus ``impl``,
 ``window``, ``window_2d``, ``sigma_init`` (here the initial bandwidth h). No weights are published.
 """
 from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer
 
-from vit_gka.layers.compact import KernelAttention
-from vit_gka.models.gka_deit import _SMALL, _TINY, GKA_ATTN_ARGS, _cfg, _create, bind_attn_args
+from vit_gka.layers import KernelAttention
+from vit_gka.models._builder import _SMALL, _TINY, KernelVisionTransformer, _cfg, _create
 
 __all__ = ['COMPACT_MODELS']
 
@@ -39,82 +38,79 @@ COMPACT_MODELS = {
 default_cfgs = generate_default_cfgs({name: _compact_cfg() for name in COMPACT_MODELS})
 
 
-def _create_compact(variant: str, shape: dict, pretrained: bool, kwargs: dict) -> VisionTransformer:
-    """models.py's ``_create`` with ``KernelAttention`` bound to the variant's kernel and normalisation
-    (and the caller's attention keywords, bound here because ``_create`` passes them to GKA only)."""
+def _create_compact(variant: str, shape: dict, pretrained: bool, kwargs: dict) -> KernelVisionTransformer:
     kernel, normalization = COMPACT_MODELS[variant]
-    attn_args = {k: kwargs.pop(k) for k in GKA_ATTN_ARGS if k in kwargs}
-    attn_cls = bind_attn_args(KernelAttention, kernel=kernel, normalization=normalization, **attn_args)
-    return _create(variant, attn_cls, pretrained, **{**shape, **kwargs})
+    return _create(variant, KernelAttention, pretrained, attn_defaults=dict(kernel=kernel, normalization=normalization),
+                   **{**shape, **kwargs})
 
 
 @register_model
-def eka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def eka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, Epanechnikov kernel, fixed normalisation (normalised-ReLU attention)."""
     return _create_compact('eka_fixed_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def eka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def eka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, Epanechnikov kernel, fixed normalisation (normalised-ReLU attention)."""
     return _create_compact('eka_fixed_deit_small_patch16_224', _SMALL, pretrained, kwargs)
 
 
 @register_model
-def eka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def eka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, Epanechnikov kernel, adaptive normalisation (sparsemax attention)."""
     return _create_compact('eka_adaptive_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def eka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def eka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, Epanechnikov kernel, adaptive normalisation (sparsemax attention)."""
     return _create_compact('eka_adaptive_deit_small_patch16_224', _SMALL, pretrained, kwargs)
 
 
 @register_model
-def bka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def bka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, biweight kernel, fixed normalisation."""
     return _create_compact('bka_fixed_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def bka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def bka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, biweight kernel, fixed normalisation."""
     return _create_compact('bka_fixed_deit_small_patch16_224', _SMALL, pretrained, kwargs)
 
 
 @register_model
-def bka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def bka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, biweight kernel, adaptive normalisation (entmax-1.5 attention)."""
     return _create_compact('bka_adaptive_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def bka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def bka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, biweight kernel, adaptive normalisation (entmax-1.5 attention)."""
     return _create_compact('bka_adaptive_deit_small_patch16_224', _SMALL, pretrained, kwargs)
 
 
 @register_model
-def tka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def tka_fixed_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, triweight kernel, fixed normalisation."""
     return _create_compact('tka_fixed_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def tka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def tka_fixed_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, triweight kernel, fixed normalisation."""
     return _create_compact('tka_fixed_deit_small_patch16_224', _SMALL, pretrained, kwargs)
 
 
 @register_model
-def tka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def tka_adaptive_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-Ti shape, triweight kernel, adaptive normalisation (alpha-entmax, alpha 4/3)."""
     return _create_compact('tka_adaptive_deit_tiny_patch16_224', _TINY, pretrained, kwargs)
 
 
 @register_model
-def tka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+def tka_adaptive_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> KernelVisionTransformer:
     """DeiT-S shape, triweight kernel, adaptive normalisation (alpha-entmax, alpha 4/3)."""
     return _create_compact('tka_adaptive_deit_small_patch16_224', _SMALL, pretrained, kwargs)

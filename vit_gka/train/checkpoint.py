@@ -1,24 +1,17 @@
-"""Checkpoints and weight files that are never half-written (the loading side is ``loading.py``).
+"""Files and folders that are never half-written: checkpoint folders, weight files, text files, the model folder.
 
-Layout of a checkpoint folder (``<run>/checkpoints/last/``)::
+What a checkpoint folder holds is defined in state.py (``TrainState``); this module writes it
+(``write_checkpoint``) and loading.py / state.py read it.
 
-    model.safetensors      raw model weights (timm key names; loads with
-                           timm.create_model(name, pretrained=True,
-                                             pretrained_cfg_overlay=dict(file=..., num_classes=N)))
-    model_ema.safetensors  EMA weights, when the recipe keeps an EMA
-    state.pt               optimizer, scheduler, RNG states and partial epoch sums (per process), epoch, step
-                           within the epoch and bookkeeping; plain containers only: torch.load(path,
-                           weights_only=True) loads it
-
-Writing: the folder is filled as ``last.tmp-*`` beside it, every file and the folder fsync'ed, then swapped in
+Writing a folder: it is filled as ``last.tmp-*`` beside it, every file and the folder fsync'ed, then swapped in
 by renames (a directory rename is atomic; a non-empty one cannot be replaced in one rename): the old ``last``
 becomes ``last.prev``, the new one becomes ``last``, then ``last.prev`` is renamed to ``last.trash-*`` and
 removed. At every instant ``last`` or, between the two renames, ``last.prev`` is a complete checkpoint;
-``loading.find_checkpoint`` takes ``last`` and falls back to ``last.prev``. Leftovers of a killed write
+``state.find_checkpoint`` takes ``last`` and falls back to ``last.prev``. Leftovers of a killed write
 (``last.tmp-*``, ``last.trash-*``) never carry a name that is read, and the next write removes them.
 
 Test hook: ``VIT_GKA_TEST_PAUSE_IN_CHECKPOINT=<write|swap>[@n]`` makes the n-th (default 2nd: the first that
-replaces one) ``save_checkpoint`` of the process sleep, either after ``model.safetensors`` is written into the
+replaces one) ``write_checkpoint`` of the process sleep, either after ``model.safetensors`` is written into the
 temporary folder (``write``) or between the two renames (``swap``), so that a test can ``kill -9`` it there.
 """
 import contextlib
@@ -32,13 +25,14 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import save_file
 
-__all__ = ['save_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text']
+__all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text',
+           'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV']
 
 MODEL_FILE = 'model.safetensors'
 EMA_FILE = 'model_ema.safetensors'
 STATE_FILE = 'state.pt'
 PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT'
-_saved = 0  # save_checkpoint calls of this process (for the test pause)
+_saved = 0  # write_checkpoint calls of this process (for the test pause)
 
 
 def _fsync_file(path: str) -> None:
@@ -149,13 +143,14 @@ def _atomic_dir(folder: str):
             shutil.rmtree(tmp)
 
 
-def save_checkpoint(
+def write_checkpoint(
         folder: str,
         model_state: Dict[str, torch.Tensor],
-        state: Dict[str, Any],
+        record: Dict[str, Any],
         ema_state: Optional[Dict[str, torch.Tensor]] = None,
 ) -> str:
-    """Write ``folder`` (e.g. ``<run>/checkpoints/last``) atomically; returns its path."""
+    """Write the checkpoint folder ``folder`` (e.g. ``<run>/checkpoints/last``) atomically: the weights, the EMA
+    weights and ``record`` as state.pt (``TrainState.record``); returns its path."""
     global _saved
     _saved += 1
     with _atomic_dir(folder) as tmp:
@@ -163,15 +158,18 @@ def save_checkpoint(
         _test_pause('write')
         if ema_state is not None:
             save_file(_plain_state_dict(ema_state), os.path.join(tmp, EMA_FILE), metadata={'format': 'pt'})
-        torch.save(state, os.path.join(tmp, STATE_FILE))
+        torch.save(record, os.path.join(tmp, STATE_FILE))
     return folder
 
 
-def save_model_folder(model: torch.nn.Module, folder: str, model_args: Optional[dict] = None) -> str:
-    """timm's ``save_for_hf`` (config.json with architecture, model_args and pretrained_cfg, plus
+def save_model_folder(model: torch.nn.Module, folder: str, model_args: Optional[dict] = None,
+                      label_names: Optional[list] = None) -> str:
+    """timm's ``save_for_hf`` (config.json with architecture, model_args, label names and pretrained_cfg, plus
     model.safetensors) into ``folder``, atomically; ``timm.create_model('local-dir:<folder>',
-    pretrained=True)`` rebuilds the model."""
+    pretrained=True)`` rebuilds the model. ``model_args``: the ``create_model`` arguments that rebuild it (timm
+    1.0.31 records them by itself, 1.0.23-1.0.30 only write what is given here)."""
     from timm.models import save_for_hf
     with _atomic_dir(folder) as tmp:
-        save_for_hf(model, tmp, model_args=model_args, safe_serialization=True)
+        save_for_hf(model, tmp, model_config={'label_names': list(label_names)} if label_names else None,
+                    model_args=model_args, safe_serialization=True)
     return folder

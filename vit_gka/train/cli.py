@@ -2,11 +2,17 @@
 
 Two kinds of mistakes are caught:
 
-* in the command line itself (unknown config group option such as ``model=gkaa``, a misspelt key such as
-  ``epoch=3``, a malformed override): ``check_overrides`` composes the configuration once before
-  ``@hydra.main`` runs, for every value of every sweep, and reports the first problem;
-* in the values (data root that does not exist, resume path that does not exist, unknown timm model
-  name): the task raises ``UserError`` and ``exit_on_user_error`` turns it into one line.
+* in the command line itself (unknown config group option such as ``model=gkaa``, an old model preset such as
+  ``model=gka_fmnist``, which answers with its new spelling ``model=gka shape=fmnist``, a misspelt key such
+  as ``epoch=3``, a malformed override, a sweep without ``-m``): ``check_overrides`` composes the
+  configuration before ``@hydra.main`` runs, for every combination of the config-group sweeps (``glob()``
+  expanded) and every value of the other sweeps, and reports the first problem. It only reads the
+  overrides: Hydra's flags (``--help``, ``--cfg``, ``--info``, ``-sc install=bash``, ...) and the sweeps it
+  cannot enumerate (``interval()``, for a sweeper plugin such as Optuna) are left to Hydra;
+* in the values: ``validate(cfg)`` (a number out of range, an unknown timm model, a model family without
+  that shape) runs on each composition above; what needs the files (a data root or resume path that does
+  not exist, a checkpoint of another model) the task raises as ``UserError``, and ``exit_on_user_error``
+  turns it into one line.
 
 Both print ``error: <message>`` to stderr and exit with status 2 (3 for a run stopped by a non-finite loss,
 see faults.py). Hydra's own reporting of these cases spans several lines plus a hint about
@@ -29,10 +35,11 @@ Usage::
 import contextlib
 import difflib
 import functools
+import itertools
 import os
 import shutil
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vit_gka.errors import EXIT_USER_ERROR, UserError, fail
 
@@ -40,10 +47,6 @@ __all__ = ['exit_on_user_error', 'check_overrides']
 
 _HYDRA_FILES: Dict[str, Dict[str, Any]] = {}  # output folder -> what Hydra will touch, as it was
 _EXISTING: List[str] = []  # the nearest existing ancestor of the output folder, before Hydra ran
-
-
-
-
 
 
 def _snapshot(folder: str) -> Dict[str, Any]:
@@ -113,6 +116,34 @@ def exit_on_user_error(fn: Callable) -> Callable:
     return wrapper
 
 
+# Hydra flags after which the command line is Hydra's alone: help, printing the config or the defaults list,
+# shell completion (``-sc install=bash``: ``install=bash`` is no override), another config.
+PASS_THROUGH_FLAGS = ('-h', '--help', '--hydra-help', '--version', '-c', '--cfg', '-p', '--package', '--resolve',
+                      '-i', '--info', '-sc', '--shell-completion', '--experimental-rerun',
+                      '-cn', '--config-name', '-cp', '--config-path', '-cd', '--config-dir')
+MAX_COMBINATIONS = 256  # config-group combinations of a sweep composed one by one; beyond, each value once
+
+_GROUP_WORDS = {'model': 'model', 'shape': 'shape', 'data': 'data set', 'recipe': 'recipe', 'experiment': 'experiment'}
+_COMPACT = ('eka_fixed', 'eka_adaptive', 'bka_fixed', 'bka_adaptive', 'tka_fixed', 'tka_adaptive')
+
+
+def _old_presets() -> Dict[str, Tuple[str, str]]:
+    """The 40 model presets before the model x shape split: old name -> (model, shape)."""
+    old = {}
+    for family in ('gka', 'deit', 'vlt') + _COMPACT:
+        for shape in ('fmnist', 'tiny_fmnist'):
+            old[f'{family}_{shape}'] = (family, shape)
+    sizes = {'gka': ('tiny', 'small', 'base', 'base_384'), 'deit': ('tiny', 'small', 'base'),
+             'vlt': ('tiny', 'small', 'base'), **{f: ('tiny', 'small') for f in _COMPACT}}
+    for family, shapes in sizes.items():
+        for shape in shapes:
+            size, _, res = shape.partition('_')
+            prefix = '' if family == 'deit' else f'{family}_'
+            old[f'{prefix}deit_{size}_patch16_{res or 224}'] = (family, shape)
+    return old
+
+
+OLD_PRESETS = _old_presets()
 
 
 def _options(config_dir: str, group: str) -> List[str]:
@@ -120,6 +151,11 @@ def _options(config_dir: str, group: str) -> List[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(f[:-5] for f in os.listdir(folder) if f.endswith('.yaml'))
+
+
+def _group_names(config_dir: str) -> List[str]:
+    return sorted(d for d in os.listdir(config_dir)
+                  if os.path.isdir(os.path.join(config_dir, d)) and not d.startswith(('.', '_')))
 
 
 def _config_keys(cfg, prefix: str = '') -> Iterable[str]:
@@ -140,23 +176,97 @@ def _hint(key: str, known: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _split_sweeps(overrides: List[str]) -> List[List[str]]:
-    """One list of plain overrides per value of each sweep (the other sweeps at their first value)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def _unknown_option(config_dir: str, group: str, key: str, values: List[str]) -> str:
+    """The one-line message for group options that do not exist: the new spelling of an old model preset,
+    a pointer for a timm name or a name of another group, else the options and the closest one."""
+    options = _options(config_dir, group)
+    bad = [v for v in values if v not in options and v != 'null']
+    if group == 'model' and bad and all(v in OLD_PRESETS for v in values):
+        models = ','.join(dict.fromkeys(OLD_PRESETS[v][0] for v in values))
+        shapes = ','.join(dict.fromkeys(OLD_PRESETS[v][1] for v in values))
+        return f"{key}={','.join(values)} is now model={models} shape={shapes}"
+    value = bad[0]
+    if group == 'model' and value in OLD_PRESETS:
+        return f'{key}={value} is now model={OLD_PRESETS[value][0]} shape={OLD_PRESETS[value][1]}'
+    if group == 'hydra/callbacks' and value == 'report':
+        return ('hydra/callbacks=report is not needed any more: every -m sweep ends with the report '
+                '(hydra.callbacks.report.num_images=<n> sets its test images); leave it out')
+    what = _GROUP_WORDS.get(group, group)
+    others = [g for g in _group_names(config_dir) if g != group and value in _options(config_dir, g)]
+    if others:
+        return f"unknown {what} '{value}': it is a {_GROUP_WORDS.get(others[0], others[0])}, give {others[0]}={value}"
+    if group == 'model':
+        import timm
+        if timm.is_model(value):
+            return f"unknown model '{value}': for a model of timm's registry give model=timm model.name={value}"
+    return f"unknown {what} '{value}'{_hint(value, options)}; choose one of: {', '.join(options)}"
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    first, choices = [], []
+
+def _flag(arg: str) -> str:
+    return arg.split('=', 1)[0] if arg.startswith('--') else arg
+
+
+def _split_argv(argv: Sequence[str]) -> Optional[Tuple[bool, List[str]]]:
+    """(multirun, overrides) of a train.py / eval.py command line, or None when Hydra alone handles it."""
+    if any(_flag(a) in PASS_THROUGH_FLAGS for a in argv):
+        return None
+    return any(a in ('-m', '--multirun') for a in argv), [a for a in argv if not a.startswith('-')]
+
+
+def _variants(config_dir: str, overrides: List[str], multirun: bool) -> List[List[str]]:
+    """The plain override lists to compose for this command line: every combination of the config-group
+    sweeps (``model=gka,deit shape=fmnist,tiny_fmnist``; ``glob()`` expanded against the group's options), each
+    value of every other enumerable sweep once; a sweep that cannot be enumerated (``interval()``, a ``glob()``
+    of a value) is left to Hydra and its sweeper. Unknown group options end here, in one line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        fail(f'cannot parse the command line: {str(e).splitlines()[0]}')
+    groups = _group_names(config_dir)
+    fixed, group_sweeps, value_sweeps = [], [], []
     for text, ov in zip(overrides, parsed):
-        if ov.is_sweep_override():
-            values = [f'{ov.get_key_element()}={v}' for v in ov.sweep_string_iterator()]
+        key, group = ov.get_key_element(), ov.key_or_group
+        is_group = (group in groups or '/' in group) and not ov.is_delete()
+        if ov.is_sweep_override() and not multirun:
+            fail(f'{text} is a sweep: add -m to run one job per value (a list value: {key}=[a,b]; '
+                 f"a string with a comma: {key}='a,b')")
+        if not ov.is_sweep_override():
+            values, texts = ['null' if ov.value() is None else str(ov.value())], [text]
+        elif isinstance(ov.value(), Glob) and is_group:
+            values = ov.value().filter(_options(config_dir, group))
+            if not values:
+                fail(f"{text} matches no {_GROUP_WORDS.get(group, group)}; choose among: "
+                     f"{', '.join(_options(config_dir, group))}")
+            texts = [f'{key}={v}' for v in values]
+        elif ov.is_discrete_sweep() and not isinstance(ov.value(), Glob):
+            values = list(ov.sweep_string_iterator())
+            texts = [f'{key}={v}' for v in values]
+        else:  # interval(), glob() of a value: the sweeper's business
+            continue
+        if group == 'hydra/callbacks' and 'report' in values and not _options(config_dir, group):
+            fail(_unknown_option(config_dir, group, key, ['report']))
+        if is_group and not group.startswith('hydra/'):
+            options = _options(config_dir, group)
+            if any(v not in options and v != 'null' for v in values):
+                fail(_unknown_option(config_dir, group, key, values))
+        if len(texts) == 1:
+            fixed.append(texts[0])
         else:
-            values = [text]
-        first.append(values[0])
-        choices.append(values)
-    variants = [first]
-    for i, values in enumerate(choices):
-        for v in values[1:]:
-            variants.append(first[:i] + [v] + first[i + 1:])
+            (group_sweeps if is_group else value_sweeps).append(texts)
+    combos = list(itertools.islice(itertools.product(*group_sweeps), MAX_COMBINATIONS + 1))
+    if len(combos) > MAX_COMBINATIONS:  # too many to compose: each value once, the others at their first
+        first = [s[0] for s in group_sweeps]
+        combos = [tuple(first)] + [tuple(first[:i] + [v] + first[i + 1:])
+                                   for i, s in enumerate(group_sweeps) for v in s[1:]]
+    variants = [fixed + list(c) + [s[0] for s in value_sweeps] for c in combos]
+    for i, sweep in enumerate(value_sweeps):
+        for v in sweep[1:]:
+            variants.append(fixed + list(combos[0]) + [s[0] for s in value_sweeps[:i]] + [v]
+                            + [s[0] for s in value_sweeps[i + 1:]])
     return variants
 
 
@@ -164,60 +274,39 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                     validate: Optional[Callable[[Any], None]] = None) -> None:
     """Compose the configuration with the command line's overrides, before Hydra runs the app.
 
-    Reports an unknown config group option, a key not in the config, a malformed override, a value that
-    ``validate(cfg)`` rejects (``UserError``) or an output folder that cannot be written as one line
-    (``fail``), and remembers what Hydra will write into an existing output folder (module docstring). Flags
-    (``-m``, ``--cfg job``, ...) are left to Hydra; with ``--config-name`` / ``--config-path`` /
-    ``--config-dir`` the check is skipped (another config than this one).
+    Reports an unknown config group option (with the new spelling of an old model preset), a key not in the
+    config, a malformed override, a sweep without ``-m``, a value that ``validate(cfg)`` rejects
+    (``UserError``) or an output folder that cannot be written as one line (``fail``), and remembers what
+    Hydra will write into an existing output folder (module docstring). Every composition a ``-m`` sweep
+    makes of the config groups is checked (``glob()`` expanded); sweeps it cannot enumerate (``interval()``)
+    are left to Hydra's sweeper. A command line with a Hydra flag that does not run the app as configured
+    (``--help``, ``--cfg``, ``--info``, ``-sc``, ``--config-name``, ...) is Hydra's alone.
     """
-    argv = sys.argv[1:] if argv is None else argv
-    multirun = any(a in ('-m', '--multirun') for a in argv)
-    overrides, skip_next = [], False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-            continue
-        if arg.startswith(('--config-name', '--config-path', '--config-dir', '-cn', '-cp', '-cd')):
-            return
-        if arg in ('--cfg', '-c', '--package', '-p', '--info', '-i', '--experimental-rerun'):
-            skip_next = arg not in ('--info', '-i')
-            continue
-        if arg.startswith('-'):
-            continue
-        overrides.append(arg)
+    split = _split_argv(sys.argv[1:] if argv is None else argv)
+    if split is None:
+        return
+    multirun, overrides = split
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        variants = _split_sweeps(overrides)
-    except HydraException as e:
-        fail(f'cannot parse the command line: {str(e).splitlines()[0]}')
+    variants = _variants(config_dir, overrides, multirun)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base='1.3'):
             base = compose(config_name=config_name)
             known = list(_config_keys(base))
             for variant in variants:
-                for ov in variant:
-                    key, _, value = ov.partition('=')
-                    key = key.lstrip('+~')
-                    if '/' in key or key in _group_names(config_dir):
-                        group = key.split('@')[0]
-                        if key.startswith('hydra/'):
-                            continue
-                        if value not in ('null', '') and value not in _options(config_dir, group):
-                            name = {'model': 'model', 'data': 'data set', 'recipe': 'recipe'}.get(group, group)
-                            fail(f"unknown {name} '{value}'{_hint(value, _options(config_dir, group))}; "
-                                 f"choose one of: {', '.join(_options(config_dir, group))}")
                 try:
                     cfg = compose(config_name=config_name, overrides=variant, return_hydra_config=True)
                 except MissingConfigException as e:
                     message = str(e).splitlines()[0]
                     if 'submitit' in message:
                         message += ' (the Slurm launcher needs: pip install hydra-submitit-launcher)'
+                    elif 'optuna' in message:
+                        message += ' (the Optuna sweeper needs: pip install hydra-optuna-sweeper)'
                     fail(message)
                 except (HydraException, OmegaConfBaseException) as e:
                     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -250,8 +339,3 @@ def _check_values(cfg, multirun: bool, validate: Optional[Callable[[Any], None]]
     folder = os.path.abspath(os.path.expanduser(raw))
     if not multirun and '${' not in raw and os.path.isdir(folder):
         _HYDRA_FILES[folder] = _snapshot(folder)
-
-
-def _group_names(config_dir: str) -> List[str]:
-    return sorted(d for d in os.listdir(config_dir)
-                  if os.path.isdir(os.path.join(config_dir, d)) and not d.startswith(('.', '_')))

@@ -1,12 +1,12 @@
-"""Accelerate for one job: the device (CPU processes where there is no GPU), mixed precision, and the one
-run folder that every process uses."""
+"""Accelerate for one job: the device (CPU processes where there is no GPU), mixed precision, the one
+run folder that every process uses, and the main process's results on every process."""
 import os
 import shutil
 
 import torch
 from omegaconf import DictConfig
 
-__all__ = ['make_accelerator', 'shared_run_dir']
+__all__ = ['make_accelerator', 'shared_run_dir', 'from_main_process']
 
 
 def _mixed_precision(value: str) -> str:
@@ -29,8 +29,8 @@ def make_accelerator(cfg: DictConfig):
     several CPU processes (gloo) under torchrun / ``accelerate launch --multi_gpu``."""
     from accelerate import Accelerator
     return Accelerator(
-        cpu=bool(cfg.get('cpu', False)) or _no_accelerator_device(),
-        mixed_precision=_mixed_precision(cfg.get('mixed_precision', 'auto')),
+        cpu=bool(cfg.cpu) or _no_accelerator_device(),
+        mixed_precision=_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=int(cfg.grad_accum),
     )
 
@@ -48,3 +48,11 @@ def shared_run_dir(accelerator) -> str:
         if stray <= {'.hydra', f'{HydraConfig.get().job.name}.log'}:
             shutil.rmtree(mine, ignore_errors=True)
     return shared
+
+
+def from_main_process(accelerator, obj):
+    """The main process's ``obj`` on every process (picklable; a collective: every process calls it)."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj], from_process=0)[0]

@@ -1,13 +1,32 @@
-"""The training and evaluation loops, DeiT-engine style (``train_one_epoch`` / ``evaluate``), on Accelerate.
+"""The training and evaluation loops, DeiT-engine style (``train_one_epoch`` / ``evaluate``), on Accelerate, and
+the non-finite guard of every optimizer update.
 
 ``train_one_epoch`` does one pass over the training loader: mixup / cutmix, forward (under Accelerate's
-mixed precision), backward, gradient accumulation, gradient clipping, the optimizer step, the EMA update
-and the per-step learning-rate schedule, with the non-finite guard and the per-update hook of faults.py
-(mid-epoch checkpoints, ``steps.jsonl``). ``evaluate`` returns top-1 / top-5 / loss / images per second
-over a whole loader, gathered across processes.
+mixed precision), backward, gradient accumulation, gradient clipping, the non-finite check, the optimizer
+step, the EMA update and the per-update learning-rate schedule, then the caller's per-update hook (steps.jsonl,
+mid-epoch checkpoints). ``evaluate`` returns top-1 / top-5 / loss / images per second over a whole loader,
+gathered across processes.
+
+Non-finite guard (config ``nonfinite: stop | skip``, ``UpdateGuard``): after every optimizer update's backward
+pass the mean loss of the update (over micro-batches and processes) and the gradient norm are checked before
+the optimizer steps. Non-finite either one:
+
+* ``stop``: ``NonFiniteError``, one line naming the epoch, the step and the value; the weights are never
+  updated with it, so the last checkpoint written is a good one (exit status 3);
+* ``skip``: the update's gradients are dropped (no optimizer or EMA step; the schedule still advances), a
+  warning names the step and the value, and the count goes to results.json (``nonfinite_skipped``).
+
+Every process reaches the same verdict: the loss is summed over processes (one NaN makes the sum NaN) and the
+gradients are already all-reduced. Under fp16 mixed precision the gradient check is left to the loss scaler
+(an inf gradient there is routine: the scaler skips the step and lowers its scale).
+
+Test hook, never for real runs: ``VIT_GKA_TEST_NONFINITE=<update>[:loss|:grad]`` poisons that update (1-based):
+its loss is multiplied by NaN (``loss``, the default) or one gradient is set to inf (``grad``).
 """
 import contextlib
+import logging
 import math
+import os
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -15,13 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['train_one_epoch', 'evaluate', 'sigma_stats']
+from vit_gka.errors import NonFiniteError, UserError
 
+__all__ = ['train_one_epoch', 'evaluate', 'sigma_stats', 'UpdateGuard', 'NONFINITE_POLICIES', 'POISON_ENV']
 
-def _unwrap(model: nn.Module, accelerator=None) -> nn.Module:
-    if accelerator is not None:
-        return accelerator.unwrap_model(model)
-    return getattr(model, 'module', model)
+log = logging.getLogger('vit_gka.train')
+
+NONFINITE_POLICIES = ('stop', 'skip')
+POISON_ENV = 'VIT_GKA_TEST_NONFINITE'
 
 
 def sigma_stats(model: nn.Module) -> Dict[int, Dict[str, float]]:
@@ -39,79 +59,124 @@ def sigma_stats(model: nn.Module) -> Dict[int, Dict[str, float]]:
     return out
 
 
-def train_one_epoch(
-        model: nn.Module,
-        loader,
-        optimizer,
-        loss_fn: Callable,
-        accelerator,
-        epoch: int,
-        lr_scheduler=None,
-        num_updates: int = 0,
-        mixup_fn: Optional[Callable] = None,
-        model_ema=None,
-        clip_grad: Optional[float] = None,
-        tb_writer=None,
-        log_interval: int = 50,
-        progress: bool = True,
-        desc: str = '',
-        start_step: int = 0,
-        totals: Optional[Dict[str, float]] = None,
-        nonfinite: str = 'stop',
-        on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
-) -> Dict[str, float]:
-    """One epoch, or its rest. Returns ``loss`` (mean over the epoch and processes), ``lr`` (last),
-    ``images_per_s`` (all processes together), ``images``, ``time_s``, ``num_updates`` (optimizer updates so
-    far) and ``skipped`` (updates dropped for a non-finite loss or gradient, see faults.py).
+def _poison() -> Optional[tuple]:
+    spec = os.environ.get(POISON_ENV)
+    if not spec:
+        return None
+    update, _, kind = spec.partition(':')
+    return int(update), kind or 'loss'
+
+
+class UpdateGuard:
+    """Collects one optimizer update's micro-batch losses and decides, at the update, whether it may step."""
+
+    def __init__(self, accelerator, policy: str = 'stop'):
+        if policy not in NONFINITE_POLICIES:
+            raise UserError(f"nonfinite must be stop or skip, not '{policy}'")
+        self.accelerator = accelerator
+        self.policy = policy
+        self.poison = _poison()
+        self.check_grads = getattr(accelerator, 'scaler', None) is None
+        self.loss_sum, self.images = 0.0, 0
+
+    def loss(self, loss: torch.Tensor, update: int) -> torch.Tensor:
+        """The micro-batch loss to back-propagate (poisoned when the test hook says so)."""
+        if self.poison is not None and self.poison == (update, 'loss'):
+            return loss * float('nan')
+        return loss
+
+    def add(self, loss_value: float, images: int) -> None:
+        self.loss_sum += loss_value * images
+        self.images += images
+
+    def grads(self, model, update: int) -> None:
+        """After backward, before clipping: poison a gradient when the test hook says so."""
+        if self.poison is not None and self.poison == (update, 'grad'):
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float('inf'))
+
+    def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images'}``
+        with ``loss`` the mean over all processes' images; raises ``NonFiniteError`` under ``stop``."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        totals = torch.tensor([self.loss_sum, float(self.images)], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction='sum').cpu()
+        mean = totals[0].item() / max(totals[1].item(), 1.0)
+        problem = None
+        if not math.isfinite(mean):
+            problem = f'non-finite loss {mean}'
+        elif self.check_grads and params:
+            if grad_norm is None:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = float(grad_norm)
+            if not math.isfinite(norm):
+                problem = f'non-finite gradient (norm {norm})'
+        out = {'ok': problem is None, 'loss': mean, 'loss_sum': self.loss_sum, 'images': self.images}
+        self.loss_sum, self.images = 0.0, 0
+        if problem is not None:
+            message = f'{problem} at {where} (update {update})'
+            if self.policy == 'stop':
+                raise NonFiniteError(message + '; stopped before the optimizer step')
+            log.warning('%s; update skipped (nonfinite=skip)', message)
+        return out
+
+
+def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
+                    tb_writer=None, desc: str = '') -> Dict[str, float]:
+    """One epoch, or its rest, of the run ``parts`` (``state.TrainParts``: model, optimizer, schedule, loss,
+    mixup, EMA, clipping, non-finite policy, logging), advancing ``state`` (``state.TrainState``) update by
+    update: ``num_updates``, ``step`` (micro-batches of this epoch done) and ``totals`` (this process's sums so
+    far: ``loss_sum``, ``images``, ``skipped``, ``time_s``). Returns ``loss`` (mean over the epoch and
+    processes), ``lr`` (last), ``images_per_s`` (all processes together), ``images``, ``time_s`` and ``skipped``
+    (updates dropped for a non-finite loss or gradient).
 
     Gradient accumulation: ``accelerator.gradient_accumulation_steps`` micro-batches per optimizer step
     (``accelerator.backward`` divides the loss by it; gradients are not all-reduced until the last
     micro-batch); a shorter last group at the end of the epoch still steps. The schedule is stepped per
     optimizer update (``lr_scheduler.step_update``), the EMA after every update.
 
-    Mid-epoch resume: ``loader`` yields the epoch's batches from ``start_step`` on (``skip_first_batches``)
-    and ``totals`` are this process's sums over the first ``start_step`` (``loss_sum``, ``images``,
-    ``time_s``, ``skipped``). ``on_update(info)`` is called after every update with ``epoch``, ``step``
-    (micro-batches done), ``update``, ``loss`` (mean over the update's images on all processes; None when
-    not finite), ``lr``, ``skipped`` and this process's running ``totals``.
+    Mid-epoch resume: ``loader`` yields the epoch's batches from ``state.step`` on (``skip_first_batches``)
+    and ``state.totals`` are this process's sums over the first ``state.step``. ``on_update(info)`` is called
+    after every update (``state`` already advanced) with ``epoch``, ``step``, ``update``, ``loss`` (mean over the
+    update's images on all processes; None when not finite), ``lr`` and ``skipped``.
     """
     from tqdm import tqdm
 
-    from vit_gka.train.faults import UpdateGuard
-
+    accelerator, model, optimizer = parts.accelerator, parts.model, parts.optimizer
     model.train()
     accum = max(1, int(getattr(accelerator, 'gradient_accumulation_steps', 1)))
     device = accelerator.device
+    start_step = state.step
     n_batches = start_step + len(loader)
-    done = dict(totals or {})
+    done = dict(state.totals or {})
     loss_sum = float(done.get('loss_sum', 0.0))
     n_seen = int(done.get('images', 0))
     skipped = int(done.get('skipped', 0))
-    guard = UpdateGuard(accelerator, nonfinite)
+    guard = UpdateGuard(accelerator, parts.nonfinite)
     bar = tqdm(total=n_batches, initial=start_step, desc=desc or f'epoch {epoch + 1}', leave=False,
-               dynamic_ncols=True, disable=not (progress and accelerator.is_main_process), mininterval=1.0)
+               dynamic_ncols=True, disable=not (parts.progress and accelerator.is_main_process), mininterval=1.0)
     start = time.perf_counter() - float(done.get('time_s', 0.0))
     lr = optimizer.param_groups[0]['lr']
     for step, (images, targets) in enumerate(loader, start=start_step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
+        if parts.mixup_fn is not None:
+            images, targets = parts.mixup_fn(images, targets)
         sync = (step + 1) % accum == 0 or step + 1 == n_batches
         ctx = contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+        update = state.num_updates + 1
         with ctx:
             output = model(images)
-            loss = guard.loss(loss_fn(output.float(), targets), num_updates + 1)
+            loss = guard.loss(parts.loss_fn(output.float(), targets), update)
             accelerator.backward(loss)
         loss_value = loss.detach().float().item()
         guard.add(loss_value, images.shape[0])
         bar.update(1)
         if not sync:
             continue
-        guard.grads(model, num_updates + 1)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad) if clip_grad else None
-        where = f'epoch {epoch + 1}, step {step + 1}'
-        verdict = guard.verdict(model, num_updates + 1, where, grad_norm)
+        guard.grads(model, update)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), parts.clip_grad) if parts.clip_grad else None
+        verdict = guard.verdict(model, update, f'epoch {epoch + 1}, step {step + 1}', grad_norm)
         if verdict['ok']:
             optimizer.step()
             loss_sum += verdict['loss_sum']
@@ -124,24 +189,24 @@ def train_one_epoch(
                         p.grad.fill_(float('nan'))
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        num_updates += 1
-        if model_ema is not None and verdict['ok']:
-            model_ema.update(_unwrap(model, accelerator), step=num_updates)
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates)
+        state.num_updates = update
+        if parts.model_ema is not None and verdict['ok']:
+            parts.model_ema.update(parts.raw_model, step=update)
+        parts.lr_scheduler.step_update(num_updates=update)
         lr = optimizer.param_groups[0]['lr']
+        state.step = step + 1
+        state.totals = {'loss_sum': loss_sum, 'images': n_seen, 'skipped': skipped,
+                        'time_s': time.perf_counter() - start}
         if on_update is not None:
-            on_update({'epoch': epoch, 'step': step + 1, 'update': num_updates,
+            on_update({'epoch': epoch, 'step': step + 1, 'update': update,
                        'loss': verdict['loss'] if math.isfinite(verdict['loss']) else None, 'lr': lr,
-                       'skipped': not verdict['ok'],
-                       'totals': {'loss_sum': loss_sum, 'images': n_seen, 'skipped': skipped,
-                                  'time_s': time.perf_counter() - start}})
-        if num_updates % log_interval == 0 or step + 1 == n_batches:
+                       'skipped': not verdict['ok']})
+        if update % parts.log_interval == 0 or step + 1 == n_batches:
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', refresh=False)
             if tb_writer is not None and verdict['ok']:
-                tb_writer.add_scalar('train/loss', verdict['loss'], num_updates)
-                tb_writer.add_scalar('train/lr', lr, num_updates)
+                tb_writer.add_scalar('train/loss', verdict['loss'], update)
+                tb_writer.add_scalar('train/lr', lr, update)
     bar.close()
     elapsed = time.perf_counter() - start
     sums = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64, device=device)
@@ -154,7 +219,6 @@ def train_one_epoch(
         'images_per_s': images_total / max(elapsed, 1e-9),
         'images': images_total,
         'time_s': elapsed,
-        'num_updates': num_updates,
         'skipped': skipped,
     }
 

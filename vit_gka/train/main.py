@@ -1,8 +1,8 @@
 """``vit-gka-train`` / ``python train.py``: the Hydra entry point of training (configs in ``vit_gka/conf``).
 
     python train.py                                    # small GKA ViT on Fashion-MNIST (recipe=quick)
-    python train.py -m model=gka_fmnist,deit_fmnist    # the quickstart benchmark, then a comparison table
-    python train.py model=gka_deit_small_patch16_224 data=imagenet data.root=/data/imagenet recipe=deit
+    python train.py -m model=gka,deit shape=fmnist  # the quickstart benchmark, then a comparison table
+    python train.py experiment=paper_gka_s data.root=/data/imagenet   # = model=gka shape=small data=imagenet recipe=deit
     torchrun --nproc_per_node 2 train.py train_subset=512 epochs=1
     python train.py resume=runs/gka_fmnist/<date> hydra.run.dir=runs/gka_fmnist/<date>   # continue in place
 

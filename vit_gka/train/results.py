@@ -1,19 +1,51 @@
-"""What a finished run records: the final model folder and ``results.json`` (see ``RESULT_KEYS``)."""
+"""What a run writes into its folder besides checkpoints, from the main process only (``RunRecords``).
+
+    config.yaml        the resolved configuration (when the run starts, every input check passed)
+    steps.jsonl        one line per optimizer update: epoch, step within the epoch (micro-batches done), update,
+                       loss (mean over the update's images on all processes; null when skipped) and lr
+                       (``step_log: true``); on ``resume=`` the lines up to the checkpoint are carried over and
+                       the rest dropped, so the file of a killed-and-resumed run is the file of an uninterrupted one
+    tb/                TensorBoard events: train loss / lr per log_interval updates (loop.py), per epoch the
+                       epoch loss, speed, GKA bandwidths, test metrics and attention sparsity
+    best.safetensors   the best weights by test top-1 (raw or EMA, results.json says which)
+    model/             timm save_for_hf folder of the final weights (the better of raw and EMA):
+                       timm.create_model('local-dir:<run>/model', pretrained=True)
+    results.json       the numbers: the dict ``RunRecords.results`` writes
+"""
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.analysis.flops import model_stats
-from vit_gka.train.checkpoint import save_model_folder, write_text
+from vit_gka.analysis.attention import model_sparsity
+from vit_gka.train.checkpoint import save_model_folder, save_weights, write_text
 from vit_gka.train.loop import sigma_stats
-from vit_gka.layers.compact import model_sparsity
 
 log = logging.getLogger('vit_gka.train')
 
-RESULT_KEYS = ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
-               'params', 'params_attn', 'params_mlp', 'gmacs', 'gflops', 'top1', 'top5', 'ema_top1', 'ema_top5',
-               'loss', 'train_images_per_s', 'wall_time_s', 'sigma_init', 'sparsity')
+__all__ = ['RunRecords', 'summary_line', 'STEP_LOG']
+
+STEP_LOG = 'steps.jsonl'
+_STEP_KEYS = ('step', 'update', 'loss', 'lr', 'skipped')  # after 'epoch', in this order
+
+
+def _carried_steps(source_run_dir: Optional[str], upto_update: int) -> str:
+    """The lines of ``<source_run_dir>/steps.jsonl`` up to update ``upto_update`` ('' without one)."""
+    source = os.path.join(source_run_dir, STEP_LOG) if source_run_dir else None
+    lines = []
+    if source and os.path.isfile(source):
+        with open(source) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the last line of a killed run may be cut short
+                    continue
+                if isinstance(record, dict) and int(record.get('update', 0)) <= upto_update:
+                    lines.append(json.dumps(record) + '\n')
+    return ''.join(lines)
 
 
 def _img_size(model) -> Any:
@@ -37,56 +69,140 @@ def _model_stats(model) -> Dict[str, Any]:
         model.train(was_training)
 
 
-def write_results(cfg, run_dir, raw_model, model_ema, model_name, model_args, num_classes, num_epochs,
-                  global_batch, metrics, ema_metrics, best, history, train_rate, wall_time, stop_epoch,
-                  sparsity_images=None, autocast=None, faults=None) -> Dict[str, Any]:
-    """Export the better of the raw and EMA weights to ``<run>/model`` (``save_model``) and write
-    ``<run>/results.json``; returns its content."""
-    use_ema = ema_metrics is not None and ema_metrics['top1'] > metrics['top1']
-    final = model_ema.module if use_ema else raw_model
-    if cfg.get('save_model', True):
-        save_model_folder(final, os.path.join(run_dir, 'model'))
-    stats = _model_stats(raw_model)
-    results = {
-        'model': model_name,
-        'model_config': cfg.get('model_choice'),
-        'model_args': model_args,
-        'data': str(cfg.data.name),
-        'num_classes': num_classes,
-        'img_size': _img_size(raw_model),
-        'epochs': num_epochs,
-        'epochs_done': stop_epoch,
-        'seed': int(cfg.seed),
-        'global_batch_size': global_batch,
-        'train_subset': cfg.get('train_subset'),
-        'params': stats['params'],
-        'params_attn': stats.get('params_attn'),
-        'params_mlp': stats.get('params_mlp'),
-        'params_other': stats.get('params_other'),
-        'gmacs': stats.get('gmacs'),
-        'gflops': stats.get('gflops'),
-        'size_mb': stats.get('size_mb'),
-        'top1': metrics['top1'],
-        'top5': metrics['top5'],
-        'loss': metrics['loss'],
-        'ema_top1': ema_metrics['top1'] if ema_metrics is not None else None,
-        'ema_top5': ema_metrics['top5'] if ema_metrics is not None else None,
-        'best_top1': best['top1'] if best['epoch'] is not None else None,
-        'best_epoch': best['epoch'],
-        'best_is_ema': best['ema'],
-        'model_folder_weights': 'ema' if use_ema else 'model',
-        'eval_images_per_s': metrics['images_per_s'],
-        'train_images_per_s': train_rate,
-        'wall_time_s': wall_time,
-        'sigma_init': _sigma_init(raw_model),
-        'sigma': {str(k): v for k, v in sigma_stats(final).items()},
-        # of the model/ weights on the first SPARSITY_IMAGES test images (trainer.py); None without kernel attention
-        'sparsity': model_sparsity(final, sparsity_images, autocast) if sparsity_images is not None else None,
-        **(faults or {}),  # nonfinite_skipped, unreadable_images (faults.py, data.py)
-        'history': history,
-    }
-    write_text(os.path.join(run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
-    return results
+def _architecture_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """``create_model`` arguments without the drop rates (training-time regularisation, which timm leaves out of
+    an exported config as well)."""
+    return {k: v for k, v in model_args.items()
+            if k not in ('drop_rate', 'drop_path_rate', 'drop_block_rate') and not k.endswith('_drop_rate')}
+
+
+class RunRecords:
+    """The run folder's records (module docstring). Every method does nothing on other processes than the main
+    one (``enabled=False``)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, enabled: bool):
+        self.cfg, self.run_dir, self.enabled = cfg, run_dir, enabled
+        self.tb = None
+        self._steps = None  # the open steps.jsonl
+        self._step_log = enabled and cfg.step_log
+
+    def open(self, resumed_from: Optional[str], upto_update: int) -> None:
+        """Start writing: config.yaml, steps.jsonl (carried over from the run ``resumed_from`` up to update
+        ``upto_update``), the TensorBoard writer."""
+        if not self.enabled:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        write_text(os.path.join(self.run_dir, 'config.yaml'), OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self._step_log:
+            write_text(os.path.join(self.run_dir, STEP_LOG), _carried_steps(resumed_from, upto_update))
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(self.run_dir, 'tb'))
+
+    def step(self, info: Dict[str, Any]) -> None:
+        """steps.jsonl's line of one update (``info``: what loop.train_one_epoch passes its ``on_update``)."""
+        if not self._step_log:
+            return
+        if self._steps is None:
+            self._steps = open(os.path.join(self.run_dir, STEP_LOG), 'a')
+        self._steps.write(json.dumps({'epoch': info['epoch'] + 1, **{k: info[k] for k in _STEP_KEYS}}) + '\n')
+        self._steps.flush()
+
+    def close_steps(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+
+    def epoch(self, done: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
+              ema_metrics: Optional[Dict[str, Any]], sparsity: Optional[Dict[str, Any]]) -> None:
+        """TensorBoard scalars of epoch ``done`` (``metrics`` None: not evaluated this epoch)."""
+        tb = self.tb
+        if tb is None:
+            return
+        tb.add_scalar('train/epoch_loss', stats['loss'], done)
+        tb.add_scalar('train/images_per_s', stats['images_per_s'], done)
+        for layer, s in sigma_stats(raw_model).items():
+            for k, v in s.items():
+                tb.add_scalar(f'sigma/layer{layer:02d}/{k}', v, done)
+        if metrics is not None:
+            for key in ('loss', 'top1', 'top5', 'images_per_s'):
+                tb.add_scalar(f'eval/{key}', metrics[key], done)
+            if ema_metrics is not None:
+                tb.add_scalar('eval/ema_top1', ema_metrics['top1'], done)
+                tb.add_scalar('eval/ema_top5', ema_metrics['top5'], done)
+        if sparsity is not None:
+            for i, value in enumerate(sparsity['layers']):
+                tb.add_scalar(f'sparsity/layer_{i:02d}', value, done)
+            tb.add_scalar('sparsity/mean', sparsity['mean'], done)
+        tb.flush()
+
+    def best(self, weights: Dict[str, Any]) -> None:
+        """best.safetensors."""
+        if self.enabled:
+            save_weights(weights, os.path.join(self.run_dir, 'best.safetensors'))
+
+    def results(self, parts, state, metrics: Dict[str, Any], ema_metrics: Optional[Dict[str, Any]],
+                sparsity_images=None, unreadable_images: int = 0,
+                label_names: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+        """Export the better of the raw and EMA weights to ``<run>/model`` (``save_model``) and write
+        ``<run>/results.json`` from the run's parts (``state.TrainParts``) and state (``state.TrainState``);
+        returns its content (None on other processes)."""
+        if not self.enabled:
+            return None
+        cfg, raw_model, model_ema = self.cfg, parts.raw_model, parts.model_ema
+        use_ema = ema_metrics is not None and ema_metrics['top1'] > metrics['top1']
+        final = model_ema.module if use_ema else raw_model
+        if cfg.save_model:
+            save_model_folder(final, os.path.join(self.run_dir, 'model'), _architecture_args(state.model_args),
+                              label_names)
+        stats = _model_stats(raw_model)
+        best = state.best
+        results = {
+            'model': state.model_name,
+            'model_config': cfg.model_choice,
+            'model_args': state.model_args,
+            'data': str(cfg.data.name),
+            'num_classes': state.model_args['num_classes'],
+            'img_size': _img_size(raw_model),
+            'epochs': state.epochs,
+            'epochs_done': state.epoch,
+            'seed': int(cfg.seed),
+            'global_batch_size': state.global_batch_size,
+            'train_subset': cfg.train_subset,
+            'params': stats['params'],
+            'params_attn': stats.get('params_attn'),
+            'params_mlp': stats.get('params_mlp'),
+            'params_other': stats.get('params_other'),
+            'gmacs': stats.get('gmacs'),
+            'gflops': stats.get('gflops'),
+            'size_mb': stats.get('size_mb'),
+            'top1': metrics['top1'],
+            'top5': metrics['top5'],
+            'loss': metrics['loss'],
+            'ema_top1': ema_metrics['top1'] if ema_metrics is not None else None,
+            'ema_top5': ema_metrics['top5'] if ema_metrics is not None else None,
+            'best_top1': best['top1'] if best['epoch'] is not None else None,
+            'best_epoch': best['epoch'],
+            'best_is_ema': best['ema'],
+            'model_folder_weights': 'ema' if use_ema else 'model',
+            'eval_images_per_s': metrics['images_per_s'],
+            'train_images_per_s': state.train_images / max(state.train_time_s, 1e-9),
+            'wall_time_s': state.wall_time(),
+            'sigma_init': _sigma_init(raw_model),
+            'sigma': {str(k): v for k, v in sigma_stats(final).items()},
+            # of the model/ weights on the first test images (job.SPARSITY_IMAGES); None without kernel attention
+            'sparsity': (model_sparsity(final, sparsity_images, parts.accelerator.autocast)
+                         if sparsity_images is not None else None),
+            'nonfinite_skipped': state.nonfinite_skipped,  # loop.UpdateGuard
+            'unreadable_images': unreadable_images,  # data.datasets.CheckedImageFolder
+            'history': state.history,
+        }
+        write_text(os.path.join(self.run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+        return results
+
+    def close(self) -> None:
+        self.close_steps()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def summary_line(results: Dict[str, Any], label: str, run_dir: str) -> str:

@@ -4,6 +4,7 @@ Hydra creates the run folder (``check_overrides(..., validate=validate)``), and 
 """
 import numbers
 import os
+from typing import Dict, Optional
 
 from vit_gka.errors import UserError
 
@@ -49,7 +50,8 @@ def _int_check(cfg, key: str, what: str, low: int, optional: bool) -> None:
 
 def validate(cfg) -> None:
     """``UserError`` for a value of the wrong type or range (``batch_size=0``, ``epochs=-1``,
-    ``model.args.sigma_init=0``, ``nonfinite=maybe``)."""
+    ``model.args.sigma_init=0``, ``nonfinite=maybe``, ``mixed_precision=fp8`` without its GPU and backend) or a
+    model timm does not have (``model=eka_fixed shape=base``, ``model=timm`` without ``model.name``)."""
     for key, (what, low) in _INTS.items():
         _int_check(cfg, key, what, low, optional=False)
     for key, (what, low) in _OPTIONAL_INTS.items():
@@ -60,17 +62,105 @@ def validate(cfg) -> None:
                         f'set lr=<number > 0>')
     choices = {'mixed_precision': ('auto', 'no', 'bf16', 'fp16', 'fp8'), 'nonfinite': ('stop', 'skip')}
     for key, allowed in choices.items():
-        value = cfg.get(key, allowed[0])
+        value = cfg.get(key)
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
-    if not isinstance(cfg.get('step_log', True), bool):
-        raise UserError(f"step_log must be true or false, got {cfg.get('step_log')!r}")
+    if cfg.mixed_precision == 'fp8':
+        _check_fp8(cfg)
+    for key in ('step_log', 'progress', 'save_model', 'cpu'):
+        if not isinstance(cfg.get(key), bool):
+            raise UserError(f'{key} must be true or false, got {cfg.get(key)!r}')
     model = cfg.get('model')
     args = model.get('args') if model is not None else None
     for key, (ok, what, instead) in _MODEL_ARGS.items():
         value = args.get(key) if args is not None else None
         if value is not None and not ok(value):
             raise UserError(f'model.args.{key} must be {what}, got {value!r}; give model.args.{key}=<{instead}>')
+    if model is not None:
+        check_model(cfg)
+
+
+def _check_fp8(cfg) -> None:
+    """Accelerate's FP8 training needs a CUDA GPU (Hopper / Ada) and one of its FP8 backends."""
+    import torch
+    if cfg.cpu or not torch.cuda.is_available():
+        raise UserError('mixed_precision=fp8 needs a CUDA GPU (Hopper or Ada); set mixed_precision=auto')
+    from accelerate.utils import is_msamp_available, is_torchao_available, is_transformer_engine_available
+    if not (is_transformer_engine_available() or is_torchao_available() or is_msamp_available()):
+        raise UserError('mixed_precision=fp8 needs an FP8 backend of Accelerate: pip install torchao (or '
+                        'transformer-engine, MS-AMP); or set mixed_precision=bf16')
+
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')
+SHAPES = ('fmnist', 'tiny_fmnist', 'tiny', 'small', 'base', 'base_384', 'native')  # the order messages list them in
+
+
+def _choices(cfg) -> Dict[str, Optional[str]]:
+    """Hydra's group choices of ``cfg`` (its ``hydra`` node, else the running Hydra job's), or {}."""
+    try:
+        if 'hydra' in cfg:
+            return dict(cfg.hydra.runtime.choices)
+        from hydra.core.hydra_config import HydraConfig
+        return dict(HydraConfig.get().runtime.choices)
+    except Exception:  # composed without Hydra's node, no Hydra job
+        return {}
+
+
+def _template(family: Optional[str]) -> Optional[str]:
+    """The raw timm name of ``model=<family>`` (``gka_deit_${.arch}``), None for model=timm or an unknown family."""
+    from omegaconf import OmegaConf
+    path = os.path.join(CONF_DIR, 'model', f'{family}.yaml')
+    if not family or not os.path.isfile(path):
+        return None
+    template = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get('name')
+    return template if isinstance(template, str) and '${.arch}' in template else None
+
+
+def _registered(name: str) -> bool:
+    import importlib
+
+    import timm
+    importlib.import_module('vit_gka.models')  # registers the GKA, VLT and compact-kernel families
+    return timm.is_model(name)
+
+
+def family_names(family: str) -> Dict[str, str]:
+    """{shape: timm name} of the attention family ``model=<family>`` at every shape= whose name timm has."""
+    from omegaconf import OmegaConf
+    template = _template(family)
+    names = {}
+    shapes = sorted((f[:-5] for f in os.listdir(os.path.join(CONF_DIR, 'shape')) if f.endswith('.yaml')),
+                    key=lambda s: (SHAPES.index(s) if s in SHAPES else len(SHAPES), s))
+    for shape in shapes if template else []:
+        arch = OmegaConf.load(os.path.join(CONF_DIR, 'shape', f'{shape}.yaml')).get('arch')
+        if arch and _registered(template.replace('${.arch}', arch)):
+            names[shape] = template.replace('${.arch}', arch)
+    return names
+
+
+def check_model(cfg) -> str:
+    """``UserError`` unless ``cfg.model.name`` is a model of timm's registry: ``model=timm`` without
+    ``model.name``, an attention family at a shape it does not come in (``model=eka_fixed shape=base``),
+    ``shape=native`` with a family, an unknown ``model.name``. Returns the name."""
+    from omegaconf import OmegaConf
+    model = cfg.model
+    choices = _choices(cfg)
+    family, shape = choices.get('model'), choices.get('shape')
+    if OmegaConf.is_missing(model, 'name'):
+        raise UserError('model=timm needs the timm model name: model.name=<name>, e.g. '
+                        'model=timm model.name=vit_small_patch16_224')
+    template, arch = _template(family), model.get('arch')
+    if template and shape and arch is None:
+        raise UserError(f"shape={shape} is for model=timm (a timm model as registered); model={family} comes in "
+                        f"shape={', '.join(family_names(family))}")
+    name = str(model.name)
+    if _registered(name):
+        return name
+    if template and shape and name == template.replace('${.arch}', str(arch)):
+        raise UserError(f"model={family} has no shape={shape} (timm has no {name}); model={family} comes in "
+                        f"shape={', '.join(family_names(family))}")
+    raise UserError(f"unknown timm model '{name}' (model.name); the attention families are model=gka, deit, vlt, "
+                    f"{{eka,bka,tka}}_{{fixed,adaptive}} with a shape=, any timm model: model=timm model.name=<name>")
 
 
 def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:

@@ -1,0 +1,136 @@
+"""The timing harness (vit_gka/analysis/benchmark.py), the model-vs-baseline benchmark of eval.py bench=true
+and the benchmark scripts (benchmarks/attention.py, benchmarks/kernels.py) on tiny sizes: they run, their
+options and JSON hold, mistakes end in one line. No timings are checked: CI machines are noisy."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vit_gka.analysis import benchmark as harness
+from vit_gka.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device('cpu')
+BENCH_KEYS = {'label', 'model', 'batch_size', 'input_size', 'device', 'dtype', 'steps', 'rounds', 'infer_images_per_s',
+              'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb', 'baseline'}
+RATIO_KEYS = {f'ratio_{k}' for k in ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')}
+
+
+def test_timed_and_interleaved_medians_call_in_turns():
+    calls = []
+    assert harness.timed(lambda: calls.append('x'), CPU, calls=3, warmup=2) >= 0 and calls == ['x'] * 5
+    calls.clear()
+    fns = {name: (lambda name=name: calls.append(name)) for name in 'ABC'}
+    medians = harness.interleaved_medians(fns, CPU, reps=2, warmup=1)
+    assert list(medians) == ['A', 'B', 'C'] and all(m >= 0 for m in medians.values())
+    assert ''.join(calls) == 'ABC' * 3  # one warm-up round, then two timed rounds, A B C each time
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='CPU peak memory needs Linux /proc')
+def test_cpu_peak_memory_sees_a_64_mb_allocation():
+    """In a process set up as the benchmark scripts re-run themselves (reexec_for_rss): freed blocks go back to
+    the OS, so a 64 MB tensor shows as 64 MB more peak RSS (in a long-lived process such as this one glibc may
+    hand out memory it already holds, and the growth reads 0)."""
+    code = ('import torch; from vit_gka.analysis.benchmark import peak_memory_mb; '
+            'print(peak_memory_mb(lambda: torch.ones(16 * 2 ** 20), torch.device("cpu")))')
+    proc = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 60 < float(proc.stdout) < 200
+    assert harness.allocated_peak_mb(CPU) is None  # the allocator peak is a CUDA notion
+    assert harness.ratio(2.0, 4.0) == 0.5 and harness.ratio(None, 4.0) is None
+
+
+def test_print_rows_and_write_json(tmp_path, capsys):
+    harness.print_rows([{'seq': 197, 'ms': 1.23456, 'peak_mb': None}], 'title')
+    assert capsys.readouterr().out.splitlines()[1:] == ['### title', '', '| seq | ms | peak_mb |', '|---|---|---|',
+                                                        '| 197 | 1.23 | None |']
+    harness.write_json(str(tmp_path / 'out.json'), {'reps': 1}, rows=[1, 2])
+    assert json.loads((tmp_path / 'out.json').read_text()) == {'config': {'reps': 1}, 'rows': [1, 2]}
+    harness.write_json(None, {'reps': 1})  # no path: nothing written
+
+
+def test_with_baseline():
+    args = {'img_size': 32, 'window_2d': 1, 'sigma_init': 1.0}
+    models = harness.with_baseline('gka', 'gka_deit_tiny_patch16_224', args)
+    assert [m['name'] for m in models] == ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224']
+    assert models[1] == {'label': 'deit_tiny_patch16_224 (same shape)', 'name': 'deit_tiny_patch16_224',
+                         'args': {'img_size': 32}}
+    assert len(harness.with_baseline('deit', 'deit_tiny_patch16_224', {})) == 1
+    assert harness.with_baseline('d', 'deit_tiny_patch16_224', {}, 'deit_tiny_patch16_224')[1]['label'] == \
+        'deit_tiny_patch16_224 (baseline)'
+    with pytest.raises(UserError, match="unknown baseline model 'nope'"):
+        harness.with_baseline('gka', 'gka_deit_tiny_patch16_224', {}, 'nope')
+
+
+def test_benchmark_models_rows_are_bench_json(capsys):
+    """The rows eval.py bench=true writes to bench.json: these keys, the model first with its ratios."""
+    models = harness.with_baseline('gka', 'gka_deit_tiny_patch16_224', {'img_size': 32, 'depth': 1})
+    rows = harness.benchmark_models(models, CPU, batch_size=2, warmup=0, steps=1, rounds=2, train=True)
+    assert set(rows[0]) == BENCH_KEYS | RATIO_KEYS and set(rows[1]) == BENCH_KEYS
+    assert rows[0]['baseline'] == rows[1]['label'] and rows[1]['baseline'] is None
+    assert rows[0]['input_size'] == [3, 32, 32] and rows[0]['dtype'] == 'fp32' and rows[0]['device'] == 'cpu'
+    assert rows[0]['infer_peak_mem_mb'] is None and rows[0]['ratio_train_peak_mem_mb'] is None  # CPU
+    assert rows[0]['ratio_train_images_per_s'] == pytest.approx(rows[0]['train_images_per_s'] / rows[1]['train_images_per_s'])
+    assert 'inference speed x' in capsys.readouterr().out
+    infer_only = harness.benchmark_models(models[:1], CPU, batch_size=2, warmup=0, steps=1, rounds=1, train=False)
+    assert infer_only[0]['train_images_per_s'] is None and 'ratio_infer_images_per_s' not in infer_only[0]
+    with pytest.raises(UserError, match='must be > 0'):
+        harness.benchmark_models(models, CPU, steps=0)
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    from benchmarks import attention, kernels
+    return attention, kernels
+
+
+def test_attention_benchmark_tiny(scripts, tmp_path, capsys):
+    attention, _ = scripts
+    out = tmp_path / 'attention.json'
+    attention.main(['--seqs', '17', '--heads', '2', '--head-dim', '8', '--core-batch-tokens', '34', '--reps', '1',
+                    '--warmup', '0', '--windows', '1', '--train', '--models',
+                    '--out', str(out)])
+    data = json.loads(out.read_text())
+    assert data['config']['seqs'] == [17] and data['config']['models'] == [] and data['config']['train'] is True
+    assert {r['window_2d'] for r in data['core']} == {None, 1} and data['models'] == []
+    assert {r['impl'] for r in data['core']} >= {attention.STANDARD, 'gka sdpa_bias', 'gka sdpa_pad', 'gka reference'}
+    assert [r['layer'] for r in data['layers']] == ['timm Attention', 'GaussianKernelAttention']
+    assert '### attention core N=17 B=2 window_2d=1' in capsys.readouterr().out
+
+
+def test_kernels_benchmark_tiny(scripts, tmp_path):
+    _, kernels = scripts
+    out = tmp_path / 'kernels.json'
+    kernels.main(['--seqs', '17', '--dim', '16', '--heads', '2', '--batch-tokens', '17', '--reps', '1', '--warmup', '0',
+                  '--out', str(out)])
+    data = json.loads(out.read_text())
+    assert data['config']['dim'] == 16 and len(data['rows']) == 7  # fused GKA + 3 kernels x 2 normalisations
+    assert data['rows'][0]['attention'] == 'gka fused (auto)' and data['rows'][0]['time_vs_gka'] == 1.0
+
+
+def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
+    attention, kernels = scripts
+    args = attention.parser().parse_args([])
+    assert (args.seqs, args.heads, args.head_dim, args.core_batch_tokens, args.reps, args.warmup) == \
+        ([197, 577, 1025, 4097], 6, 64, 8192, 7, 2)
+    assert (args.model_batch, args.img_size, args.train, args.windows, args.reference_max_seq, args.out) == \
+        (64, 224, False, [], 4097, None)
+    assert args.models == attention.MODELS
+    args = kernels.parser().parse_args([])
+    assert (args.seqs, args.dim, args.heads, args.batch_tokens, args.reps, args.warmup, args.train) == \
+        ([197, 577, 1025], 384, 6, 4096, 5, 1, False)
+    for main, argv in ((attention.main, ['--dtype', 'floaty']), (kernels.main, ['--device', 'nope'])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+    with pytest.raises(SystemExit) as e:
+        attention.main(['--models', 'only_one_name'])
+    assert e.value.code == 2 and 'GKA_MODEL,BASELINE_MODEL' in capsys.readouterr().err
+

@@ -1,0 +1,167 @@
+"""Packaging: the wheel holds everything an installed user needs (all of vit_gka with its Hydra configs),
+`pip install -e .` builds without warnings, the console scripts are installed, the package works from a
+folder outside the checkout, and every tool answers --help."""
+import concurrent.futures
+import importlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+SCRIPTS = ('vit-gka-train', 'vit-gka-eval', 'vit-gka-flops', 'vit-gka-report', 'vit-gka-summary')
+HELP = {  # command (from the repository root) -> a text its help holds
+    ('-m', 'vit_gka.analysis.flops', '--help'): 'usage:',
+    ('-m', 'vit_gka.analysis.report', '--help'): 'usage:',
+    ('-m', 'vit_gka.analysis.summary', '--help'): 'usage:',
+    ('-m', 'benchmarks.attention', '--help'): '--core-batch-tokens',
+    ('-m', 'benchmarks.kernels', '--help'): '--batch-tokens',
+    ('train.py', '--help'): 'powered by Hydra',
+    ('eval.py', '--help'): 'powered by Hydra',
+}
+
+
+def _setuptools_version():
+    try:
+        return tuple(int(p) for p in importlib.metadata.version('setuptools').split('.')[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def _project_scripts():
+    tomllib = pytest.importorskip('tomllib')  # Python >= 3.11
+    with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+        return tomllib.load(f)['project']['scripts']
+
+
+def _package_files():
+    """Every .py / .yaml file of vit_gka in the checkout, as wheel paths."""
+    files = set()
+    for folder, dirs, names in os.walk(os.path.join(ROOT, 'vit_gka')):
+        dirs[:] = [d for d in dirs if d != '__pycache__']
+        for name in names:
+            if name.endswith(('.py', '.yaml')):
+                files.add(os.path.relpath(os.path.join(folder, name), ROOT).replace(os.sep, '/'))
+    return files
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+    """What a source distribution holds, copied out of the checkout (builds leave build/ and *.egg-info)."""
+    if _setuptools_version() < (77, 0):
+        pytest.skip('needs setuptools >= 77 in this environment (setup.sh installs it) to build without isolation')
+    folder = tmp_path_factory.mktemp('source') / 'vit-gka'
+    folder.mkdir()
+    for name in ('pyproject.toml', 'README.md', 'LICENSE'):
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    shutil.copytree(os.path.join(ROOT, 'vit_gka'), folder / 'vit_gka',
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.egg-info'))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def wheel(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp('wheel')
+    proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(source), '--no-deps', '--no-build-isolation',
+                           '--no-index', '-w', str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Warning' not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    (path,) = out.glob('vit_gka-*.whl')
+    with zipfile.ZipFile(path) as z:
+        return {name: z.read(name).decode() if name.endswith(('.txt', 'METADATA', '.yaml')) else None
+                for name in z.namelist()}
+
+
+def test_wheel_holds_the_package_its_configs_and_nothing_else(wheel):
+    names = set(wheel)
+    missing = _package_files() - names
+    assert not missing, f'not in the wheel: {sorted(missing)}'
+    assert {n.split('/')[0] for n in names} == {'vit_gka', 'vit_gka-0.2.0.dist-info'}
+    assert any(n.startswith('vit_gka/conf/model/') for n in names) and 'vit_gka/conf/eval.yaml' in names
+    # the report callback of a -m sweep: its code and the config that names it
+    assert 'vit_gka/analysis/report.py' in names
+    assert any('vit_gka.analysis.report.ReportCallback' in (text or '') for n, text in wheel.items()
+               if n.endswith('.yaml'))
+
+
+def test_wheel_metadata(wheel):
+    meta = wheel['vit_gka-0.2.0.dist-info/METADATA']
+    assert 'License-Expression: Apache-2.0' in meta
+    for extra in ('test', 'slurm', 'sweep'):
+        assert f'Provides-Extra: {extra}' in meta
+    assert 'Requires-Dist: timm' in meta and 'Requires-Dist: hydra-submitit-launcher' in meta
+    entry_points = wheel['vit_gka-0.2.0.dist-info/entry_points.txt']
+    for name, target in _project_scripts().items():
+        assert f'{name} = {target}' in entry_points
+    assert set(_project_scripts()) == set(SCRIPTS)
+
+
+def test_editable_install_builds_without_warnings(source, tmp_path):
+    """What `pip install -e .` builds: no warnings (setuptools' import hook warns that folders named like the
+    package may take precedence; a plain .pth file of the root does not need one)."""
+    code = f'from setuptools import build_meta; print(build_meta.build_editable({str(tmp_path)!r}))'
+    proc = subprocess.run([sys.executable, '-c', code], cwd=source, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Warning' not in proc.stderr and 'take precedence' not in proc.stderr, proc.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / proc.stdout.strip().splitlines()[-1]) as z:
+        (pth,) = [n for n in z.namelist() if n.endswith('.pth')]
+        assert z.read(pth).decode().strip() == str(source.resolve())
+
+
+def test_console_scripts_are_installed():
+    """The entry points of the installed distribution are pyproject's, each resolves to a function, and its
+    script is beside this Python. If this fails after pyproject.toml changed: pip install -e . again."""
+    scripts = _project_scripts()
+    path = [p for p in sys.path if os.path.abspath(p or '.') != ROOT]  # not a vit_gka.egg-info a build left here
+    (dist,) = importlib.metadata.Distribution.discover(name='vit-gka', path=path)
+    installed = {ep.name: ep.value for ep in dist.entry_points if ep.group == 'console_scripts'}
+    assert installed == scripts, 'the installed entry points are stale: pip install -e . (setup.sh)'
+    for name, target in scripts.items():
+        assert os.path.isfile(os.path.join(BIN, name)), name
+        module, _, attr = target.partition(':')
+        assert callable(getattr(importlib.import_module(module), attr, None)), f'{name}: {target} is not a function'
+
+
+def _run(args, cwd):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_outside_the_checkout_and_every_tool_answers_help(tmp_path):
+    """`import vit_gka` and timm's registry from another folder; each tool's --help (exit 0) from the root.
+    Two at a time: each one pays the torch / timm import."""
+    outside = ([sys.executable, '-c', "import os, timm, vit_gka; timm.create_model('gka_deit_small_patch16_224'); "
+                                      "print(os.path.dirname(vit_gka.__file__))"], str(tmp_path))
+    jobs = [outside] + [([sys.executable, *args], ROOT) for args in HELP]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda job: _run(*job), jobs))
+    proc = procs[0]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == os.path.join(ROOT, 'vit_gka')  # the editable install of this checkout
+    failed = [f"{' '.join(args)}: exit {p.returncode}: {(p.stderr or p.stdout)[-300:]}"
+              for args, p in zip(HELP, procs[1:]) if p.returncode != 0 or HELP[args] not in p.stdout]
+    assert not failed, '\n'.join(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_console_script_help_outside_the_checkout(script, tmp_path):
+    proc = _run([os.path.join(BIN, script), '--help'], str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'usage' in proc.stdout.lower() or 'powered by Hydra' in proc.stdout, proc.stdout[-2000:]
+    assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run (a fresh CI machine) runs README.md's test command verbatim, after its setup."""
+    with open(os.path.join(ROOT, '.ci', 'run')) as f:
+        command = [ln.strip() for ln in f if ln.strip() and not ln.startswith('#')][-1]
+    assert command == 'bash setup.sh && .venv/bin/python -m pytest -q'
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        assert f'\n{command}\n' in f.read()

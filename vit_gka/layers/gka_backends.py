@@ -1,0 +1,183 @@
+"""Fast GKA: the paper's operator (``vit_gka.layers.gka``) through fused attention kernels.
+
+The identity ||x_i - x_j||^2 = ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j leaves, after the row normalisation
+cancels the ||x_i||^2 term,
+
+    W_ij = softmax_j( x_i.x_j / sigma^2 - ||x_j||^2 / (2 sigma^2) ),
+
+scaled-dot-product attention with q = x / sigma^2, k = v = x, scale 1 and a per-key bias. PyTorch's fused
+SDPA kernels (flash / memory-efficient) and FlexAttention then do the work without an N x N tensor.
+Backends: ``sdpa_pad`` (bias folded into a padded extra dimension), ``sdpa_bias`` (bias as an additive
+mask), ``flex`` (bias in a score_mod, windows as block-sparse BlockMasks); ``auto`` picks per call.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vit_gka.layers.masks import empty_rows, open_empty_rows
+
+__all__ = ['GKA_IMPLS', 'GKA_FUNCTIONS', 'auto_impl', 'check_impl', 'gka_flex', 'gka_sdpa_bias', 'gka_sdpa_pad',
+           'key_norm_bias', 'scaled_queries']
+
+GKA_IMPLS = ('auto', 'sdpa_pad', 'sdpa_bias', 'flex', 'reference')
+
+
+def check_impl(impl: str, attn_drop: float) -> str:
+    """``impl`` validated (``"fused"`` is a name for ``"auto"``)."""
+    impl = 'auto' if impl == 'fused' else impl
+    if impl not in GKA_IMPLS:
+        raise ValueError(f'impl={impl!r} is not one of {GKA_IMPLS}')
+    if impl == 'flex' and attn_drop > 0:
+        raise ValueError('impl="flex" has no attention dropout; use attn_drop=0 or another impl')
+    return impl
+
+
+def key_norm_bias(
+        x: torch.Tensor, log_sigma: torch.Tensor, dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(1 / sigma^2 as (1, H, 1, 1) in float32 at least, b_j = -||x_j||^2 / (2 sigma^2) as (B, H, N) in dtype).
+
+    b is accumulated in float32 (``vector_norm(dtype=...)`` reads x once and builds no x**2 temporary).
+    For a 16-bit dtype (default: x's) it is shifted by its maximum over keys (the softmax is invariant to
+    a per-row constant) and clamped, so per-head norms of 1e3 stay finite; in float32 the fused kernels'
+    own running max already does that, and the two extra passes are skipped.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dtype = x.dtype if dtype is None else dtype
+    inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
+    bias = torch.linalg.vector_norm(x, dim=-1, dtype=acc).square() * (-0.5 * inv_var.squeeze(-1))
+    if torch.finfo(dtype).bits < 32:
+        bias = bias - bias.amax(dim=-1, keepdim=True).detach()
+        bias = bias.clamp_min(torch.finfo(dtype).min / 2)
+    return inv_var, bias.to(dtype)
+
+
+def scaled_queries(x: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
+    """q = x / sigma^2 per head, multiplied in float32 at least and returned in x's dtype."""
+    return (x.to(inv_var.dtype) * inv_var).to(x.dtype)
+
+
+def gka_sdpa_pad(
+        x: torch.Tensor,
+        log_sigma: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """GKA through ``F.scaled_dot_product_attention``, the key-norm bias folded into the head width.
+
+    q' = [x / sigma^2, 1], k' = v' = [x, b], zero-padded to a multiple of 8 (v' is k' itself: the output's
+    extra columns are dropped). Equal head widths keep the CPU on its flash kernel with or without a mask,
+    where an additive (B, H, N, N) bias would be materialised as soon as a mask is combined with it; on
+    CUDA the same inputs are eligible for FlashAttention and the memory-efficient kernel. Heads x
+    (B, H, N, d). Rows whose keys are all masked are returned as zeros.
+    """
+    head_dim = x.shape[-1]
+    inv_var, bias = key_norm_bias(x, log_sigma)
+    bias = bias.unsqueeze(-1)
+
+    width = 8 * math.ceil((head_dim + 1) / 8)
+    zeros = x.new_zeros(*x.shape[:-1], width - head_dim - 1)
+    q = torch.cat([scaled_queries(x, inv_var), torch.ones_like(bias), zeros], dim=-1)
+    k = torch.cat([x, bias, zeros], dim=-1)
+
+    empty = empty_rows(mask)
+    if empty is not None:
+        mask = open_empty_rows(mask, empty)
+    out = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    out = out[..., :head_dim]
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out
+
+
+def gka_sdpa_bias(
+        x: torch.Tensor,
+        log_sigma: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """GKA through SDPA with the key-norm bias as an additive mask; heads x (B, H, N, d).
+
+    q = x / sigma^2, k = v = x at the head's own width, and attn_mask = b_j broadcast over queries with
+    stride 0 (no N x N tensor while unmasked; a mask has to be folded in, which materialises
+    (B, H, N, N)). CUDA runs it on the memory-efficient kernel (FlashAttention takes no bias).
+    """
+    inv_var, bias = key_norm_bias(x, log_sigma)
+    bias = bias.unsqueeze(-2)  # (B, H, 1, N)
+    empty = empty_rows(mask)
+    if mask is None:
+        attn_bias = bias.expand(*bias.shape[:-2], x.shape[-2], x.shape[-2])
+    else:
+        mask = open_empty_rows(mask, empty)
+        attn_bias = bias + (mask.to(x.dtype) if mask.dtype != torch.bool else
+                            torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, float('-inf')))
+    q = scaled_queries(x, inv_var)
+    out = F.scaled_dot_product_attention(q, x, x, attn_mask=attn_bias, dropout_p=dropout_p, scale=1.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def gka_flex(
+        x: torch.Tensor,
+        log_sigma: torch.Tensor,
+        block_mask=None,
+        attn_mask: Optional[torch.Tensor] = None,
+        compiled: Optional[bool] = None,
+) -> torch.Tensor:
+    """GKA through FlexAttention; heads x (B, H, N, d). No dropout (flex has none).
+
+    The key-norm bias goes in a ``score_mod``; causal and window masks come as a ``BlockMask``
+    (``ProjectionFreeAttention.block_mask``), so blocks that are masked out entirely are skipped, not
+    computed. A dense ``attn_mask`` (boolean or additive) is applied in the ``score_mod``. Rows whose keys
+    are all masked return zeros. ``compiled`` (default: on CUDA only) wraps flex in torch.compile, without
+    which flex runs an unfused eager path that materialises the scores; CPU flex has no backward in
+    torch 2.14, so on the CPU it is a forward-only correctness path.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    acc = torch.promote_types(x.dtype, torch.float32)
+    inv_var, bias = key_norm_bias(x, log_sigma, acc)  # bias (B, H, N)
+    if attn_mask is not None:
+        extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
+            attn_mask.shape, dtype=acc, device=x.device).masked_fill(~attn_mask, float('-inf'))
+        extra = extra.expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = score + bias[b, h, kv_idx]
+        return score if attn_mask is None else score + extra[b, h, q_idx, kv_idx]
+
+    compiled = x.device.type == 'cuda' if compiled is None else compiled
+    fn = _compiled_flex() if compiled else flex_attention
+    q = scaled_queries(x, inv_var)
+    out = fn(q, x, x, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return torch.nan_to_num(out, nan=0.0) if attn_mask is not None else out
+
+
+_COMPILED_FLEX = []
+
+
+def _compiled_flex():
+    """flex_attention is only fused when compiled; compile it once per process."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+GKA_FUNCTIONS = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
+
+
+def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bool = False) -> str:
+    """The fastest correct fused backend for this call, by measurement (benchmarks/attention.py).
+
+    CPU (torch 2.14, 2 cores, GKA-S heads): the additive bias beats the padded form by 1.2-1.7x at
+    N = 197-4097 when nothing is masked; with a mask the bias would be materialised, so pad. Flex is
+    never chosen on the CPU (no backward there, and it needs a compile per shape).
+    CUDA: FlexAttention with a BlockMask for windows (it skips masked blocks); otherwise the padded form,
+    which FlashAttention accepts (it takes no additive bias).
+    """
+    if x.device.type == 'cpu':
+        return 'sdpa_pad' if masked else 'sdpa_bias'
+    if windowed and not dropout:
+        return 'flex'
+    return 'sdpa_pad'
