@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from vit_gka import evaluate as evaluation
-from vit_gka.analysis import report
+from vit_gka.analysis import report, tables
 from vit_gka.analysis.benchmark import baseline_name
 from vit_gka.errors import UserError
 
@@ -81,7 +81,7 @@ def test_benchmark_interleaves_gka_and_baseline_and_feeds_the_report(run, tmp_pa
     (tmp_path / 'bench').mkdir()
     with open(tmp_path / 'bench' / 'bench.json', 'w') as f:
         json.dump({'results': rows}, f)
-    t4 = report.table4(report.load_runs([folder]), report.load_bench([str(tmp_path)]))
+    t4 = tables.table4(report.load_runs([folder]), tables.load_bench([str(tmp_path)]))
     assert t4[0]['baseline'] == rows[1]['label'] and t4[0]['d_infer'] == pytest.approx(
         100 * (rows[0]['ratio_infer_images_per_s'] - 1))
 

@@ -18,6 +18,9 @@ from helpers import TINY, check, digest, needs_data, one_line_error, run
 from omegaconf import OmegaConf
 from vit_gka.errors import UserError
 from vit_gka.train import recipe
+from vit_gka.train.cli import check_overrides
+from vit_gka.train.main import CONF_DIR
+from vit_gka.train.validation import validate
 
 @needs_data
 def test_gka_and_baseline_multirun(tmp_path):
@@ -170,36 +173,51 @@ def existing_run(tmp_path_factory):
     empty = folder / 'no_images'
     for split in ('train', 'val'):
         (empty / split / 'cat').mkdir(parents=True)
-    (folder / 'a_file').write_text('not a folder\n')
     return folder
 
 
-# The README's "Errors and what they mean" table lists these (and the checkpoint cases of test_reliability.py).
+# docs/reliability.md's "Errors and what they mean" table lists these (and the checkpoint cases of
+# test_reliability.py). Mistakes in the command line itself are caught by the override check that train.py runs
+# before Hydra writes anything; it is called here in-process (train.py's wiring of it: tests/test_cli.py).
 @pytest.mark.parametrize('args, message', [
     (['model=no_such_model'], "unknown model 'no_such_model'"),
     (['data=no_such_data'], "unknown data set 'no_such_data'"),
     (['epoch=3'], "did you mean 'epochs'"),
     (['-m', 'model=gka,gkaa', 'shape=fmnist'], "unknown model 'gkaa'"),
-    (['data.root=/no/such/folder'], 'data.root does not exist'),
-    (['data=folder', 'data.root={existing}/no_images'], 'no images found under'),
-    (['resume=/no/such/run'], 'resume path does not exist'),
-    (['resume={run}', 'model=deit', 'shape=fmnist'], 'is a run of gka_deit_tiny_patch16_224, this run builds deit_tiny'),
-    (['resume={run}', 'model.args.depth=2'], 'depth=1 there, 2 here'),
-    (['model.name=no_such_timm_model'], "unknown timm model 'no_such_timm_model'"),
     (['batch_size=abc'], "batch_size must be an integer"),
     (['batch_size=0'], 'batch_size must be >= 1'),
     (['epochs=-1'], 'epochs must be >= 1'),
     (['+model.args.sigma_init=0'], 'model.args.sigma_init must be a number > 0'),
     (['+model.args.window=0'], 'model.args.window must be a positive number of tokens'),
     (['nonfinite=maybe'], 'nonfinite must be one of stop, skip'),
-    (['hydra.run.dir={existing}/a_file/run'], 'cannot create the output folder'),
+    (['hydra.run.dir={tmp}/a_file/run'], 'cannot create the output folder'),
     (['-m', 'hydra/launcher=slurm'], 'hydra-submitit-launcher'),
+])
+def test_command_line_mistakes_give_one_line(tmp_path, capsys, args, message):
+    (tmp_path / 'a_file').write_text('not a folder\n')
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(CONF_DIR, 'config', argv=args, validate=validate)
+    assert exit_.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
+    assert os.listdir(tmp_path) == ['a_file']
+
+
+# Mistakes found by the job itself, after Hydra has written into the run folder: train.py end to end, and the
+# existing run folder is put back as it was.
+@pytest.mark.parametrize('args, message', [
+    (['data.root=/no/such/folder'], 'data.root does not exist'),
+    (['data=folder', 'data.root={existing}/no_images'], 'no images found under'),
+    (['resume=/no/such/run'], 'resume path does not exist'),
+    (['resume={run}', 'model=deit', 'shape=fmnist'], 'is a run of gka_deit_tiny_patch16_224, this run builds deit_tiny'),
+    (['resume={run}', 'model.args.depth=2'], 'depth=1 there, 2 here'),
+    (['model.name=no_such_timm_model'], "unknown timm model 'no_such_timm_model'"),
 ])
 def test_user_mistakes_give_one_line(existing_run, tmp_path, args, message):
     run_dir = existing_run / 'run'
     args = [a.format(existing=existing_run, run=run_dir) for a in args]
-    if '-m' not in args and not any(a.startswith('hydra.run.dir=') for a in args):
-        args.append(f'hydra.run.dir={run_dir}')  # Hydra itself would write .hydra/ and train.log into it
+    args.append(f'hydra.run.dir={run_dir}')  # Hydra itself writes .hydra/ and train.log into it
     before = digest(run_dir)
     proc = run(args, cwd=tmp_path, timeout=120)
     one_line_error(proc, message)

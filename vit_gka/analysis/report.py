@@ -29,7 +29,6 @@ Hydra: every ``python train.py -m ...`` sweep ends with this report, in ``<sweep
 (``ReportCallback``, ``hydra.callbacks.report`` in conf/config.yaml; ``hydra.callbacks.report.num_images=<n>``).
 """
 import argparse
-import csv
 import glob
 import json
 import logging
@@ -39,7 +38,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from hydra.experimental.callback import Callback
-from tabulate import tabulate
+
+from vit_gka.analysis.tables import TABLE2, TABLE4, load_bench, markdown, table2, table4, write_csv
 
 log = logging.getLogger('vit_gka.analysis.report')
 
@@ -70,15 +70,14 @@ def _architecture(name: str, model_args: dict) -> Dict:
     import timm
     from timm.models.vision_transformer import Attention
 
-    from vit_gka.layers import ProjectionFreeAttention as GaussianKernelAttention  # GKA and compact kernels
-    from vit_gka.layers.vlt import ValueFreeAttention
+    from vit_gka.layers import GaussianKernelAttention, KernelAttention, ValueFreeAttention
     with torch.device('meta'):
         model = timm.create_model(name, **model_args)
     blocks = getattr(model, 'blocks', None)
     attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
     kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
-            else 'other' if not isinstance(attn, GaussianKernelAttention)
-            else 'compact' if getattr(attn, 'degree', None) is not None else 'GKA')
+            else 'compact' if isinstance(attn, KernelAttention) and attn.kernel != 'gaussian'
+            else 'GKA' if isinstance(attn, (GaussianKernelAttention, KernelAttention)) else 'other')
     attention = f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else kind
     shape = None
     if attn is not None:
@@ -132,103 +131,6 @@ def _pair(rows: List[Dict]) -> None:
         same_seed = [b for b in cands if b.get('seed') == r.get('seed')]
         if cands:
             r['baseline_run'] = (same_seed or cands)[0]['run']
-
-
-def _pct(value, base) -> Optional[float]:
-    return None if value is None or not base else 100.0 * (value - base) / base
-
-
-# ------------------------------------------------------------------------------------------- tables
-TABLE2 = [('label', 'model'), ('attention', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
-          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MB, fp32)'),
-          ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
-          ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
-
-
-def table2(rows: List[Dict]) -> List[Dict]:
-    by_run = {r['run']: r for r in rows}
-    out = []
-    for r in rows:
-        b = by_run.get(r['baseline_run'])
-        out.append({
-            'run': r['run'], 'label': r['label'], 'kind': r['kind'], 'attention': r['attention'],
-            'data': r.get('data'), 'epochs': r.get('epochs'), 'sparsity': r['sparsity_mean'],
-            'params_m': r['params'] / 1e6,
-            'attn_m': r['params_attn'] / 1e6 if r.get('params_attn') is not None else None,
-            'mlp_m': r['params_mlp'] / 1e6 if r.get('params_mlp') is not None else None,
-            'gmacs': r.get('gmacs'), 'gflops': r.get('gflops'), 'size_mb': r['size_mb'], 'top1': r['top1'],
-            'baseline': b['label'] if b else None,
-            'd_params': _pct(r['params'], b['params']) if b else None,
-            'd_gflops': _pct(r.get('gflops'), b.get('gflops')) if b else None,
-            'd_top1': r['top1'] - b['top1'] if b else None,
-        })
-    return out
-
-
-BENCH_KEYS = ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')
-TABLE4 = [('label', 'model'), ('source', 'source'), ('batch_size', 'batch'), ('infer_images_per_s', 'inference img/s'),
-          ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MB'),
-          ('train_peak_mem_mb', 'training peak MB'), ('baseline', 'baseline'), ('d_infer', 'inference change (%)'),
-          ('d_train', 'training change (%)'), ('d_train_mem', 'training memory change (%)')]
-
-
-def load_bench(paths: Sequence[str]) -> List[Dict]:
-    """Rows of every bench.json (eval.py bench=true) under ``paths``."""
-    rows = []
-    for path in paths:
-        for file in sorted(glob.glob(os.path.join(path, '**', 'bench.json'), recursive=True)):
-            with open(file) as f:
-                rows += [dict(r, source=os.path.relpath(file, path)) for r in json.load(f)['results']]
-    return rows
-
-
-def table4(rows: List[Dict], bench: List[Dict]) -> List[Dict]:
-    """Runtime table: benchmark rows (paired by eval.py) if any, else the runs' own training / eval rates."""
-    if not bench:
-        bench = [{'label': r['label'], 'source': f"{r['run']}/results.json", 'batch_size': r.get('global_batch_size'),
-                  'infer_images_per_s': r.get('eval_images_per_s'), 'train_images_per_s': r.get('train_images_per_s'),
-                  'infer_peak_mem_mb': None, 'train_peak_mem_mb': None,
-                  'baseline': next((b['label'] for b in rows if b['run'] == r['baseline_run']), None)} for r in rows]
-    by_label = {(b['label'], b['source'] if 'results.json' not in b['source'] else ''): b for b in bench}
-    out = []
-    for row in bench:
-        b = by_label.get((row.get('baseline'), row['source'] if 'results.json' not in row['source'] else ''))
-        out.append({**{k: row.get(k) for k, _ in TABLE4}, **({
-            'd_infer': _pct(row.get('infer_images_per_s'), b.get('infer_images_per_s')),
-            'd_train': _pct(row.get('train_images_per_s'), b.get('train_images_per_s')),
-            'd_train_mem': _pct(row.get('train_peak_mem_mb'), b.get('train_peak_mem_mb')),
-        } if b else {})})
-    return out
-
-
-def _cell(key: str, value) -> str:
-    if value is None:
-        return '-'
-    if not isinstance(value, float):
-        return str(value)
-    if key.startswith('d_'):
-        return f'{value:+.2f}'
-    if key in ('gmacs', 'gflops'):
-        return f'{value:.4g}'
-    if key == 'sparsity':
-        return f'{value:.3f}'
-    if key.endswith('_per_s') or key.endswith('_mb') and key != 'size_mb':
-        return f'{value:.0f}'
-    return f'{value:.2f}'
-
-
-def _markdown(rows: List[Dict], columns) -> str:
-    body = [[_cell(k, r.get(k)) for k, _ in columns] for r in rows]
-    align = ['left' if k in ('label', 'kind', 'attention', 'baseline', 'source') else 'right' for k, _ in columns]
-    return tabulate(body, headers=[h for _, h in columns], tablefmt='github', disable_numparse=True, colalign=align)
-
-
-def _csv(rows: List[Dict], columns, path: str) -> str:
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow([k for k, _ in columns])
-        writer.writerows([[r.get(k) for k, _ in columns] for r in rows])
-    return path
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -296,9 +198,9 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     os.makedirs(out, exist_ok=True)
     t2 = table2(rows)
     t4 = table4(rows, load_bench(paths))
-    files = {'table2.csv': _csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
+    files = {'table2.csv': write_csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
                                 os.path.join(out, 'table2.csv')),
-             'table4.csv': _csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
+             'table4.csv': write_csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
     counted = [r for r in rows if r.get('gflops') is not None]
     if counted:
         files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'))
@@ -313,9 +215,9 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
           'GMACs = 1e9 multiply-accumulates per image (fvcore, attention included); GFLOPs = 2 x GMACs (the GKA '
           "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). sparsity: mean over "
           'layers of the fraction of exact zeros in the attention weights (see below). Changes are against the '
-          'baseline of the same shape, data and epochs.', '', _markdown(t2, TABLE2), '',
+          'baseline of the same shape, data and epochs.', '', markdown(t2, TABLE2), '',
           '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else the training runs\' own '
-          'train / eval throughput (no memory figures).', '', _markdown(t4, TABLE4), '']
+          'train / eval throughput (no memory figures).', '', markdown(t4, TABLE4), '']
     sigma_rows = [r for r in rows if r.get('sigma_table')]
     if sigma_rows:
         md += ['## Learned bandwidths', '']

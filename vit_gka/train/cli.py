@@ -213,11 +213,11 @@ def _split_argv(argv: Sequence[str]) -> Optional[Tuple[bool, List[str]]]:
     return any(a in ('-m', '--multirun') for a in argv), [a for a in argv if not a.startswith('-')]
 
 
-def _variants(config_dir: str, overrides: List[str], multirun: bool) -> List[List[str]]:
+def _variants(config_dir: str, overrides: List[str], multirun: bool) -> Tuple[List[List[str]], List[str]]:
     """The plain override lists to compose for this command line: every combination of the config-group
     sweeps (``model=gka,deit shape=fmnist,tiny_fmnist``; ``glob()`` expanded against the group's options), each
     value of every other enumerable sweep once; a sweep that cannot be enumerated (``interval()``, a ``glob()``
-    of a value) is left to Hydra and its sweeper. Unknown group options end here, in one line."""
+    of a value) is left to Hydra and its sweeper (returned second). Unknown group options end here, in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
     from hydra.errors import HydraException
@@ -227,7 +227,7 @@ def _variants(config_dir: str, overrides: List[str], multirun: bool) -> List[Lis
     except HydraException as e:
         fail(f'cannot parse the command line: {str(e).splitlines()[0]}')
     groups = _group_names(config_dir)
-    fixed, group_sweeps, value_sweeps = [], [], []
+    fixed, group_sweeps, value_sweeps, sampled = [], [], [], []
     for text, ov in zip(overrides, parsed):
         key, group = ov.get_key_element(), ov.key_or_group
         is_group = (group in groups or '/' in group) and not ov.is_delete()
@@ -246,6 +246,7 @@ def _variants(config_dir: str, overrides: List[str], multirun: bool) -> List[Lis
             values = list(ov.sweep_string_iterator())
             texts = [f'{key}={v}' for v in values]
         else:  # interval(), glob() of a value: the sweeper's business
+            sampled.append(text)
             continue
         if group == 'hydra/callbacks' and 'report' in values and not _options(config_dir, group):
             fail(_unknown_option(config_dir, group, key, ['report']))
@@ -267,7 +268,7 @@ def _variants(config_dir: str, overrides: List[str], multirun: bool) -> List[Lis
         for v in sweep[1:]:
             variants.append(fixed + list(combos[0]) + [s[0] for s in value_sweeps[:i]] + [v]
                             + [s[0] for s in value_sweeps[i + 1:]])
-    return variants
+    return variants, sampled
 
 
 def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]] = None,
@@ -292,7 +293,7 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    variants = _variants(config_dir, overrides, multirun)
+    variants, sampled = _variants(config_dir, overrides, multirun)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base='1.3'):
@@ -319,6 +320,9 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                             hint = f' ({lines[-1]})' if 'full_key' not in lines[-1] else f' ({lines[1]})'
                     fail(f'{message}{hint}')
                 _check_values(cfg, multirun, validate)
+                if sampled and cfg.hydra.sweeper.get('_target_', '').endswith('.BasicSweeper'):
+                    fail(f"{sampled[0]} needs a sweeper that samples it (pip install '.[sweep]', then add "
+                         f"hydra/sweeper=optuna); Hydra's basic sweeper takes lists: {sampled[0].split('=')[0]}=a,b,c")
     finally:
         GlobalHydra.instance().clear()
 
