@@ -15,7 +15,7 @@ What is counted (one image, the model's own input size):
   padding, 12.5% more attention products on the hardware, not work of the model, so the counter runs
   the model with the unpadded ``sdpa_bias`` form (same result, same math). The paper's GKA-Ti / S / B
   figures (1.98 / 7.11 / 26.76 GFLOPs) match this count.
-* Compact-kernel models (kernel_models.py) materialise the kernel: their two matmuls (x x^T and W x)
+* Compact-kernel models (models/compact_deit.py) materialise the kernel: their two matmuls (x x^T and W x)
   count the same 2*N*N*d.
 * Element-wise ops (residual adds, GELU, softmax, GKA's key norms ||x_j||^2 and q = x / sigma^2, the
   additive key bias inside SDPA, the compact kernels' (1 - u^2)_+^n, entmax's sort (log2 N per score)

@@ -168,11 +168,11 @@ GKA_FUNCTIONS = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
 
 
 def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bool = False) -> str:
-    """The fastest correct fused backend for this call, by measurement (benchmarks/attention.py).
+    """The fastest correct fused backend for this call, chosen by measurement (docs/benchmarks.md).
 
-    CPU (torch 2.14, 2 cores, GKA-S heads): the additive bias beats the padded form by 1.2-1.7x at
-    N = 197-4097 when nothing is masked; with a mask the bias would be materialised, so pad. Flex is
-    never chosen on the CPU (no backward there, and it needs a compile per shape).
+    CPU: the additive bias when nothing is masked (the faster of the two there); with a mask the bias would
+    be materialised as (B, H, N, N), so pad. Flex is never chosen on the CPU (no backward there, and it
+    needs a compile per shape).
     CUDA: FlexAttention with a BlockMask for windows (it skips masked blocks); otherwise the padded form,
     which FlashAttention accepts (it takes no additive bias).
     """

@@ -15,7 +15,7 @@ Two kinds of mistakes are caught:
   turns it into one line.
 
 Both print ``error: <message>`` to stderr and exit with status 2 (3 for a run stopped by a non-finite loss,
-see faults.py). Hydra's own reporting of these cases spans several lines plus a hint about
+see loop.py). Hydra's own reporting of these cases spans several lines plus a hint about
 ``HYDRA_FULL_ERROR``; real bugs still raise normally. Only the main process of a distributed run prints.
 
 A mistake leaves existing folders as they were: before Hydra runs, ``check_overrides`` remembers what Hydra
