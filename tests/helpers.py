@@ -1,7 +1,10 @@
 """What the test modules share: running train.py, checking its exit and one-line errors, digests of folders,
-the mask cases of the attention tests, and a pickle payload that stands in for code a crafted file would run."""
+an ImageNet-layout folder of real JPEGs, the mask cases of the attention tests, and a pickle payload that stands
+in for code a crafted file would run."""
 import hashlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +19,37 @@ needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package
 # Tiny and fast: 2 blocks (1 for resume), a few hundred images, one process-free data loader.
 TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0', 'progress=false',
         'model.args.depth=2']
+
+
+def _foolbox_images():
+    """The 20 real ImageNet validation JPEGs that PyPI's foolbox ships (foolbox/data/imagenet_<nn>_<class>.jpg,
+    RGB, mostly 512 x 512), found without importing foolbox; None when it is not installed."""
+    spec = importlib.util.find_spec('foolbox')
+    locations = spec.submodule_search_locations if spec is not None else None
+    folder = os.path.join(locations[0], 'data') if locations else None
+    if folder is None or not os.path.isdir(folder):
+        return None
+    files = sorted(f for f in os.listdir(folder) if f.startswith('imagenet_') and f.endswith('.jpg'))
+    return [os.path.join(folder, f) for f in files] or None
+
+
+IMAGENET_JPEGS = _foolbox_images()
+needs_jpegs = pytest.mark.skipif(IMAGENET_JPEGS is None,
+                                 reason="needs foolbox's ImageNet JPEGs (pip install -e '.[test]')")
+
+
+def imagenet_folder(root):
+    """``root`` laid out as ImageNet: ``train/<wnid>/<wnid>_<nn>.JPEG`` and ``val/<wnid>/<wnid>_<nn>.JPEG``, the 20
+    real JPEGs of IMAGENET_JPEGS (19 classes, named by timm's WordNet ids) in both splits; returns ``root``."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    for path in IMAGENET_JPEGS:
+        _, number, index = os.path.splitext(os.path.basename(path))[0].split('_')
+        wnid = info.index_to_label_name(int(index))
+        for split in ('train', 'val'):
+            os.makedirs(os.path.join(root, split, wnid), exist_ok=True)
+            shutil.copyfile(path, os.path.join(root, split, wnid, f'{wnid}_{number}.JPEG'))
+    return root
 
 
 def _command(args, launcher=None, env=None):

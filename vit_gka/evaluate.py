@@ -9,13 +9,14 @@
 The whole of it: the model through ``timm.create_model`` only (``local-dir:<run>/model``, or
 ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=<weights>)``, so the numbers are what a user of the
 registry gets) -> the data set's test split with the model's own preprocessing (``resolve_data_config``) ->
-top-1 / top-5 / loss / images/s -> ``eval.json`` (``bench.json`` with ``bench=true``) in ``out`` (default: the
-run folder, else Hydra's output folder). See conf/eval.yaml for every option and analysis/benchmark.py for
-the benchmark. Mistakes end in one line ``error: ...``, exit status 2 (vit_gka/train/cli.py).
+top-1 / top-5 / loss / images/s, under the autocast the run used (a bf16 run: bf16; ``mixed_precision``) ->
+``eval.json`` (``bench.json`` with ``bench=true``) in ``out`` (default: the run folder, else Hydra's output
+folder). See conf/eval.yaml for every option and analysis/benchmark.py for the benchmark. Mistakes end in one
+line ``error: ...``, exit status 2 (vit_gka/train/cli.py).
 """
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import hydra
 import timm
@@ -27,11 +28,13 @@ from vit_gka.errors import UserError, require_path
 from vit_gka.train.cli import check_overrides, exit_on_user_error
 from vit_gka.train.loading import describe_load_error, load_weights
 
-__all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'evaluate_model', 'benchmark',
-           'summary_line', 'main', 'cli']
+__all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
+           'benchmark', 'summary_line', 'main', 'cli']
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
+# mixed_precision= -> autocast dtype (fp8 runs were evaluated under Accelerate's bf16 autocast)
+AUTOCAST_DTYPES = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp8': torch.bfloat16}
 
 # ------------------------------------------------------------------------------------------- the run folder
 
@@ -132,6 +135,23 @@ def _set_preprocessing(model: torch.nn.Module, data_cfg) -> None:
 def _device(cfg: DictConfig) -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() and not cfg.cpu else 'cpu')
 
+
+def eval_autocast(cfg: DictConfig, run_dir: Optional[str], device: torch.device) -> Tuple[Optional[Callable], str]:
+    """(autocast context-manager factory or None, its name) for ``mixed_precision``: ``auto`` = the precision
+    the run trained and evaluated with (results.json's ``mixed_precision``; fp32 for a run that does not record it
+    and without ``run=``), so that the run's own numbers are reproduced."""
+    value = str(cfg.mixed_precision)
+    if value == 'auto':
+        value = str(run_results(run_dir).get('mixed_precision') or 'no') if run_dir is not None else 'no'
+    elif value not in ('no', 'bf16', 'fp16'):
+        raise UserError(f'mixed_precision must be one of auto, no, bf16, fp16, got {value!r}; '
+                        f'set mixed_precision=auto')
+    dtype = AUTOCAST_DTYPES.get(value)
+    if dtype is None:
+        return None, 'no'
+    name = 'fp16' if dtype == torch.float16 else 'bf16'
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), name
+
 # ----------------------------------------------------------------------------------- evaluate / benchmark
 
 
@@ -142,16 +162,17 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
 
     from vit_gka.data.datasets import create_eval_loader
     from vit_gka.train.loop import evaluate
-    model, source = load_model(cfg, run_dir, data_cfg)
     device = _device(cfg)
+    autocast, precision = eval_autocast(cfg, run_dir, device)
+    model, source = load_model(cfg, run_dir, data_cfg)
     model = model.to(device).eval()
     data_config = resolve_data_config(model=model)
     loader, num_classes = create_eval_loader(data_cfg, data_config, int(cfg.batch_size), int(cfg.workers))
     if num_classes != model.num_classes:
         raise UserError(f'the model has {model.num_classes} classes, data {data_cfg.name} has {num_classes}')
-    metrics = evaluate(model, loader)
+    metrics = evaluate(model, loader, autocast=autocast)
     result = {'model': model.pretrained_cfg.get('architecture') or type(model).__name__, 'weights': source,
-              'run': run_dir, 'data': str(data_cfg.name), 'device': str(device),
+              'run': run_dir, 'data': str(data_cfg.name), 'device': str(device), 'mixed_precision': precision,
               'input_size': list(data_config['input_size']), **metrics}
     if run_dir is not None and cfg.ckpt is None:
         res = run_results(run_dir)

@@ -10,12 +10,21 @@ removed. At every instant ``last`` or, between the two renames, ``last.prev`` is
 ``state.find_checkpoint`` takes ``last`` and falls back to ``last.prev``. Leftovers of a killed write
 (``last.tmp-*``, ``last.trash-*``) never carry a name that is read, and the next write removes them.
 
-Test hook: ``VIT_GKA_TEST_PAUSE_IN_CHECKPOINT=<write|swap>[@n]`` makes the n-th (default 2nd: the first that
-replaces one) ``write_checkpoint`` of the process sleep, either after ``model.safetensors`` is written into the
-temporary folder (``write``) or between the two renames (``swap``), so that a test can ``kill -9`` it there.
+Test hook: ``VIT_GKA_TEST_PAUSE_IN_CHECKPOINT=<write|swap>[@n][:<file>]`` makes the n-th (default 2nd: the first
+that replaces one) ``write_checkpoint`` of the process sleep (10 minutes, or until ``<file>`` exists), either after
+``model.safetensors`` is written into the temporary folder (``write``) or between the two renames (``swap``), so
+that a test can ``kill -9`` it there, or do something while it is surely running.
+
+A full disk or an I/O error while a checkpoint is written (torch's and safetensors' writers raise RuntimeError and
+SafetensorError for it, not OSError) ends in ``CheckpointWriteError``: one line naming the checkpoint that failed,
+why, and the last good one, which is left as it was (exit status 74, EX_IOERR of sysexits.h); the temporary
+folder is removed. Test hook: ``VIT_GKA_TEST_FAIL_CHECKPOINT=<n>`` makes the n-th ``write_checkpoint`` of the
+process raise ``OSError(ENOSPC)`` after its ``model.safetensors`` is written.
 """
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -23,15 +32,20 @@ import uuid
 from typing import Any, Dict, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from vit_gka.errors import UserError
+
 __all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text',
-           'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV']
+           'CheckpointWriteError', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV', 'FAIL_ENV', 'EXIT_IO_ERROR']
 
 MODEL_FILE = 'model.safetensors'
 EMA_FILE = 'model_ema.safetensors'
 STATE_FILE = 'state.pt'
 PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT'
+FAIL_ENV = 'VIT_GKA_TEST_FAIL_CHECKPOINT'
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
 _saved = 0  # write_checkpoint calls of this process (for the test pause)
 
 
@@ -58,9 +72,78 @@ def _fsync_dir(path: str) -> None:
 def _test_pause(stage: str) -> None:
     spec = os.environ.get(PAUSE_ENV)
     if spec:
+        spec, _, until = spec.partition(':')
         where, _, nth = spec.partition('@')
         if where == stage and _saved == int(nth or 2):
-            time.sleep(600)
+            deadline = time.time() + 600
+            while time.time() < deadline and not (until and os.path.exists(until)):
+                time.sleep(0.05)
+
+
+def _test_fail(path: str) -> None:
+    nth = os.environ.get(FAIL_ENV)
+    if nth and _saved == int(nth):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, I/O error); the last good one is left as it was."""
+    exit_code = EXIT_IO_ERROR
+    input_error = False
+
+
+def _complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, STATE_FILE)) and os.path.isfile(os.path.join(folder, MODEL_FILE))
+
+
+def _reason(error: BaseException, folder: str) -> str:
+    """Why a write failed, in words: the OS error, else the one a writer's message names, else a full disk."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    text = str(error)
+    code = re.search(r'os error (\d+)', text)
+    if code:
+        why = os.strerror(int(code.group(1)))
+    else:
+        try:
+            stat = os.statvfs(folder)
+            full = stat.f_bavail * stat.f_frsize < (1 << 20)
+        except OSError:
+            full = False
+        why = os.strerror(errno.ENOSPC) if full else (text.strip().splitlines() or [type(error).__name__])[0]
+    return why[:1].lower() + why[1:]
+
+
+def _write_failed(folder: str, error: BaseException, previous: Optional[str]) -> CheckpointWriteError:
+    """The one-line error of a failed checkpoint write: what failed, why, and the last good checkpoint."""
+    good = next((f for f in (folder, folder + '.prev') if _complete(f)), None)
+    message = f'cannot write checkpoint {folder}: {_reason(error, os.path.dirname(folder))}; '
+    if good is None:
+        return CheckpointWriteError(message + 'no checkpoint was written before it; make room (or fix the disk) and '
+                                              'start again')
+    parent = os.path.dirname(good)
+    run = os.path.dirname(parent) if os.path.basename(parent) == 'checkpoints' else parent
+    return CheckpointWriteError(message + f'the last good checkpoint is {good}' + (f' ({previous})' if previous else '')
+                                + f', left as it was; make room (or fix the disk), then continue with resume={run} '
+                                  f'hydra.run.dir={run}')
+
+
+def _save_file(state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' save_file, its write errors as OSError."""
+    try:
+        save_file(_plain_state_dict(state_dict), path, metadata={'format': 'pt'})
+    except SafetensorError as e:
+        raise OSError(errno.EIO, _reason(e, os.path.dirname(path)), path) from e
+
+
+def _torch_save(obj: Any, path: str) -> None:
+    """torch.save, its write errors (RuntimeError from the zip writer: "unexpected pos ...") as OSError; the file
+    is closed either way (a failed write must not hold the space of a deleted file)."""
+    try:
+        with open(path, 'wb') as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, _reason(e, os.path.dirname(path)), path) from e
 
 
 def _plain_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -140,7 +223,7 @@ def _atomic_dir(folder: str):
         replace_dir(tmp, folder)
     finally:
         if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # (after a failed write: never hide its error)
 
 
 def write_checkpoint(
@@ -148,17 +231,23 @@ def write_checkpoint(
         model_state: Dict[str, torch.Tensor],
         record: Dict[str, Any],
         ema_state: Optional[Dict[str, torch.Tensor]] = None,
+        previous: Optional[str] = None,
 ) -> str:
     """Write the checkpoint folder ``folder`` (e.g. ``<run>/checkpoints/last``) atomically: the weights, the EMA
-    weights and ``record`` as state.pt (``TrainState.record``); returns its path."""
+    weights and ``record`` as state.pt (``TrainState.record``); returns its path. A failed write raises
+    ``CheckpointWriteError`` (``previous``: what the last good checkpoint is, e.g. ``update 40``, for its message)."""
     global _saved
     _saved += 1
-    with _atomic_dir(folder) as tmp:
-        save_file(_plain_state_dict(model_state), os.path.join(tmp, MODEL_FILE), metadata={'format': 'pt'})
-        _test_pause('write')
-        if ema_state is not None:
-            save_file(_plain_state_dict(ema_state), os.path.join(tmp, EMA_FILE), metadata={'format': 'pt'})
-        torch.save(record, os.path.join(tmp, STATE_FILE))
+    try:
+        with _atomic_dir(folder) as tmp:
+            _save_file(model_state, os.path.join(tmp, MODEL_FILE))
+            _test_pause('write')
+            _test_fail(os.path.join(tmp, EMA_FILE if ema_state is not None else STATE_FILE))
+            if ema_state is not None:
+                _save_file(ema_state, os.path.join(tmp, EMA_FILE))
+            _torch_save(record, os.path.join(tmp, STATE_FILE))
+    except OSError as e:
+        raise _write_failed(os.path.abspath(folder), e, previous) from e
     return folder
 
 

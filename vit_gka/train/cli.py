@@ -176,6 +176,15 @@ def _hint(key: str, known: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
+def _override_in(message: str, overrides: Sequence[str]) -> Optional[str]:
+    """The override a Hydra / OmegaConf message is about: the one whose key it quotes ('model.args.depth', not
+    the 'model' of model=gka), else the one with the longest key it contains; None if none."""
+    keys = [(ov.partition('=')[0].lstrip('+~'), ov) for ov in overrides]
+    quoted = [ov for key, ov in keys if f"'{key}'" in message]
+    inside = sorted(((key, ov) for key, ov in keys if key in message), key=lambda item: -len(item[0]))
+    return quoted[0] if quoted else inside[0][1] if inside else None
+
+
 def _unknown_option(config_dir: str, group: str, key: str, values: List[str]) -> str:
     """The one-line message for group options that do not exist: the new spelling of an old model preset,
     a pointer for a timm name or a name of another group, else the options and the closest one."""
@@ -312,10 +321,14 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                 except (HydraException, OmegaConfBaseException) as e:
                     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
                     message = lines[0] if lines else type(e).__name__
-                    bad = next((ov for ov in variant if ov.partition('=')[0].lstrip('+~') in message), None)
+                    bad = _override_in(message, variant)
                     hint = ''
                     if bad is not None and 'override' in message:
-                        hint = _hint(bad.partition('=')[0].lstrip('+~'), known)
+                        key = bad.partition('=')[0].lstrip('+~')
+                        hint = _hint(key, [k for k in known if k != key and not key.startswith(k + '.')])
+                        if key.startswith('model.args.') and (key in known or not hint):
+                            hint = (f' (model.args has only the keys that this shape= sets; a new create_model '
+                                    f"argument takes a '+': +{bad.lstrip('+~')})")
                         if not hint and len(lines) > 1:
                             hint = f' ({lines[-1]})' if 'full_key' not in lines[-1] else f' ({lines[1]})'
                     fail(f'{message}{hint}')

@@ -1,12 +1,17 @@
 """Accelerate for one job: the device (CPU processes where there is no GPU), mixed precision, the one
-run folder that every process uses, and the main process's results on every process."""
+run folder that every process uses (and its lock, held by the main process), and the main process's results
+on every process."""
 import os
 import shutil
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
 
-__all__ = ['make_accelerator', 'shared_run_dir', 'from_main_process']
+from vit_gka.errors import UserError
+from vit_gka.train.preemption import RunLock
+
+__all__ = ['make_accelerator', 'shared_run_dir', 'lock_run_dir', 'from_main_process']
 
 
 def _mixed_precision(value: str) -> str:
@@ -48,6 +53,21 @@ def shared_run_dir(accelerator) -> str:
         if stray <= {'.hydra', f'{HydraConfig.get().job.name}.log'}:
             shutil.rmtree(mine, ignore_errors=True)
     return shared
+
+
+def lock_run_dir(accelerator, run_dir: str) -> Optional[RunLock]:
+    """The main process takes ``run_dir``'s lock (preemption.RunLock: one writer per run folder); when another run
+    holds it, every process raises its ``UserError``. A collective: every process calls it."""
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except UserError as e:
+            problem = str(e)
+    problem = from_main_process(accelerator, problem)
+    if problem:
+        raise UserError(problem)
+    return lock
 
 
 def from_main_process(accelerator, obj):

@@ -9,11 +9,13 @@ loaders -> optimizer, schedule, loss, mixup, EMA -> resume -> epochs -> results.
 * state.py: the run's parts (``TrainParts``) and its checkpointed state (``TrainState``): save, load, resume;
 * results.py: what the run folder records (config.yaml, steps.jsonl, tb/, best.safetensors, model/,
   results.json);
-* distributed.py: Accelerate, the run folder every process shares.
+* distributed.py: Accelerate, the run folder every process shares (and its lock: one writer per folder);
+* preemption.py: SIGTERM / SIGUSR2 / SIGUSR1 stop the run at the next update with a checkpoint (exit 75).
 
 Run folder (Hydra's run dir; every process uses the main process's; only the main process writes)::
 
     .hydra/                  Hydra's own record of the job
+    run.lock                 while the run writes the folder: the pid and host of its main process
     config.yaml              the resolved configuration
     tb/                      TensorBoard events
     checkpoints/last/        model.safetensors, model_ema.safetensors, state.pt (state.py); at epoch ends and,
@@ -41,10 +43,11 @@ from vit_gka.data.sampling import set_loader_epoch
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
-from vit_gka.train.distributed import from_main_process, make_accelerator, shared_run_dir
+from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
 from vit_gka.train.loop import evaluate, train_one_epoch
+from vit_gka.train.preemption import StopSignals, Stopped, shield_workers
 from vit_gka.train.results import RunRecords, summary_line
-from vit_gka.train.state import TrainParts, TrainState, load_checkpoint, resume, run_dir_of, save_checkpoint
+from vit_gka.train.state import TrainParts, TrainState, resume, resume_checkpoint, run_dir_of, save_checkpoint
 from vit_gka.train.validation import validate
 
 log = logging.getLogger('vit_gka.train')
@@ -71,7 +74,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     if not main:
         log.setLevel(logging.WARNING)
     run_dir = shared_run_dir(accelerator)
-    chk = load_checkpoint(cfg.resume) if cfg.resume else None
+    chk = resume_checkpoint(cfg.resume, run_dir)  # resume=auto: this run folder's own checkpoint, if any
 
     # Data set: the training set, read once (without a transform: the model's data config gives it).
     dataset_train, num_classes = create_dataset(cfg.data, 'train')
@@ -94,6 +97,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
     eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size),
                                         num_workers=int(cfg.workers))
+    shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
+    shield_workers(eval_loader)
     sparsity_images = _sparsity_batch(model, eval_loader.dataset, accelerator.device) if main else None
 
     # Optimizer (lr scaled to the global batch), per-update schedule, loss, compilation, Accelerate, EMA.
@@ -108,11 +113,13 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     if world > 1:
         eval_loader = accelerator.prepare(eval_loader)
     # The timm model itself, without DDP or the compile wrapper (whose state-dict keys start with _orig_mod.).
+    # Under DDP the compile wrapper is inside DDP, where Accelerate's unwrap_model leaves it: peel it here.
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    raw_model = getattr(raw_model, '_orig_mod', raw_model)
     model_ema = recipe.create_ema(raw_model, cfg.ema)
     parts = TrainParts(accelerator, model, raw_model, model_ema, optimizer, lr_scheduler, loss_fn, mixup_fn,
                        train_loader, eval_loader, clip_grad=cfg.clip_grad, nonfinite=str(cfg.nonfinite),
-                       log_interval=int(cfg.log_interval), progress=bool(cfg.progress))
+                       log_interval=int(cfg.log_interval), progress=bool(cfg.progress), stop=StopSignals())
 
     # Resume (every check before anything is loaded), or start: drop path etc. then differ per process.
     state = TrainState(model_name, model_args, epochs=num_epochs, global_batch_size=global_batch,
@@ -124,7 +131,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     stop_epoch = min(int(cfg.stop_epoch), num_epochs) if cfg.stop_epoch is not None else num_epochs
     eval_interval = int(cfg.eval_interval or 0)
 
-    # Every input has been checked: start writing.
+    # Every input has been checked: take the run folder (one writer per folder), start writing.
+    lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
     log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes), input %s',
@@ -143,49 +151,68 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
     def checkpoint() -> None:
         nonlocal saved_at
-        save_checkpoint(last_dir, state, parts)
+        if saved_at is not None:
+            previous = saved_at
+        else:  # resumed in place: what it resumed from
+            previous = chk.state.num_updates if chk is not None and run_dir_of(chk.folder) == run_dir else None
+        save_checkpoint(last_dir, state, parts, previous=f'update {previous}' if previous is not None else None)
         saved_at = state.num_updates
+
+    def stopped(signal_name: str, where: str) -> None:  # preemption.py: after the checkpoint of that update
+        records.close()
+        message = (f'stopped by {signal_name} {where}: checkpoint {last_dir}; to continue, run the same command '
+                   f'with {_continue_with(run_dir)}')
+        log.info(message)
+        raise Stopped(message)
 
     def on_update(info: Dict[str, Any]) -> None:  # after every optimizer update
         records.step(info)
         every = cfg.checkpoint_every_steps
-        if every and info['update'] % int(every) == 0 and info['step'] < len(train_loader):
-            checkpoint()
+        mid_epoch = info['step'] < len(train_loader)  # at an epoch's end: after its evaluation and checkpoint
+        if mid_epoch and (info['stop'] or every and info['update'] % int(every) == 0):
+            if saved_at != state.num_updates:
+                checkpoint()
+        if mid_epoch and info['stop']:
+            stopped(info['stop'], f"at epoch {info['epoch'] + 1}, step {info['step']} (update {info['update']})")
 
     metrics = ema_metrics = None
-    for epoch in range(state.epoch, stop_epoch):
-        set_loader_epoch(train_loader, epoch, accelerator.process_index)
-        # resumed mid-epoch: the same order, the first state.step batches not loaded
-        loader = skip_first_batches(train_loader, state.step) if state.step else train_loader
-        try:
-            stats = train_one_epoch(parts, state, epoch, loader, on_update, records.tb,
-                                    desc=f'epoch {epoch + 1}/{num_epochs}')
-        except NonFiniteError as e:
-            raise e.with_checkpoint(f'{last_dir} (update {saved_at})' if saved_at is not None else
-                                    chk.folder if chk is not None else None) from None
-        finally:
-            records.close_steps()
-        state.end_epoch(stats)
-        bad = unreadable_images(train_loader.dataset)
-        if bad > bad_images:
-            bad_images = bad
-            log.warning('%d unreadable training images skipped so far (the warnings name them)', bad)
+    with parts.stop:  # SIGTERM / SIGUSR2 / SIGUSR1: checkpoint at the next update boundary, then stop
+        for epoch in range(state.epoch, stop_epoch):
+            set_loader_epoch(train_loader, epoch, accelerator.process_index)
+            # resumed mid-epoch: the same order, the first state.step batches not loaded
+            loader = skip_first_batches(train_loader, state.step) if state.step else train_loader
+            try:
+                stats = train_one_epoch(parts, state, epoch, loader, on_update, records.tb,
+                                        desc=f'epoch {epoch + 1}/{num_epochs}')
+            except NonFiniteError as e:
+                raise e.with_checkpoint(f'{last_dir} (update {saved_at})' if saved_at is not None else
+                                        chk.folder if chk is not None else None) from None
+            finally:
+                records.close_steps()
+            state.end_epoch(stats)
+            bad = unreadable_images(train_loader.dataset)
+            if bad > bad_images:
+                bad_images = bad
+                log.warning('%d unreadable training images skipped so far (the warnings name them)', bad)
 
-        done = state.epoch
-        evaluated = done == stop_epoch or (eval_interval > 0 and done % eval_interval == 0)
-        sparsity = None
-        if evaluated:
-            metrics, ema_metrics = _test(parts)
-            if sparsity_images is not None:
-                sparsity = model_sparsity(raw_model, sparsity_images, accelerator.autocast)
-        record, line = _epoch_summary(done, num_epochs, stats, evaluated, metrics, ema_metrics, sparsity)
-        state.history.append(record)
-        records.epoch(done, stats, raw_model, metrics if evaluated else None, ema_metrics, sparsity)
-        if evaluated:
-            _keep_best(state, parts, records, metrics, ema_metrics)
-        checkpoint()
-        log.info(line)
-        accelerator.wait_for_everyone()
+            done = state.epoch
+            evaluated = done == stop_epoch or (eval_interval > 0 and done % eval_interval == 0)
+            sparsity = None
+            if evaluated:
+                metrics, ema_metrics = _test(parts)
+                if sparsity_images is not None:
+                    sparsity = model_sparsity(raw_model, sparsity_images, accelerator.autocast)
+            record, line = _epoch_summary(done, num_epochs, stats, evaluated, metrics, ema_metrics, sparsity)
+            state.history.append(record)
+            records.epoch(done, stats, raw_model, metrics if evaluated else None, ema_metrics, sparsity)
+            if evaluated:
+                _keep_best(state, parts, records, metrics, ema_metrics)
+            checkpoint()
+            log.info(line)
+            accelerator.wait_for_everyone()
+            signal_name = parts.stop.agreed(accelerator)
+            if signal_name and state.epoch < stop_epoch:
+                stopped(signal_name, f'after epoch {state.epoch} (update {state.num_updates})')
 
     # Results: results.json, the model folder and the summary line (main process), on every process.
     if metrics is None:  # resumed at (or past) the last epoch: evaluate what was loaded
@@ -194,10 +221,25 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     results = records.results(parts, state, metrics, ema_metrics, sparsity_images, bad_images,
                               labels if labels is not None and len(labels) == num_classes else None)
     records.close()
+    if lock is not None:
+        lock.release()
     if main:
         print(summary_line(results, cfg.model_choice, run_dir), flush=True)
     accelerator.wait_for_everyone()
     return from_main_process(accelerator, results)
+
+
+def _continue_with(run_dir: str) -> str:
+    """The overrides that continue this job: its run folder's checkpoint, or a -m sweep's every job's."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under Hydra
+        return f'resume=auto hydra.run.dir={run_dir}'
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f'resume=auto hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}'
+    return f'resume=auto hydra.run.dir={run_dir}'
 
 
 def _wants_compile(cfg: DictConfig, device: torch.device) -> bool:

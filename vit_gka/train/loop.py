@@ -70,11 +70,12 @@ def _poison() -> Optional[tuple]:
 class UpdateGuard:
     """Collects one optimizer update's micro-batch losses and decides, at the update, whether it may step."""
 
-    def __init__(self, accelerator, policy: str = 'stop'):
+    def __init__(self, accelerator, policy: str = 'stop', stop=None):
         if policy not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite must be stop or skip, not '{policy}'")
         self.accelerator = accelerator
         self.policy = policy
+        self.stop = stop  # preemption.StopSignals: its flags ride on the loss all-reduce, so every process agrees
         self.poison = _poison()
         self.check_grads = getattr(accelerator, 'scaler', None) is None
         self.loss_sum, self.images = 0.0, 0
@@ -95,10 +96,12 @@ class UpdateGuard:
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float('inf'))
 
     def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-        """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images'}``
-        with ``loss`` the mean over all processes' images; raises ``NonFiniteError`` under ``stop``."""
+        """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images',
+        'stop'}`` with ``loss`` the mean over all processes' images and ``stop`` the stop signal any process has
+        received (None: none); raises ``NonFiniteError`` under ``stop``."""
         params = [p for p in model.parameters() if p.grad is not None]
-        totals = torch.tensor([self.loss_sum, float(self.images)], dtype=torch.float64)
+        flags = self.stop.flags() if self.stop is not None else []
+        totals = torch.tensor([self.loss_sum, float(self.images), *flags], dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction='sum').cpu()
         mean = totals[0].item() / max(totals[1].item(), 1.0)
@@ -111,7 +114,8 @@ class UpdateGuard:
             norm = float(grad_norm)
             if not math.isfinite(norm):
                 problem = f'non-finite gradient (norm {norm})'
-        out = {'ok': problem is None, 'loss': mean, 'loss_sum': self.loss_sum, 'images': self.images}
+        out = {'ok': problem is None, 'loss': mean, 'loss_sum': self.loss_sum, 'images': self.images,
+               'stop': self.stop.name(totals[2:].tolist()) if self.stop is not None else None}
         self.loss_sum, self.images = 0.0, 0
         if problem is not None:
             message = f'{problem} at {where} (update {update})'
@@ -132,13 +136,15 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
 
     Gradient accumulation: ``accelerator.gradient_accumulation_steps`` micro-batches per optimizer step
     (``accelerator.backward`` divides the loss by it; gradients are not all-reduced until the last
-    micro-batch); a shorter last group at the end of the epoch still steps. The schedule is stepped per
-    optimizer update (``lr_scheduler.step_update``), the EMA after every update.
+    micro-batch); a shorter last group at the end of the epoch still steps, with the mean over its own
+    micro-batches. The schedule is stepped per optimizer update (``lr_scheduler.step_update``), the EMA after
+    every update.
 
     Mid-epoch resume: ``loader`` yields the epoch's batches from ``state.step`` on (``skip_first_batches``)
     and ``state.totals`` are this process's sums over the first ``state.step``. ``on_update(info)`` is called
     after every update (``state`` already advanced) with ``epoch``, ``step``, ``update``, ``loss`` (mean over the
-    update's images on all processes; None when not finite), ``lr`` and ``skipped``.
+    update's images on all processes; None when not finite), ``lr``, ``skipped`` and ``stop`` (the stop signal
+    that any process has received by this update, the same on every process; None: none; see preemption.py).
     """
     from tqdm import tqdm
 
@@ -152,7 +158,7 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
     loss_sum = float(done.get('loss_sum', 0.0))
     n_seen = int(done.get('images', 0))
     skipped = int(done.get('skipped', 0))
-    guard = UpdateGuard(accelerator, parts.nonfinite)
+    guard = UpdateGuard(accelerator, parts.nonfinite, getattr(parts, 'stop', None))
     bar = tqdm(total=n_batches, initial=start_step, desc=desc or f'epoch {epoch + 1}', leave=False,
                dynamic_ncols=True, disable=not (parts.progress and accelerator.is_main_process), mininterval=1.0)
     start = time.perf_counter() - float(done.get('time_s', 0.0))
@@ -165,10 +171,13 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         sync = (step + 1) % accum == 0 or step + 1 == n_batches
         ctx = contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
         update = state.num_updates + 1
+        # micro-batches of this update: accum, fewer in an epoch's last group; accelerator.backward divides by
+        # accum, so a short group's loss is scaled back up: every update's gradient is its micro-batches' mean
+        group = min(accum, n_batches - step // accum * accum)
         with ctx:
             output = model(images)
             loss = guard.loss(parts.loss_fn(output.float(), targets), update)
-            accelerator.backward(loss)
+            accelerator.backward(loss * (accum / group) if group < accum else loss)
         loss_value = loss.detach().float().item()
         guard.add(loss_value, images.shape[0])
         bar.update(1)
@@ -200,7 +209,7 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         if on_update is not None:
             on_update({'epoch': epoch, 'step': step + 1, 'update': update,
                        'loss': verdict['loss'] if math.isfinite(verdict['loss']) else None, 'lr': lr,
-                       'skipped': not verdict['ok']})
+                       'skipped': not verdict['ok'], 'stop': verdict['stop']})
         if update % parts.log_interval == 0 or step + 1 == n_batches:
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', refresh=False)
@@ -224,13 +233,15 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator=None, progress: bool = False, desc: str = 'eval') -> Dict[str, float]:
+def evaluate(model: nn.Module, loader, accelerator=None, progress: bool = False, desc: str = 'eval',
+             autocast: Optional[Callable] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (percent), mean cross-entropy ``loss`` and ``images_per_s`` over ``loader``.
 
     With an ``accelerator`` the batches go to its device under its mixed precision, and per-sample results
     are gathered across processes with ``gather_for_metrics`` (a loader passed through
     ``accelerator.prepare`` is sharded, and the padding samples of its last batch are dropped). Without
-    one, the model's own device is used. Also returns ``num_images``.
+    one, the model's own device is used, under ``autocast`` (a context-manager factory, e.g. the bf16
+    autocast a run evaluated with; default: none). Also returns ``num_images``.
     """
     from tqdm import tqdm
 
@@ -241,7 +252,7 @@ def evaluate(model: nn.Module, loader, accelerator=None, progress: bool = False,
         autocast = accelerator.autocast
     else:
         device = next(model.parameters()).device
-        autocast = contextlib.nullcontext
+        autocast = autocast or contextlib.nullcontext
     is_main = accelerator is None or accelerator.is_main_process
     sums = torch.zeros(3, dtype=torch.float64)
     count = 0

@@ -168,6 +168,8 @@ class RunRecords:
             'seed': int(cfg.seed),
             'global_batch_size': state.global_batch_size,
             'train_subset': cfg.train_subset,
+            # the autocast of training and of every evaluation (no | bf16 | fp16 | fp8): eval.py evaluates the same
+            'mixed_precision': str(parts.accelerator.mixed_precision),
             'params': stats['params'],
             'params_attn': stats.get('params_attn'),
             'params_mlp': stats.get('params_mlp'),

@@ -13,9 +13,9 @@ Checkpoint folder (``<run>/checkpoints/last/``)::
                            torch.load(path, weights_only=True) loads it
 
 ``save_checkpoint`` writes it through checkpoint.py's crash-safe swap (``last.tmp-*``, ``last.prev``);
-``load_checkpoint`` finds and reads it through loading.py's safe readers (a checkpoint written before this
-module, with fewer fields, loads with the defaults below); ``resume`` checks it against this run and puts it
-back into the model, EMA, optimizer, scheduler and RNGs.
+``load_checkpoint`` (``resume_checkpoint`` for the ``resume`` setting, ``auto`` included) finds and reads it through
+loading.py's safe readers (a checkpoint written before this module, with fewer fields, loads with the defaults
+below); ``resume`` checks it against this run and puts it back into the model, EMA, optimizer, scheduler and RNGs.
 """
 import dataclasses
 import logging
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from vit_gka.errors import UserError
-from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, write_checkpoint
+from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointWriteError, write_checkpoint
 from vit_gka.train.loading import check_weights, first_line, load_state, load_weights
 
 log = logging.getLogger('vit_gka.train')
 
 __all__ = ['TrainParts', 'TrainState', 'Checkpoint', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint',
-           'resume', 'run_dir_of', 'rng_state', 'set_rng_state', 'gather_process_states']
+           'resume_checkpoint', 'RESUME_AUTO', 'resume', 'run_dir_of', 'rng_state', 'set_rng_state',
+           'gather_process_states']
 
 _LOCAL = {'local': True}  # a field of this process only: not a top-level key of state.pt
 
@@ -58,6 +59,7 @@ class TrainParts:
     nonfinite: str                  # stop | skip (loop.UpdateGuard)
     log_interval: int               # updates between progress-bar / TensorBoard train updates
     progress: bool                  # tqdm progress bar (main process)
+    stop: Any = None                # preemption.StopSignals: a stop signal is checked at every update (None: none)
 
 
 def _no_best() -> Dict[str, Any]:
@@ -137,29 +139,65 @@ class Checkpoint(NamedTuple):
     record: Dict[str, Any]  # state.pt as loaded (optimizer, scheduler, procs, ...)
 
 
-def save_checkpoint(folder: str, state: TrainState, parts: TrainParts) -> None:
+def save_checkpoint(folder: str, state: TrainState, parts: TrainParts, previous: Optional[str] = None) -> None:
     """Write ``folder`` (``<run>/checkpoints/last``) atomically from the main process. A collective: every process
-    calls it (their RNG states and partial epoch sums go into it)."""
-    procs = gather_process_states(parts.accelerator, {'totals': state.totals})
-    if parts.accelerator.is_main_process:
+    calls it (their RNG states and partial epoch sums go into it), and every process raises the main process's
+    ``CheckpointWriteError`` (``previous``: the last good checkpoint, e.g. ``update 40``, for its message)."""
+    accelerator = parts.accelerator
+    procs = gather_process_states(accelerator, {'totals': state.totals})
+    failed = None
+    if accelerator.is_main_process:
         ema = parts.model_ema
-        write_checkpoint(folder, parts.raw_model.state_dict(), state.record(parts, procs),
-                              ema.module.state_dict() if ema is not None else None)
+        try:
+            write_checkpoint(folder, parts.raw_model.state_dict(), state.record(parts, procs),
+                             ema.module.state_dict() if ema is not None else None, previous=previous)
+        except CheckpointWriteError as e:
+            if accelerator.num_processes == 1:
+                raise
+            failed = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        failed = broadcast_object_list([failed], from_process=0)[0]
+        if failed:
+            raise CheckpointWriteError(failed)
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str, missing_ok: bool = False) -> Optional[str]:
     """The checkpoint folder for ``resume=path``: a checkpoint folder itself, or a run folder
-    (``<path>/checkpoints/last``), or their ``.prev`` left by a crash between two renames."""
+    (``<path>/checkpoints/last``), or their ``.prev`` left by a crash between two renames. None when there is
+    none and ``missing_ok``, else ``UserError``."""
     full = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(full) and not os.path.isdir(full + '.prev'):
+        if missing_ok:
+            return None
         raise UserError(f'resume path does not exist: {path}; give a run folder or its checkpoints/last')
     candidates = [full, os.path.join(full, 'last'), os.path.join(full, 'checkpoints', 'last')]
     candidates += [c + '.prev' for c in candidates]
     for c in candidates:
         if os.path.isfile(os.path.join(c, STATE_FILE)) and os.path.isfile(os.path.join(c, MODEL_FILE)):
             return c
+    if missing_ok:
+        return None
     raise UserError(f'no checkpoint under {path} (looked for {STATE_FILE} and {MODEL_FILE} in it, in '
                     f'last/ and in checkpoints/last/); give a run folder that has checkpoints/last')
+
+
+RESUME_AUTO = 'auto'  # resume=auto: this run folder's own checkpoint if it has one, else a fresh start
+
+
+def resume_checkpoint(resume_from: Optional[str], run_dir: str) -> Optional['Checkpoint']:
+    """The checkpoint that the setting ``resume`` names, or None to start fresh: ``resume=<run or checkpoint
+    folder>`` (``load_checkpoint``), ``resume=auto`` (``<run_dir>/checkpoints/last`` or its ``.prev`` when there is
+    one; a requeued job continues, a first one starts), ``resume=null`` (start)."""
+    if resume_from is None or str(resume_from) == '':
+        return None
+    if str(resume_from) != RESUME_AUTO:
+        return load_checkpoint(str(resume_from))
+    folder = find_checkpoint(os.path.join(run_dir, 'checkpoints', 'last'), missing_ok=True)
+    if folder is None:
+        log.info('resume=auto: no checkpoint in %s yet, starting', os.path.join(run_dir, 'checkpoints'))
+        return None
+    return load_checkpoint(folder)
 
 
 def run_dir_of(folder: str) -> str:

@@ -50,12 +50,14 @@ def _int_check(cfg, key: str, what: str, low: int, optional: bool) -> None:
 
 def validate(cfg) -> None:
     """``UserError`` for a value of the wrong type or range (``batch_size=0``, ``epochs=-1``,
-    ``model.args.sigma_init=0``, ``nonfinite=maybe``, ``mixed_precision=fp8`` without its GPU and backend) or a
-    model timm does not have (``model=eka_fixed shape=base``, ``model=timm`` without ``model.name``)."""
+    ``model.args.sigma_init=0``, ``nonfinite=maybe``, ``mixed_precision=fp8`` without its GPU and backend, an odd
+    ``batch_size`` with mixup / cutmix) or a model timm does not have (``model=eka_fixed shape=base``,
+    ``model=timm`` without ``model.name``)."""
     for key, (what, low) in _INTS.items():
         _int_check(cfg, key, what, low, optional=False)
     for key, (what, low) in _OPTIONAL_INTS.items():
         _int_check(cfg, key, what, low, optional=True)
+    _check_mixup_batch(cfg)
     lr = cfg.get('lr')
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise UserError(f'lr must be a positive number (base learning rate per lr_base_size images), got {lr!r}; '
@@ -78,6 +80,21 @@ def validate(cfg) -> None:
             raise UserError(f'model.args.{key} must be {what}, got {value!r}; give model.args.{key}=<{instead}>')
     if model is not None:
         check_model(cfg)
+
+
+def _check_mixup_batch(cfg) -> None:
+    """timm's Mixup (mixup / cutmix) pairs the images of a batch and asserts an even batch: an odd batch_size
+    would stop the run at its first step (the last, shorter batch is dropped when mixup is on)."""
+    aug = cfg.get('aug')
+    if aug is None or cfg.batch_size % 2 == 0:
+        return
+    on = {f'aug.{k}': f'aug.{k}=0' for k in ('mixup', 'cutmix')
+          if isinstance(aug.get(k), numbers.Real) and aug.get(k) > 0}
+    if aug.get('cutmix_minmax') is not None:
+        on['aug.cutmix_minmax'] = 'aug.cutmix_minmax=null'
+    if on:
+        raise UserError(f"batch_size must be even with {' and '.join(on)} on (timm's Mixup mixes pairs of images), "
+                        f"got {cfg.batch_size}; set batch_size={cfg.batch_size + 1} or {' '.join(on.values())}")
 
 
 def _check_fp8(cfg) -> None:

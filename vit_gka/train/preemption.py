@@ -1,0 +1,259 @@
+"""What a cluster does to a job, and what the run does about it: preemption signals and requeued jobs.
+
+**Stop signals** (``StopSignals``). Slurm sends SIGTERM to every process of a job before it kills it (preemption,
+``scancel``, the time limit; SIGKILL follows after its grace period, ``KillWait``), and submitit asks for SIGUSR2
+(or SIGUSR1) ahead of the time limit. While the epochs run, these signals only latch a flag; the run checks it
+at the next optimizer-update boundary, writes ``checkpoints/last`` there and ends with one line
+``stopped by SIGTERM at epoch 2, step 5 (update 11): checkpoint <run>/checkpoints/last; continue with ...``,
+exit status ``EXIT_STOPPED`` (75, EX_TEMPFAIL of sysexits.h: "temporary failure, try again"; neither 0, which
+would tell a job chain (``--dependency=afterok``) that the run finished, nor the 2 of a user mistake).
+A signal that comes during the evaluation or the checkpoint at an epoch's end stops the run right after that
+checkpoint. In a run of several processes the signal may reach only one: its flags ride on the all-reduce
+that every update already makes (loop.UpdateGuard sums the update's loss over processes), so every process
+stops after the same update; at an epoch's end one tiny all-reduce (``agreed``) does the same.
+DataLoader worker processes get the signal too (Slurm signals every process of the job) and would die of it,
+failing the run before it can checkpoint: ``shield_workers`` makes them ignore these signals (the training
+process shuts its workers down itself).
+
+**One writer per run folder** (``RunLock``). The main process holds an exclusive ``fcntl.flock`` on
+``<run>/run.lock`` (pid, host and start time written in it) while it writes the folder. A second run on the
+folder stops at once in one line naming the holder, exit status 2, before it writes anything (``check_free``
+runs before Hydra writes ``.hydra/``; ``RunLock.acquire`` again before the job's first write). The OS drops the
+lock when its process dies (also ``kill -9``): a requeued job takes the folder over; a lock that is still held
+although its pid is gone on this host (a leftover child holding the file) is stale and taken over too. The
+file is removed when the run ends.
+"""
+import atexit
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from vit_gka.errors import UserError
+
+__all__ = ['StopSignals', 'Stopped', 'EXIT_STOPPED', 'shield_workers', 'RunLock', 'check_free', 'LOCK_FILE']
+
+log = logging.getLogger('vit_gka.train')
+
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL
+LOCK_FILE = 'run.lock'
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR2', 'SIGUSR1') if hasattr(signal, name))
+
+
+class Stopped(UserError):
+    """The run stopped on a signal after writing its checkpoint (one line, exit status ``EXIT_STOPPED``)."""
+    exit_code = EXIT_STOPPED
+    input_error = False
+
+
+# --------------------------------------------------------------------------------------------- stop signals
+
+class StopSignals:
+    """While active (``with StopSignals() as stop:``), SIGTERM, SIGUSR2 and SIGUSR1 only latch a flag; the previous
+    handlers come back at the end. ``flags()`` are this process's (one number per signal, summed over processes
+    by whoever reduces them), ``name(flags)`` the first signal they show, ``agreed(accelerator)`` the verdict of
+    all processes (a collective)."""
+
+    def __init__(self):
+        self.received: List[int] = []
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> 'StopSignals':
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:  # no I/O here: it interrupts whatever runs
+        if signum not in self.received:
+            self.received.append(signum)
+
+    def flags(self) -> List[float]:
+        return [float(sig in self.received) for sig in STOP_SIGNALS]
+
+    @staticmethod
+    def name(flags) -> Optional[str]:
+        """The signal that ``flags`` (this or every process's, summed) show, or None."""
+        for sig, flag in zip(STOP_SIGNALS, flags):
+            if float(flag) > 0:
+                return signal.Signals(sig).name
+        return None
+
+    def agreed(self, accelerator) -> Optional[str]:
+        """The signal any process received, on every process (a collective: every process calls it)."""
+        flags = torch.tensor(self.flags(), dtype=torch.float64)
+        if accelerator is not None and accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags.to(accelerator.device), reduction='sum').cpu()
+        return self.name(flags.tolist())
+
+
+class _IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore the stop signals, then calls ``init``."""
+
+    def __init__(self, init=None):
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)
+
+
+def shield_workers(loader) -> Any:
+    """Make ``loader``'s worker processes ignore SIGTERM / SIGUSR1 / SIGUSR2 (module docstring); returns it."""
+    if not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
+        loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
+    return loader
+
+
+# --------------------------------------------------------------------------------------------- run lock
+
+_held: List['RunLock'] = []  # locks of this process: their descriptors are closed in forked children
+
+
+def _close_in_child() -> None:
+    for lock in _held:
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)  # the child's copy only: the parent keeps the lock
+            except OSError:
+                pass
+            lock.fd = None
+    _held.clear()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _holder(fd: int) -> Dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        record = json.loads(os.read(fd, 4096).decode() or '{}')
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(holder: Dict[str, Any]) -> bool:
+    """A lock still held although the process that wrote it is gone from this host."""
+    pid = holder.get('pid')
+    return holder.get('host') == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _in_use(folder: str, holder: Dict[str, Any]) -> UserError:
+    since = holder.get('since')
+    when = time.strftime(' since %Y-%m-%d %H:%M:%S', time.localtime(since)) if isinstance(since, (int, float)) else ''
+    who = (f"process {holder.get('pid')} on {holder.get('host')}{when}" if holder.get('pid') else 'another process')
+    return UserError(f'run folder {folder} is in use by {who} ({os.path.join(folder, LOCK_FILE)}); wait for it to '
+                     f'end, or give another hydra.run.dir=<folder>')
+
+
+def check_free(folder: str) -> None:
+    """``UserError`` when another live process holds ``folder``'s lock; changes nothing in ``folder``."""
+    path = os.path.join(os.path.abspath(folder), LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        if not _stale(holder):
+            raise _in_use(os.path.dirname(path), holder) from None
+    except OSError:  # a file system without flock: RunLock.acquire decides
+        pass
+    finally:
+        os.close(fd)  # (and with it a lock just taken)
+
+
+class RunLock:
+    """The exclusive lock of one run folder (module docstring): ``acquire()``, ``release()`` (also at exit)."""
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        self.path = os.path.join(self.folder, LOCK_FILE)
+        self.fd: Optional[int] = None
+        self.pid = os.getpid()
+
+    def acquire(self) -> 'RunLock':
+        """Take the folder, or raise ``UserError`` naming the live process that holds it."""
+        os.makedirs(self.folder, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                if not _stale(holder):
+                    os.close(fd)
+                    raise _in_use(self.folder, holder) from None
+                log.warning('taking over the lock of process %s (gone) on %s', holder.get('pid'), self.folder)
+                self._unlink_if(fd)
+                os.close(fd)
+                continue
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    os.close(fd)
+                    raise
+                log.warning('%s: file locks are not supported here; nothing stops a second run on this folder',
+                            self.path)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed by its last holder (or taken over) after we opened it: again
+                os.close(fd)
+                continue
+            record = json.dumps({'pid': self.pid, 'host': socket.gethostname(), 'since': time.time()})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (record + '\n').encode(), 0)
+            self.fd = fd
+            _held.append(self)
+            atexit.register(self.release)
+            return self
+        raise UserError(f'could not lock {self.path}: it keeps changing; is another run starting on {self.folder}?')
+
+    def _unlink_if(self, fd: int) -> None:
+        """Remove the lock file if ``fd`` is still what it names."""
+        try:
+            if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent; nothing in a forked child)."""
+        if self.fd is None or os.getpid() != self.pid:
+            return
+        self._unlink_if(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        if self in _held:
+            _held.remove(self)
