@@ -3,10 +3,13 @@ an ImageNet-layout folder of real JPEGs, the mask cases of the attention tests, 
 in for code a crafted file would run."""
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -122,3 +125,34 @@ class Payload:
 
     def __reduce__(self):
         return open, (self.path, 'w')
+
+
+def steps(run_dir):
+    """The records of ``<run_dir>/steps.jsonl``, one per optimizer update."""
+    with open(os.path.join(run_dir, 'steps.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def lines(path):
+    """The number of lines of a file (0 while it does not exist)."""
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for(condition, proc, timeout=180):
+    """Poll ``condition()`` until it holds, while the background run ``proc`` is still going."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, 'the run ended too early'
+        assert time.time() < deadline, 'timed out waiting for the run'
+        time.sleep(0.02)
+
+
+def free_port():
+    """A free TCP port on the loopback interface (torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

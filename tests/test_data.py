@@ -109,7 +109,7 @@ def test_repeat_aug_sampler_is_recognised_by_type():
     from timm.data.distributed_sampler import RepeatAugSampler
 
     class Subclass(RepeatAugSampler):
-        pass
+        """A user's own RepeatAugSampler."""
 
     data = list(range(12))
     sampler = train_sampler(data, seed=5, num_replicas=2, rank=0, repeated_aug=3)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TRAIN, check, needs_data, one_line_error, run
+from helpers import TRAIN, check, lines, needs_data, one_line_error, run, steps, wait_for
 from vit_gka.errors import UserError
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import preemption
@@ -35,17 +35,8 @@ RUN = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=fals
        'workers=1']
 
 
-def steps(run_dir):
-    with open(os.path.join(run_dir, 'steps.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
-def lines(path):
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
 
 
 def start(args, cwd, env=None, launcher=None):
@@ -67,12 +58,6 @@ def finish(proc, cwd, timeout=120):
                                        (cwd / 'stderr.txt').read_text())
 
 
-def wait_for(condition, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, 'the run ended too early'
-        assert time.time() < deadline, 'timed out waiting for the run'
-        time.sleep(0.02)
 
 
 def same_run(straight, run_dir):

@@ -14,10 +14,10 @@
   with every attention family, the short last group of gradient accumulation, the one-line errors of an odd
   batch with mixup and of a ``model.args`` key an ImageNet shape does not have.
 """
+import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from helpers import ROOT, TRAIN, check, imagenet_folder, needs_jpegs, run
+from helpers import ROOT, TRAIN, check, free_port, imagenet_folder, needs_jpegs, run, steps
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.cli import check_overrides
@@ -48,9 +48,6 @@ def _results(run_dir):
         return json.load(f)
 
 
-def _steps(run_dir):
-    with open(os.path.join(run_dir, 'steps.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def _descendants(pid):
@@ -67,10 +64,6 @@ def _descendants(pid):
     return found
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 # ------------------------------------------------------------------------- the documented ImageNet command
 
@@ -134,7 +127,7 @@ UPDATES = [(1, 2, 1), (1, 4, 2), (1, 5, 3), (2, 2, 4), (2, 4, 5), (2, 5, 6)]  # 
 def _torchrun(args, env=None):
     """The command line and environment of train.py in 2 processes (torchrun, gloo on the CPU)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-           str(_free_port()), TRAIN, *args]
+           str(free_port()), TRAIN, *args]
     return cmd, {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
 
 
@@ -168,10 +161,8 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
                 time.sleep(0.05)
         finally:  # as a cluster's kill: every process (torchrun puts each of its ranks in a session of its own)
             for pid in [proc.pid, *_descendants(proc.pid)]:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             proc.wait()
     state = load_checkpoint(str(run_dir)).state
     assert (state.epoch, state.step, state.num_updates) == (1, 2, 4)  # mid-epoch 2
@@ -185,8 +176,8 @@ def test_gpu_recipe_on_the_cpu(gpu_recipe_run):
     assert 'resumed from' in log and 'at epoch 2, step 2 (after 4 updates)' in log
     assert 'global batch 8 = 2 per process x 2 processes x 2 accumulation' in log and 'mixed precision bf16' in log
     assert 'data folder (20 train / 20 test images, 19 classes), input (3, 224, 224)' in log
-    assert [(s['epoch'], s['step'], s['update']) for s in _steps(run_dir)] == UPDATES  # carried over, then resumed
-    assert all(not s['skipped'] and torch.isfinite(torch.tensor(s['loss'])) for s in _steps(run_dir))
+    assert [(s['epoch'], s['step'], s['update']) for s in steps(run_dir)] == UPDATES  # carried over, then resumed
+    assert all(not s['skipped'] and torch.isfinite(torch.tensor(s['loss'])) for s in steps(run_dir))
     res = _results(run_dir)
     assert res['epochs_done'] == 2 and res['mixed_precision'] == 'bf16' and res['global_batch_size'] == 8
     assert res['num_classes'] == 19 and res['img_size'] == 224 and res['nonfinite_skipped'] == 0
@@ -225,7 +216,7 @@ def test_gpu_recipe_resume_is_exact(gpu_recipe_run, tmp_path):
     run_dir, _, root = gpu_recipe_run
     straight = tmp_path / 'straight'
     _train_two_processes([*GPU_RECIPE, f'data.root={root}', f'hydra.run.dir={straight}'], tmp_path)
-    assert _steps(straight) == _steps(run_dir)
+    assert steps(straight) == steps(run_dir)
     for name in ('checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors',
                  'model/model.safetensors'):
         a, b = load_file(straight / name), load_file(run_dir / name)

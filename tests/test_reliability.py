@@ -14,9 +14,7 @@
 import json
 import math
 import os
-import socket
 import sys
-import time
 
 import pytest
 import timm
@@ -24,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import Payload, check, digest, needs_data, one_line_error, popen, run
+from helpers import Payload, check, digest, free_port, lines, needs_data, one_line_error, popen, run, steps, wait_for
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
@@ -42,25 +40,10 @@ EXACT = [*BASE, 'epochs=2', 'checkpoint_every_steps=2', 'drop_path=0.1', 'aug.mi
 SMALL = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, num_heads=4, num_classes=10)
 
 
-def steps(run_dir):
-    with open(os.path.join(run_dir, 'steps.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
-def lines(path):
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
 
 
-def wait_for(condition, proc, timeout=180):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, 'the run ended before it could be killed'
-        assert time.time() < deadline, 'timed out waiting for the run'
-        time.sleep(0.02)
 
 
 def kill(proc):
@@ -154,10 +137,6 @@ def test_nonfinite_skip_drops_the_update(tmp_path):
     assert all(torch.isfinite(v).all() for v in load_file(run_dir / 'checkpoints/last/model.safetensors').values())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 # Two processes see the same samples and augmentations as one with twice the batch (sampling.py), and DDP averages
@@ -175,7 +154,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
     one, two = tmp_path / 'one', tmp_path / 'two'
     check(run([*args, 'batch_size=32', f'hydra.run.dir={one}'], cwd=tmp_path))
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                '--master_port', str(_free_port())]
+                '--master_port', str(free_port())]
     check(run([*args, 'batch_size=16', f'hydra.run.dir={two}'], cwd=tmp_path, launcher=launcher))
     a, b = steps(one), steps(two)
     assert [r['update'] for r in a] == [r['update'] for r in b] == list(range(1, 9))

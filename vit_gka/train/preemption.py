@@ -24,6 +24,7 @@ although its pid is gone on this host (a leftover child holding the file) is sta
 file is removed when the run ends.
 """
 import atexit
+import contextlib
 import errno
 import fcntl
 import json
@@ -129,10 +130,8 @@ _held: List['RunLock'] = []  # locks of this process: their descriptors are clos
 def _close_in_child() -> None:
     for lock in _held:
         if lock.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(lock.fd)  # the child's copy only: the parent keeps the lock
-            except OSError:
-                pass
             lock.fd = None
     _held.clear()
 
@@ -242,11 +241,9 @@ class RunLock:
 
     def _unlink_if(self, fd: int) -> None:
         """Remove the lock file if ``fd`` is still what it names."""
-        try:
+        with contextlib.suppress(OSError):
             if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                 os.unlink(self.path)
-        except OSError:
-            pass
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent; nothing in a forked child)."""
