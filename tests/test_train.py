@@ -24,11 +24,14 @@ from vit_gka.train.validation import validate
 
 @needs_data
 def test_gka_and_baseline_multirun(tmp_path):
-    proc = check(run(['-m', 'model=gka,deit', 'shape=fmnist', 'epochs=1', *TINY,
+    proc = check(run(['-m', 'model=gka,deit', 'shape=fmnist', 'epochs=1', *[a for a in TINY if a != 'progress=false'],
                       f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path))
     runs = sorted(glob.glob(f'{tmp_path}/sweep/*_*fmnist'))
     assert [os.path.basename(r) for r in runs] == ['0_gka_fmnist', '1_deit_fmnist']
     assert '| run' in proc.stdout and '0_gka_fmnist' in proc.stdout and '1_deit_fmnist' in proc.stdout
+    # progress=auto without a terminal (a log file): a line per log_interval updates and per epoch end, no bar
+    assert '-m' in proc.args and 'progress=false' not in proc.args and 'it/s' not in proc.stdout + proc.stderr
+    assert 'epoch 1/1  step 6/6  update 6  loss ' in proc.stdout
 
     for run_dir, arch, attn in zip(runs, ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
                                    ['GaussianKernelAttention', 'Attention']):

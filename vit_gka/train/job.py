@@ -31,6 +31,7 @@ repeated augmentation, else DistributedSampler) and the test set.
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -119,7 +120,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     model_ema = recipe.create_ema(raw_model, cfg.ema)
     parts = TrainParts(accelerator, model, raw_model, model_ema, optimizer, lr_scheduler, loss_fn, mixup_fn,
                        train_loader, eval_loader, clip_grad=cfg.clip_grad, nonfinite=str(cfg.nonfinite),
-                       log_interval=int(cfg.log_interval), progress=bool(cfg.progress), stop=StopSignals())
+                       log_interval=int(cfg.log_interval), progress=cfg.progress is True or (cfg.progress == 'auto' and sys.stderr.isatty()), stop=StopSignals())
 
     # Resume (every check before anything is loaded), or start: drop path etc. then differ per process.
     state = TrainState(model_name, model_args, epochs=num_epochs, global_batch_size=global_batch,

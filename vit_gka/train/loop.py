@@ -159,8 +159,9 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
     n_seen = int(done.get('images', 0))
     skipped = int(done.get('skipped', 0))
     guard = UpdateGuard(accelerator, parts.nonfinite, getattr(parts, 'stop', None))
-    bar = tqdm(total=n_batches, initial=start_step, desc=desc or f'epoch {epoch + 1}', leave=False,
-               dynamic_ncols=True, disable=not (parts.progress and accelerator.is_main_process), mininterval=1.0)
+    desc = desc or f'epoch {epoch + 1}'
+    bar = tqdm(total=n_batches, initial=start_step, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (parts.progress and accelerator.is_main_process), mininterval=1.0)
     start = time.perf_counter() - float(done.get('time_s', 0.0))
     lr = optimizer.param_groups[0]['lr']
     for step, (images, targets) in enumerate(loader, start=start_step):
@@ -213,6 +214,9 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         if update % parts.log_interval == 0 or step + 1 == n_batches:
             rate = n_seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', refresh=False)
+            if bar.disable:  # no bar (a log file: redrawn bars would fill it): a line instead
+                log.info('%s  step %d/%d  update %d  loss %.4f  lr %.2e  %.0f img/s', desc, step + 1, n_batches,
+                         update, loss_value, lr, rate)
             if tb_writer is not None and verdict['ok']:
                 tb_writer.add_scalar('train/loss', verdict['loss'], update)
                 tb_writer.add_scalar('train/lr', lr, update)

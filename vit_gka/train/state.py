@@ -58,7 +58,7 @@ class TrainParts:
     clip_grad: Optional[float]      # gradient norm clipping (None: none)
     nonfinite: str                  # stop | skip (loop.UpdateGuard)
     log_interval: int               # updates between progress-bar / TensorBoard train updates
-    progress: bool                  # tqdm progress bar (main process)
+    progress: bool                  # a tqdm bar (main process); else a log line every log_interval updates
     stop: Any = None                # preemption.StopSignals: a stop signal is checked at every update (None: none)
 
 

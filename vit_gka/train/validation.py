@@ -70,8 +70,9 @@ def validate(cfg) -> None:
     if cfg.mixed_precision == 'fp8':
         _check_fp8(cfg)
     for key in ('step_log', 'progress', 'save_model', 'cpu'):
-        if not isinstance(cfg.get(key), bool):
-            raise UserError(f'{key} must be true or false, got {cfg.get(key)!r}')
+        if not isinstance(cfg.get(key), bool) and not (key == 'progress' and cfg.get(key) == 'auto'):
+            raise UserError(f'{key} must be true or false{" or auto" if key == "progress" else ""}, '
+                            f'got {cfg.get(key)!r}')
     model = cfg.get('model')
     args = model.get('args') if model is not None else None
     for key, (ok, what, instead) in _MODEL_ARGS.items():
