@@ -118,9 +118,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
 
 def cli() -> None:
     """``vit-gka-summary``: the console script."""
-    name = os.path.basename(sys.argv[0])
-    sys.exit(main(prog=PROG if name.endswith('.py') or name == '__main__' else name))
+    sys.exit(main(prog='vit-gka-summary'))
 
 
 if __name__ == '__main__':
-    cli()
+    sys.exit(main())

@@ -187,7 +187,7 @@ def check_free(folder: str) -> None:
         if not _stale(holder):
             raise _in_use(os.path.dirname(path), holder) from None
     except OSError:  # a file system without flock: RunLock.acquire decides
-        pass
+        return
     finally:
         os.close(fd)  # (and with it a lock just taken)
 
