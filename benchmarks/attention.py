@@ -58,13 +58,70 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--windows', type=int, nargs='*', default=[], metavar='R',
                    help='2-D window radii to time as well, core rows (default: none)')
     p.add_argument('--reference-max-seq', type=int, default=4097, metavar='N',
-                   help='time the materialised reference core up to this N (default: %(default)s)')
+                   help='time the cores of quadratic memory (the materialised reference; sdpa_bias with a window) '
+                        'up to this N (default: %(default)s)')
     p.add_argument('--models', type=_model_pair, nargs='*', default=MODELS, metavar='GKA,BASELINE',
                    help='model pairs for the inference rows; --models alone: none (default: %s)'
                         % ' '.join(','.join(pair) for pair in MODELS))
     p.add_argument('--model-batch', type=int, default=64, help='batch of the model rows (default: %(default)s)')
     p.add_argument('--img-size', type=int, default=224, help='image size of the model rows (default: %(default)s)')
+    p.add_argument('--sdpa-kernels', action='store_true',
+                   help='core rows also with SDPA pinned to each kernel that accepts the call (flash, efficient, '
+                        'cudnn; CUDA), the standard core and each GKA SDPA backend alike')
+    p.add_argument('--profile', action='store_true',
+                   help='per core row, the device kernels one call runs and their share of its time (torch.profiler)')
     return p
+
+
+SDPA_KERNELS = {'flash': 'FLASH_ATTENTION', 'efficient': 'EFFICIENT_ATTENTION', 'cudnn': 'CUDNN_ATTENTION'}
+
+
+def pinned_sdpa(fns, device):
+    """Each SDPA contender once more per SDPA kernel, pinned with ``torch.nn.attention.sdpa_kernel``: which
+    kernel a backend reaches decides its speed (FlashAttention takes no additive bias, the padded head width
+    of ``sdpa_pad`` is 72). A kernel that refuses the call (no kernel available) is left out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def under(fn, backend):
+        def call():
+            with sdpa_kernel(backend):
+                fn()
+        return call
+
+    extra = {}
+    for name, fn in fns.items():
+        if name not in (STANDARD, 'gka sdpa_bias', 'gka sdpa_pad'):
+            continue
+        for short, backend in SDPA_KERNELS.items():
+            call = under(fn, getattr(SDPBackend, backend))
+            if runs(call):
+                extra[f'{name} [{short}]'] = call
+    return {**fns, **extra}
+
+
+def kernel_shares(fn, device, top=4):
+    """The device kernels (CPU: operators) one call of ``fn`` runs, the longest first, as 'name share%'."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CUDA] if device.type == 'cuda' else [ProfilerActivity.CPU]
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize(device) if device.type == 'cuda' else None
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if device.type == 'cuda' else \
+        [e for e in prof.key_averages() if e.self_cpu_time_total > 0 and not e.key.startswith('ProfilerStep')]
+    times = {e.key: e.self_device_time_total if device.type == 'cuda' else e.self_cpu_time_total for e in events}
+    total = sum(times.values()) or 1
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return '; '.join(f'{name[:70]} {100 * t / total:.0f}%' for name, t in ranked)
+
+
+def runs(fn) -> bool:
+    """Whether ``fn`` runs: some kernels refuse some inputs ("No available kernel"); such rows are left out."""
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
 
 
 def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
@@ -81,11 +138,15 @@ def core_contenders(x, log_sigma, mask, train, max_ref_seq, radius=None):
 
     qkv = [torch.randn_like(x).requires_grad_(train) for _ in range(3)]
     xg = x.detach().requires_grad_(train)
-    fns = {
-        STANDARD: run(lambda: F.scaled_dot_product_attention(*qkv, attn_mask=mask)),
-        'gka sdpa_bias': run(lambda: gka_sdpa_bias(xg, log_sigma, mask)),
-        'gka sdpa_pad': run(lambda: gka_sdpa_pad(xg, log_sigma, mask)),
-    }
+    fns = {STANDARD: run(lambda: F.scaled_dot_product_attention(*qkv, attn_mask=mask))}
+    if mask is None or x.shape[-2] <= max_ref_seq:  # masked, the bias is a (B, H, N, N) tensor: quadratic
+        fns['gka sdpa_bias'] = run(lambda: gka_sdpa_bias(xg, log_sigma, mask))
+    fns['gka sdpa_pad'] = run(lambda: gka_sdpa_pad(xg, log_sigma, mask))
+    if x.is_cuda:  # the padded form's options: v = x at the head's width (kernels that take it), width 128
+        for name, kwargs in (('gka sdpa_pad v=x', dict(narrow_v=True)), ('gka sdpa_pad w=128', dict(width=128))):
+            fn = run(lambda kwargs=kwargs: gka_sdpa_pad(xg, log_sigma, mask, **kwargs))
+            if runs(fn):
+                fns[name] = fn
     if x.is_cuda:  # compiled FlexAttention; windows as a block-sparse BlockMask (CPU flex: no backward)
         from torch.nn.attention.flex_attention import create_block_mask
         n = x.shape[-2]
@@ -106,6 +167,8 @@ def bench_core(cfg, device, dtype):
             log_sigma = torch.zeros(cfg.heads, device=device)
             mask = None if radius is None else build_mask(n, device, window_2d=radius)
             fns = core_contenders(x, log_sigma, mask, cfg.train, cfg.reference_max_seq, radius)
+            if cfg.sdpa_kernels and device.type == 'cuda':
+                fns = pinned_sdpa(fns, device)
             medians = interleaved_medians(fns, device, cfg.reps, cfg.warmup)
             peaks = {name: peak_memory_mb(fn, device) for name, fn in fns.items()}
             # What each core also holds while it runs: its inputs, q, k, v for the standard one, x for GKA.
@@ -118,6 +181,11 @@ def bench_core(cfg, device, dtype):
                                  memory_vs_standard=ratio(peaks[name], peaks[STANDARD]),
                                  with_inputs_mb=held[name], with_inputs_vs_standard=ratio(held[name], held[STANDARD])))
             print_rows(rows[-len(fns):], f'attention core N={n} B={batch} window_2d={radius}')
+            if cfg.profile:
+                for name, fn in fns.items():
+                    rows[-len(fns) + list(fns).index(name)]['kernels'] = kernel_shares(fn, device)
+                print_rows([{'impl': r['impl'], 'kernels': r['kernels']} for r in rows[-len(fns):]],
+                           f'kernels of one call, N={n} window_2d={radius}')
     return rows
 
 

@@ -41,7 +41,7 @@ def outputs_and_grads(module, x, kwargs):
         setattr(module, name, kwargs.pop(name, None))
     x = x.clone().requires_grad_()
     out = module(x, **kwargs)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
     return [out, x.grad, module.log_sigma.grad, module.proj.weight.grad, module.proj.bias.grad]
 
 
@@ -189,3 +189,34 @@ def test_cuda_backends_match_reference_with_grads(impl):
     expect, got = outputs_and_grads(ref, x, {'window_2d': 1}), outputs_and_grads(fused, x, {'window_2d': 1})
     for g, e in zip(got, expect):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize('options', [dict(width=128), dict(narrow_v=True)])
+def test_padded_form_options_match_formula(options):
+    # q' = [x / sigma^2, 1, ...], k' = [x, b, 0, ...] at any width >= d + 1, and v = x at the head's own width
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, N, 8, dtype=torch.float64)
+    log_sigma = torch.randn(3, dtype=torch.float64) * 0.3
+    expect = naive_kernel_attention(x, log_sigma.exp(), torch.ones(N, N, dtype=torch.float64))
+    torch.testing.assert_close(gka_sdpa_pad(x, log_sigma, **options), expect, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_model_close_to_reference():
+    # The whole model under bf16 autocast, fused (auto) against the materialised reference with the same
+    # weights: logits and the bandwidths' gradients agree to bf16's precision.
+    import timm
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=10)
+    fused = timm.create_model('gka_deit_tiny_patch16_224', **kwargs).cuda()
+    ref = timm.create_model('gka_deit_tiny_patch16_224', impl='reference', **kwargs).cuda()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 3, 64, 64, device='cuda')
+    outs = []
+    for model in (fused, ref):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            logits = model(x).float()
+        logits.square().mean().backward()
+        outs.append((logits, model.blocks[0].attn.log_sigma.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0.1, atol=0.1 * outs[1][1].abs().max().item())

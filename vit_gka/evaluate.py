@@ -34,6 +34,8 @@ __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_mode
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
 # mixed_precision= -> autocast dtype (fp8 runs were evaluated under Accelerate's bf16 autocast)
+# top-1 points by which eval.py may differ from a bf16 / fp16 / compiled run's own evaluation (rounding)
+ROUNDING_TOLERANCE = 0.5
 AUTOCAST_DTYPES = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp8': torch.bfloat16}
 
 # ------------------------------------------------------------------------------------------- the run folder
@@ -179,8 +181,12 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
         result['model'] = res['model']
         expected = res['ema_top1'] if res.get('model_folder_weights') == 'ema' else res['top1']
         result['recorded_top1'] = expected
+        # The same numbers, to the image, unless the run evaluated under bf16 / fp16 autocast or torch.compile:
+        # their kernels round differently from eval.py's eager ones, and a few borderline images may flip.
+        exact = res.get('mixed_precision', 'no') == 'no' and not res.get('compiled', False)
+        result['top1_tolerance'] = 0.0 if exact else ROUNDING_TOLERANCE
         result['matches_recorded'] = (str(data_cfg.name) == res.get('data')
-                                      and abs(metrics['top1'] - expected) < 1e-6)
+                                      and abs(metrics['top1'] - expected) <= result['top1_tolerance'] + 1e-6)
     return result
 
 
@@ -194,14 +200,15 @@ def benchmark(cfg: DictConfig, run_dir: Optional[str]) -> List[Dict[str, Any]]:
     amp = device.type == 'cuda' if str(bc.amp) == 'auto' else bool(bc.amp)
     return benchmark_models(with_baseline(label, name, args, bc.baseline), device, batch_size=int(bc.batch_size),
                             warmup=int(bc.warmup), steps=int(bc.steps), rounds=int(bc.rounds), amp=amp,
-                            train=bool(bc.train))
+                            train=bool(bc.train), compile=bool(bc.compile))
 
 
 def summary_line(result: Dict[str, Any]) -> str:
     line = (f"{result['model']} on {result['data']} ({result['num_images']} images): top-1 {result['top1']:.2f}%  "
             f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  {result['images_per_s']:.0f} img/s")
     if 'recorded_top1' in result:
-        line += f"  (run recorded top-1 {result['recorded_top1']:.2f}%: {'same' if result['matches_recorded'] else 'DIFFERENT'})"
+        same = 'same' if result['top1'] == result['recorded_top1'] else f"within {result['top1_tolerance']:.1f} points"
+        line += f"  (run recorded top-1 {result['recorded_top1']:.2f}%: {same if result['matches_recorded'] else 'DIFFERENT'})"
     return line
 
 # ------------------------------------------------------------------------------------------ the command

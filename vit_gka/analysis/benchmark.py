@@ -20,8 +20,9 @@ The harness (used by ``benchmark_models`` below and by ``benchmarks/attention.py
 
 ``benchmark_models`` (``eval.py bench=true``), in the manner of timm's benchmark.py: for each model inference
 (no_grad forward) and training steps (forward, cross-entropy, backward, AdamW step) on random inputs of the
-model's own size, ``warmup`` untimed then ``steps`` timed steps, bf16 autocast on CUDA. The models take turns
-round by round in one process and the median round is reported. Peak memory: ``torch.cuda.max_memory_allocated``
+model's own size, ``warmup`` untimed then ``steps`` timed steps, bf16 autocast on CUDA, optionally through
+``torch.compile`` (``compile=True``, as a training run on CUDA does; the first warm-up steps compile). The
+models take turns round by round in one process and the median round is reported. Peak memory: ``torch.cuda.max_memory_allocated``
 per phase (weights, optimizer state and inputs included; CUDA only, ``None`` on the CPU).
 """
 import argparse
@@ -218,9 +219,11 @@ class ModelUnderTest:
     """One model of ``benchmark_models``: its random inputs, optimizer, steps and per-round timings."""
 
     def __init__(self, label: str, name: str, args: Dict[str, Any], device: torch.device, batch_size: int,
-                 amp: bool):
+                 amp: bool, compile: bool = False):
         self.label, self.name, self.device, self.batch_size = label, name, device, batch_size
         self.model = timm.create_model(name, **args).to(device)
+        # torch.compile as a training run does it (compile=auto: on CUDA); the warm-up rounds absorb the compile
+        self.forward = torch.compile(self.model) if compile else self.model
         self.input_size = tuple(self.model.pretrained_cfg['input_size'])
         embed = getattr(self.model, 'patch_embed', None)
         if embed is not None:
@@ -234,11 +237,11 @@ class ModelUnderTest:
 
     def infer_step(self) -> None:
         with torch.no_grad(), self.autocast:
-            self.model(self.x)
+            self.forward(self.x)
 
     def train_step(self) -> None:
         with self.autocast:
-            loss = F.cross_entropy(self.model(self.x).float(), self.y)
+            loss = F.cross_entropy(self.forward(self.x).float(), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -258,7 +261,8 @@ class ModelUnderTest:
 
 
 def benchmark_models(models: List[Dict[str, Any]], device: torch.device, batch_size: int = 64, warmup: int = 3,
-                     steps: int = 10, rounds: int = 3, amp: bool = False, train: bool = True) -> List[Dict[str, Any]]:
+                     steps: int = 10, rounds: int = 3, amp: bool = False, train: bool = True,
+                     compile: bool = False) -> List[Dict[str, Any]]:
     """Inference (and training) images/s and peak memory of ``models`` (``with_baseline``'s list), interleaved
     round by round (module docstring); rows in that order, the first with ``ratio_*`` to the second. Prints
     the table and the ratios."""
@@ -266,7 +270,8 @@ def benchmark_models(models: List[Dict[str, Any]], device: torch.device, batch_s
         raise UserError('bench_cfg.steps, bench_cfg.rounds and bench_cfg.batch_size must be > 0, '
                         'bench_cfg.warmup >= 0')
     device = torch.device(device)
-    under_test = [ModelUnderTest(m['label'], m['name'], m['args'], device, batch_size, amp) for m in models]
+    under_test = [ModelUnderTest(m['label'], m['name'], m['args'], device, batch_size, amp, compile)
+                  for m in models]
     phases = PHASES if train else PHASES[:1]
     for _ in range(rounds):
         for phase in phases:
@@ -275,7 +280,8 @@ def benchmark_models(models: List[Dict[str, Any]], device: torch.device, batch_s
     rows = [{
         'label': m.label, 'model': m.name, 'batch_size': m.batch_size, 'input_size': list(m.input_size),
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-        'dtype': 'bf16' if amp else 'fp32', 'steps': steps, 'rounds': rounds,
+        'dtype': 'bf16' if amp else 'fp32', 'compiled': compile, 'steps': steps, 'rounds': rounds,
+        'torch': torch.__version__, 'timm': timm.__version__,
         'infer_images_per_s': m.images_per_s('infer'), 'train_images_per_s': m.images_per_s('train'),
         'infer_peak_mem_mb': m.peak['infer'], 'train_peak_mem_mb': m.peak['train'],
         'baseline': under_test[1].label if len(under_test) > 1 and m is under_test[0] else None,

@@ -40,13 +40,18 @@ def key_norm_bias(
     """(1 / sigma^2 as (1, H, 1, 1) in float32 at least, b_j = -||x_j||^2 / (2 sigma^2) as (B, H, N) in dtype).
 
     b is accumulated in float32 (``vector_norm(dtype=...)`` reads x once and builds no x**2 temporary).
-    For a 16-bit dtype (default: x's) it is shifted by its maximum over keys (the softmax is invariant to
-    a per-row constant) and clamped, so per-head norms of 1e3 stay finite; in float32 the fused kernels'
-    own running max already does that, and the two extra passes are skipped.
+    For a 16-bit x, 1 / sigma^2 is first rounded to x's dtype: the queries are scaled by that value in one
+    pass over x (``scaled_queries``), and the bias uses the same value, so the logits are exactly a Gaussian
+    kernel of that (0.2% rounded) bandwidth. For a 16-bit dtype (default: x's) b is shifted by its maximum
+    over keys (the softmax is invariant to a per-row constant) and clamped, so per-head norms of 1e3 stay
+    finite; in float32 the fused kernels' own running max already does that, and the two extra passes are
+    skipped.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     dtype = x.dtype if dtype is None else dtype
     inv_var = torch.exp(-2.0 * log_sigma.to(acc)).view(1, -1, 1, 1)
+    if x.dtype != acc:
+        inv_var = inv_var.to(x.dtype).to(acc)
     bias = torch.linalg.vector_norm(x, dim=-1, dtype=acc).square() * (-0.5 * inv_var.squeeze(-1))
     if torch.finfo(dtype).bits < 32:
         bias = bias - bias.amax(dim=-1, keepdim=True).detach()
@@ -55,8 +60,8 @@ def key_norm_bias(
 
 
 def scaled_queries(x: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
-    """q = x / sigma^2 per head, multiplied in float32 at least and returned in x's dtype."""
-    return (x.to(inv_var.dtype) * inv_var).to(x.dtype)
+    """q = x / sigma^2 per head in x's dtype, one pass over x (``key_norm_bias`` rounded 1 / sigma^2 to it)."""
+    return x * inv_var.to(x.dtype)
 
 
 def gka_sdpa_pad(
@@ -64,29 +69,31 @@ def gka_sdpa_pad(
         log_sigma: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         dropout_p: float = 0.0,
+        width: Optional[int] = None,
+        narrow_v: bool = False,
 ) -> torch.Tensor:
     """GKA through ``F.scaled_dot_product_attention``, the key-norm bias folded into the head width.
 
-    q' = [x / sigma^2, 1], k' = v' = [x, b], zero-padded to a multiple of 8 (v' is k' itself: the output's
-    extra columns are dropped). Equal head widths keep the CPU on its flash kernel with or without a mask,
-    where an additive (B, H, N, N) bias would be materialised as soon as a mask is combined with it; on
-    CUDA the same inputs are eligible for FlashAttention and the memory-efficient kernel. Heads x
-    (B, H, N, d). Rows whose keys are all masked are returned as zeros.
+    q' = [x / sigma^2, 1, ..., 1] and k' = [x, b, 0, ..., 0], padded up to ``width`` (default: the next
+    multiple of 8 above d), so q'.k' = x.x / sigma^2 + b: q' is one multiply and one pad of x, k' one
+    concatenation. v' is k' itself and the output's extra columns are dropped (equal head widths keep the CPU
+    on its flash kernel with or without a mask, where an additive (B, H, N, N) bias would be materialised as
+    soon as a mask is combined with it; on CUDA the same inputs reach cuDNN, FlashAttention and the memory-
+    efficient kernel), or with ``narrow_v`` v = x at the head's own width (kernels that take a narrower v).
+    Heads x (B, H, N, d). Rows whose keys are all masked are returned as zeros.
     """
     head_dim = x.shape[-1]
+    width = 8 * math.ceil((head_dim + 1) / 8) if width is None else width
+    extra = width - head_dim
     inv_var, bias = key_norm_bias(x, log_sigma)
-    bias = bias.unsqueeze(-1)
-
-    width = 8 * math.ceil((head_dim + 1) / 8)
-    zeros = x.new_zeros(*x.shape[:-1], width - head_dim - 1)
-    q = torch.cat([scaled_queries(x, inv_var), torch.ones_like(bias), zeros], dim=-1)
-    k = torch.cat([x, bias, zeros], dim=-1)
+    q = F.pad(scaled_queries(x, inv_var), (0, extra), value=1.0)
+    k = torch.cat([x, F.pad(bias.unsqueeze(-1), (0, extra - 1))], dim=-1)
 
     empty = empty_rows(mask)
     if empty is not None:
         mask = open_empty_rows(mask, empty)
-    out = F.scaled_dot_product_attention(q, k, k, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
-    out = out[..., :head_dim]
+    out = F.scaled_dot_product_attention(q, k, x if narrow_v else k, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    out = out if narrow_v else out[..., :head_dim]
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out

@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.analysis.flops import model_stats
@@ -170,6 +171,9 @@ class RunRecords:
             'train_subset': cfg.train_subset,
             # the autocast of training and of every evaluation (no | bf16 | fp16 | fp8): eval.py evaluates the same
             'mixed_precision': str(parts.accelerator.mixed_precision),
+            # torch.compile'd (its fused kernels round differently from eager ones: eval.py allows for it)
+            'compiled': isinstance(parts.accelerator.unwrap_model(parts.model, keep_torch_compile=True),
+                                   torch._dynamo.eval_frame.OptimizedModule),
             'params': stats['params'],
             'params_attn': stats.get('params_attn'),
             'params_mlp': stats.get('params_mlp'),
