@@ -6,12 +6,13 @@
 #   check   the GPU tests (pytest -m gpu)
 #   tests   the whole test suite on this machine (pytest-xdist when installed)
 #   train   the DeiT recipe (bf16, torch.compile) on Fashion-MNIST written as 224 x 224 JPEGs, GKA-S and DeiT-S,
-#           3 epochs (234 optimizer steps each); then eval.py reloads each run's model/ and reports its top-1
+#           3 epochs (234 optimizer steps each; EPOCHS=n); then eval.py reloads each run's model/ and reports its top-1
 #   core    attention core and layer: N = 197, 577, 4097, 16385, full and with a 2-D window of radius 7,
 #           inference and training, time and peak memory, each SDPA kernel pinned, the kernels each call runs
 #   models  whole models Ti / S / B, GKA vs DeiT interleaved: inference images/s at batch 128 ... 1024, training
 #           images/s and peak memory at batch 128 (eval.py bench=true), eager and torch.compile'd
-#           (environment: SIZES="tiny small base", INFER_BATCHES="128 256 512 1024", COMPILE="false true")
+#           (environment, empty for none: SIZES="tiny small base", INFER_BATCHES="128 256 512 1024",
+#           COMPILE="false true")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -39,7 +40,7 @@ step_train() {
     local data="$OUT/fmnist224"
     [ -d "$data" ] || "$PY" -m benchmarks.fmnist_folder "$data" --size 224 --train-per-class 1000 --val-per-class 100
     for model in gka deit; do
-        "$PY" train.py recipe=deit model=$model shape=small data=folder data.root="$data" epochs=3 batch_size=128 \
+        "$PY" train.py recipe=deit model=$model shape=small data=folder data.root="$data" epochs=${EPOCHS-3} batch_size=128 \
             sched.warmup_epochs=1 workers=12 progress=false hydra.run.dir="$OUT/train_${model}_small"
         "$PY" eval.py run="$OUT/train_${model}_small" workers=12
     done
@@ -51,12 +52,12 @@ step_core() {
 }
 
 step_models() {
-    for size in ${SIZES:-tiny small base}; do
-        for batch in ${INFER_BATCHES:-128 256 512 1024}; do
+    for size in ${SIZES-tiny small base}; do
+        for batch in ${INFER_BATCHES-128 256 512 1024}; do
             "$PY" eval.py model_name=gka_deit_${size}_patch16_224 bench=true bench_cfg.train=false \
                 bench_cfg.batch_size=$batch hydra.run.dir="$OUT/infer_${size}_b${batch}"
         done
-        for compiled in ${COMPILE:-false true}; do
+        for compiled in ${COMPILE-false true}; do
             "$PY" eval.py model_name=gka_deit_${size}_patch16_224 bench=true bench_cfg.batch_size=128 \
                 bench_cfg.compile=$compiled hydra.run.dir="$OUT/train_${size}_b128_compile_${compiled}"
         done
