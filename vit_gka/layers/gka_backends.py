@@ -70,7 +70,7 @@ def gka_sdpa_pad(
         mask: Optional[torch.Tensor] = None,
         dropout_p: float = 0.0,
         width: Optional[int] = None,
-        narrow_v: Optional[bool] = None,
+        narrow_v: bool = False,
 ) -> torch.Tensor:
     """GKA through ``F.scaled_dot_product_attention``, the key-norm bias folded into the head width.
 
@@ -79,11 +79,10 @@ def gka_sdpa_pad(
     concatenation. v' is k' itself and the output's extra columns are dropped (equal head widths keep the CPU
     on its flash kernel with or without a mask, where an additive (B, H, N, N) bias would be materialised as
     soon as a mask is combined with it; on CUDA the same inputs reach cuDNN, FlashAttention and the memory-
-    efficient kernel), or with ``narrow_v`` v = x at the head's own width (default: on CUDA, where it is 5-10%
-    faster and holds less; docs/benchmarks.md). Heads x (B, H, N, d). Rows whose keys are all masked are
-    returned as zeros.
+    efficient kernel), or with ``narrow_v`` v = x at the head's own width (off by default: on an H100 it is 5%
+    faster on contiguous heads, but 1.3x slower in the layer, whose heads are a strided view of the tokens;
+    docs/benchmarks.md). Heads x (B, H, N, d). Rows whose keys are all masked are returned as zeros.
     """
-    narrow_v = x.is_cuda if narrow_v is None else narrow_v
     head_dim = x.shape[-1]
     width = 8 * math.ceil((head_dim + 1) / 8) if width is None else width
     extra = width - head_dim
