@@ -1,5 +1,5 @@
 """The timing harness (vit_gka/analysis/benchmark.py), the model-vs-baseline benchmark of eval.py bench=true
-and the benchmark scripts (benchmarks/attention.py, benchmarks/kernels.py) on tiny sizes: they run, their
+and the benchmark scripts (benchmarks/attention.py, kernels.py, fmnist_folder.py) on tiny sizes: they run, their
 options and JSON hold, mistakes end in one line. No timings are checked: CI machines are noisy."""
 import json
 import os
@@ -12,10 +12,12 @@ import torch
 from vit_gka.analysis import benchmark as harness
 from vit_gka.errors import UserError
 
+from helpers import needs_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
-BENCH_KEYS = {'label', 'model', 'batch_size', 'input_size', 'device', 'dtype', 'steps', 'rounds', 'infer_images_per_s',
-              'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb', 'baseline'}
+BENCH_KEYS = {'label', 'model', 'batch_size', 'input_size', 'device', 'dtype', 'compiled', 'steps', 'rounds', 'torch',
+              'timm', 'infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb', 'baseline'}
 RATIO_KEYS = {f'ratio_{k}' for k in ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')}
 
 
@@ -78,6 +80,11 @@ def test_benchmark_models_rows_are_bench_json(capsys):
     assert 'inference speed x' in capsys.readouterr().out
     infer_only = harness.benchmark_models(models[:1], CPU, batch_size=2, warmup=0, steps=1, rounds=1, train=False)
     assert infer_only[0]['train_images_per_s'] is None and 'ratio_infer_images_per_s' not in infer_only[0]
+    assert infer_only[0]['compiled'] is False and infer_only[0]['torch'] == torch.__version__
+    # bench_cfg.compile=true: torch.compile'd as a training run on CUDA is (the warm-up step compiles)
+    compiled = harness.benchmark_models(models[:1], CPU, batch_size=2, warmup=1, steps=1, rounds=1, train=False,
+                                        compile=True)
+    assert compiled[0]['compiled'] is True and compiled[0]['infer_images_per_s'] > 0
     with pytest.raises(UserError, match='must be > 0'):
         harness.benchmark_models(models, CPU, steps=0)
 
@@ -93,14 +100,17 @@ def test_attention_benchmark_tiny(scripts, tmp_path, capsys):
     attention, _ = scripts
     out = tmp_path / 'attention.json'
     attention.main(['--seqs', '17', '--heads', '2', '--head-dim', '8', '--core-batch-tokens', '34', '--reps', '1',
-                    '--warmup', '0', '--windows', '1', '--train', '--models',
+                    '--warmup', '0', '--windows', '1', '--train', '--models', '--profile',
                     '--out', str(out)])
     data = json.loads(out.read_text())
     assert data['config']['seqs'] == [17] and data['config']['models'] == [] and data['config']['train'] is True
     assert {r['window_2d'] for r in data['core']} == {None, 1} and data['models'] == []
     assert {r['impl'] for r in data['core']} >= {attention.STANDARD, 'gka sdpa_bias', 'gka sdpa_pad', 'gka reference'}
     assert [r['layer'] for r in data['layers']] == ['timm Attention', 'GaussianKernelAttention']
-    assert '### attention core N=17 B=2 window_2d=1' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '### attention core N=17 B=2 window_2d=1' in printed and '### kernels of one call, N=17' in printed
+    assert all(r['kernels'] for r in data['core'])  # --profile: the operators each call ran, with their shares
+    assert any('scaled_dot_product' in r['kernels'] for r in data['core'] if r['impl'] == attention.STANDARD)
 
 
 def test_kernels_benchmark_tiny(scripts, tmp_path):
@@ -120,6 +130,7 @@ def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
         ([197, 577, 1025, 4097], 6, 64, 8192, 7, 2)
     assert (args.model_batch, args.img_size, args.train, args.windows, args.reference_max_seq, args.out) == \
         (64, 224, False, [], 4097, None)
+    assert (args.sdpa_kernels, args.profile) == (False, False)
     assert args.models == attention.MODELS
     args = kernels.parser().parse_args([])
     assert (args.seqs, args.dim, args.heads, args.batch_tokens, args.reps, args.warmup, args.train) == \
@@ -134,3 +145,21 @@ def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
         attention.main(['--models', 'only_one_name'])
     assert e.value.code == 2 and 'GKA_MODEL,BASELINE_MODEL' in capsys.readouterr().err
 
+
+
+@needs_data
+def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
+    from PIL import Image
+    from benchmarks import fmnist_folder
+    out = tmp_path / 'fmnist'
+    fmnist_folder.main([str(out), '--size', '32', '--train-per-class', '2', '--val-per-class', '1', '--workers', '2'])
+    for split, per_class in (('train', 2), ('val', 1)):
+        classes = sorted(os.listdir(out / split))
+        assert len(classes) == 10 and 'T-shirt_top' in classes and 'Ankle boot' in classes
+        assert all(len(os.listdir(out / split / c)) == per_class for c in classes)
+    image = Image.open(next((out / 'train' / 'Bag').iterdir()))
+    assert image.size == (32, 32) and image.mode == 'RGB' and image.format == 'JPEG'
+    assert 'train: 20 images of 10 classes' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # never writes into a folder that holds something
+        fmnist_folder.main([str(out)])
+    assert e.value.code == 2 and 'is not empty' in capsys.readouterr().err

@@ -139,3 +139,18 @@ def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
                            f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     one_line_error(proc, message)
     assert digest(folder) == before and not (tmp_path / 'hydra').exists() and not marker.exists()
+
+
+def test_compare_to_run_allows_rounding_for_bf16_and_compiled_runs():
+    # eval.py runs eager; a run evaluated under bf16 autocast or torch.compile rounds differently (issue: GPU run)
+    fp32 = {'top1': 80.0, 'ema_top1': 79.0, 'model_folder_weights': 'model', 'data': 'folder', 'mixed_precision': 'no',
+            'compiled': False}
+    assert evaluation.compare_to_run(fp32, 'folder', 80.0)['matches_recorded'] is True
+    assert evaluation.compare_to_run(fp32, 'folder', 80.1) == {'recorded_top1': 80.0, 'top1_tolerance': 0.0,
+                                                                'matches_recorded': False}
+    for changed in ({'mixed_precision': 'bf16'}, {'compiled': True}):
+        rounded = {**fp32, **changed}
+        assert evaluation.compare_to_run(rounded, 'folder', 80.3)['matches_recorded'] is True
+        assert evaluation.compare_to_run(rounded, 'folder', 80.6)['matches_recorded'] is False
+    assert evaluation.compare_to_run({**fp32, 'model_folder_weights': 'ema'}, 'folder', 79.0)['recorded_top1'] == 79.0
+    assert evaluation.compare_to_run(fp32, 'fashion_mnist', 80.0)['matches_recorded'] is False  # other data

@@ -29,7 +29,7 @@ from vit_gka.train.cli import check_overrides, exit_on_user_error
 from vit_gka.train.loading import describe_load_error, load_weights
 
 __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
-           'benchmark', 'summary_line', 'main', 'cli']
+           'compare_to_run', 'benchmark', 'summary_line', 'main', 'cli']
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
@@ -179,15 +179,20 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
     if run_dir is not None and cfg.ckpt is None:
         res = run_results(run_dir)
         result['model'] = res['model']
-        expected = res['ema_top1'] if res.get('model_folder_weights') == 'ema' else res['top1']
-        result['recorded_top1'] = expected
-        # The same numbers, to the image, unless the run evaluated under bf16 / fp16 autocast or torch.compile:
-        # their kernels round differently from eval.py's eager ones, and a few borderline images may flip.
-        exact = res.get('mixed_precision', 'no') == 'no' and not res.get('compiled', False)
-        result['top1_tolerance'] = 0.0 if exact else ROUNDING_TOLERANCE
-        result['matches_recorded'] = (str(data_cfg.name) == res.get('data')
-                                      and abs(metrics['top1'] - expected) <= result['top1_tolerance'] + 1e-6)
+        result.update(compare_to_run(res, str(data_cfg.name), metrics['top1']))
     return result
+
+
+def compare_to_run(res: Dict[str, Any], data: str, top1: float) -> Dict[str, Any]:
+    """``recorded_top1`` (of the weights model/ holds), ``top1_tolerance`` and ``matches_recorded`` for a top-1
+    measured on ``data``, against the run's results.json ``res``. The same number, to the image, unless the run
+    evaluated under bf16 / fp16 autocast or torch.compile: their kernels round differently from eval.py's eager
+    ones, and a few borderline images may flip (``ROUNDING_TOLERANCE`` points)."""
+    expected = res['ema_top1'] if res.get('model_folder_weights') == 'ema' else res['top1']
+    exact = res.get('mixed_precision', 'no') == 'no' and not res.get('compiled', False)
+    tolerance = 0.0 if exact else ROUNDING_TOLERANCE
+    return {'recorded_top1': expected, 'top1_tolerance': tolerance,
+            'matches_recorded': data == res.get('data') and abs(top1 - expected) <= tolerance + 1e-6}
 
 
 def benchmark(cfg: DictConfig, run_dir: Optional[str]) -> List[Dict[str, Any]]:
