@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_gka.errors import UserError
-from vit_gka.data.datasets import (FMNIST_FILES, class_names, create_dataset, create_eval_loader, create_train_loader,
-                                   patch_randaugment_posterize)
+from vit_gka.data.datasets import (FMNIST_FILES, MAX_AUTO_WORKERS, class_names, create_dataset, create_eval_loader,
+                                   create_train_loader, loader_workers, patch_randaugment_posterize)
 from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +119,21 @@ def test_repeat_aug_sampler_is_recognised_by_type():
         seeded.set_epoch(2)
         assert inner.epoch == 5 * 100003 + 2
         assert [i for i, _ in seeded] == list(inner)
+
+
+@pytest.mark.parametrize('cpus, local_processes, expect', [
+    (2, 1, 1),          # the 2-core laptop: one worker, one core for the training loop
+    (16, 1, 10),        # one GPU on a 16-core machine: DeiT's 10
+    (96, 8, 10),        # 8 GPUs on 96 cores: 12 each, at most 10
+    (32, 8, 3),         # 8 GPUs on 32 cores: 4 each
+    (1, 1, 0),          # a single CPU: load in the training process
+])
+def test_auto_workers_follow_the_cpus_of_each_process(monkeypatch, cpus, local_processes, expect):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cpus)), raising=False)
+    assert loader_workers('auto', local_processes) == expect <= MAX_AUTO_WORKERS
+    assert loader_workers(3, local_processes) == 3 and loader_workers('0') == 0
+
+
+def test_loader_workers_persist_across_epochs():
+    from vit_gka.data.datasets import _worker_kwargs
+    assert _worker_kwargs(2)['persistent_workers'] is True and _worker_kwargs(0)['persistent_workers'] is False

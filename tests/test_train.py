@@ -51,6 +51,9 @@ def test_gka_and_baseline_multirun(tmp_path):
         assert results['img_size'] == 28 and results['global_batch_size'] == 32 and results['epochs'] == 1
         assert results['model_args']['in_chans'] == 1 and results['model_args']['depth'] == 2
         assert 0 <= results['top1'] <= 100 and results['train_images_per_s'] > 0
+        # whether the loader is the bottleneck: the share of training time spent waiting for batches
+        assert 0 <= results['data_wait_fraction'] < 1 and results['peak_gpu_mem_mb'] is None  # CPU
+        assert 0 <= results['history'][0]['data_wait_fraction'] < 1 and results['compiled'] is False
         assert (results['sigma_init'] is None) == (arch == 'deit_tiny_patch16_224')
         assert results['params'] == sum(p.numel() for p in timm.create_model(arch, **results['model_args']).parameters())
 

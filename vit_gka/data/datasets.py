@@ -41,7 +41,7 @@ from vit_gka.data.sampling import SeededDataset, train_sampler
 log = logging.getLogger('vit_gka.data')
 
 __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
-           'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
+           'loader_workers', 'MAX_AUTO_WORKERS', 'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
@@ -296,8 +296,25 @@ def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
     return transforms.Compose([ToMode(_mode(data_config)), tf])
 
 
+# DeiT's loader processes per GPU: more rarely pay once decoding and augmentation keep up with the GPU
+MAX_AUTO_WORKERS = 10
+
+
+def loader_workers(workers, local_processes: int = 1) -> int:
+    """``workers`` (config) as a number of loader processes per training process. ``auto``: the CPUs this process
+    may run on (its affinity mask: a Slurm allocation, ``taskset``), shared among the node's ``local_processes``
+    training processes, less one for the training loop itself, at most ``MAX_AUTO_WORKERS``: 1 on a 2-core
+    laptop, 10 per GPU on an 8-GPU node of 96 cores, 0 (load in the training process) with a single CPU."""
+    if workers != 'auto':
+        return int(workers)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus // max(1, local_processes) - 1))
+
+
 def _worker_kwargs(num_workers: int) -> dict:
-    return dict(num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    # persistent: the workers (and their copies of the data set) live across epochs instead of being forked
+    # again every epoch; the sampler still runs in this process, so order and per-sample seeds are unchanged
+    return dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers: int = 0) -> Tuple[DataLoader, int]:

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit_gka.data.datasets import (class_names, create_dataset, create_eval_loader, create_train_loader,
-                                   unreadable_images)
+                                   loader_workers, unreadable_images)
 from vit_gka.data.sampling import set_loader_epoch
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
@@ -89,15 +89,16 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     # Loaders: every process reads its shard of one seeded order; the test set (sharded too, see below).
     world, batch_size = accelerator.num_processes, int(cfg.batch_size)
     global_batch = batch_size * world * int(cfg.grad_accum)
+    workers = loader_workers(cfg.workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
     mixup_fn = recipe.create_mixup(cfg, num_classes)
     train_loader = create_train_loader(
-        dataset_train, data_config, batch_size, cfg.aug, num_workers=int(cfg.workers), subset=cfg.train_subset,
+        dataset_train, data_config, batch_size, cfg.aug, num_workers=workers, subset=cfg.train_subset,
         drop_last=mixup_fn is not None, num_replicas=world, rank=accelerator.process_index,
         repeated_aug=int(cfg.repeated_aug or 0), seed=int(cfg.seed))
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
     eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size),
-                                        num_workers=int(cfg.workers))
+                                        num_workers=workers)
     shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
     shield_workers(eval_loader)
     sparsity_images = _sparsity_batch(model, eval_loader.dataset, accelerator.device) if main else None
@@ -136,9 +137,10 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
-    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes), input %s',
-             cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6, cfg.data.name,
-             len(train_loader.dataset), len(eval_loader.dataset), num_classes, tuple(data_config['input_size']))
+    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, %d loader workers per '
+             'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
+             cfg.data.name, len(train_loader.dataset), len(eval_loader.dataset), num_classes, workers,
+             tuple(data_config['input_size']))
     log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
              'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
              global_batch, batch_size, world, int(cfg.grad_accum), lr, float(cfg.lr), cfg.lr_scale,
@@ -267,9 +269,9 @@ def _epoch_summary(done: int, num_epochs: int, stats: Dict[str, Any], evaluated:
                    sparsity) -> Tuple[Dict[str, Any], str]:
     """The epoch's record in results.json's history and its log line."""
     line = (f"epoch {done}/{num_epochs}  train loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
-            f"{stats['images_per_s']:.0f} img/s  {stats['time_s']:.0f} s")
+            f"{stats['images_per_s']:.0f} img/s  {stats['time_s']:.0f} s  data wait {stats['data_wait_fraction']:.0%}")
     record = {'epoch': done, 'train_loss': stats['loss'], 'lr': stats['lr'],
-              'train_images_per_s': stats['images_per_s']}
+              'train_images_per_s': stats['images_per_s'], 'data_wait_fraction': stats['data_wait_fraction']}
     if evaluated:
         line += f"  |  test top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}"
         record.update(top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'])

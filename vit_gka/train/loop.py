@@ -130,9 +130,10 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
     """One epoch, or its rest, of the run ``parts`` (``state.TrainParts``: model, optimizer, schedule, loss,
     mixup, EMA, clipping, non-finite policy, logging), advancing ``state`` (``state.TrainState``) update by
     update: ``num_updates``, ``step`` (micro-batches of this epoch done) and ``totals`` (this process's sums so
-    far: ``loss_sum``, ``images``, ``skipped``, ``time_s``). Returns ``loss`` (mean over the epoch and
-    processes), ``lr`` (last), ``images_per_s`` (all processes together), ``images``, ``time_s`` and ``skipped``
-    (updates dropped for a non-finite loss or gradient).
+    far: ``loss_sum``, ``images``, ``skipped``, ``time_s``, ``data_wait_s``). Returns ``loss`` (mean over the
+    epoch and processes), ``lr`` (last), ``images_per_s`` (all processes together), ``images``, ``time_s``,
+    ``data_wait_s`` / ``data_wait_fraction`` (time spent waiting for the loader, the processes' mean, and its
+    share of ``time_s``) and ``skipped`` (updates dropped for a non-finite loss or gradient).
 
     Gradient accumulation: ``accelerator.gradient_accumulation_steps`` micro-batches per optimizer step
     (``accelerator.backward`` divides the loss by it; gradients are not all-reduced until the last
@@ -163,8 +164,9 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
     bar = tqdm(total=n_batches, initial=start_step, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (parts.progress and accelerator.is_main_process), mininterval=1.0)
     start = time.perf_counter() - float(done.get('time_s', 0.0))
+    waited = [float(done.get('data_wait_s', 0.0))]  # seconds this process spent waiting for batches
     lr = optimizer.param_groups[0]['lr']
-    for step, (images, targets) in enumerate(loader, start=start_step):
+    for step, (images, targets) in enumerate(_timed(loader, waited), start=start_step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if parts.mixup_fn is not None:
@@ -206,34 +208,56 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         lr = optimizer.param_groups[0]['lr']
         state.step = step + 1
         state.totals = {'loss_sum': loss_sum, 'images': n_seen, 'skipped': skipped,
-                        'time_s': time.perf_counter() - start}
+                        'time_s': time.perf_counter() - start, 'data_wait_s': waited[0]}
         if on_update is not None:
             on_update({'epoch': epoch, 'step': step + 1, 'update': update,
                        'loss': verdict['loss'] if math.isfinite(verdict['loss']) else None, 'lr': lr,
                        'skipped': not verdict['ok'], 'stop': verdict['stop']})
         if update % parts.log_interval == 0 or step + 1 == n_batches:
-            rate = n_seen * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', refresh=False)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            rate, wait = n_seen * accelerator.num_processes / elapsed, waited[0] / elapsed
+            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', data=f'{wait:.0%}',
+                            refresh=False)
             if bar.disable:  # no bar (a log file: redrawn bars would fill it): a line instead
-                log.info('%s  step %d/%d  update %d  loss %.4f  lr %.2e  %.0f img/s', desc, step + 1, n_batches,
-                         update, loss_value, lr, rate)
-            if tb_writer is not None and verdict['ok']:
-                tb_writer.add_scalar('train/loss', verdict['loss'], update)
+                log.info('%s  step %d/%d  update %d  loss %.4f  lr %.2e  %.0f img/s  data wait %.0f%%', desc,
+                         step + 1, n_batches, update, loss_value, lr, rate, 100 * wait)
+            if tb_writer is not None:
+                if verdict['ok']:
+                    tb_writer.add_scalar('train/loss', verdict['loss'], update)
                 tb_writer.add_scalar('train/lr', lr, update)
+                tb_writer.add_scalar('train/step_images_per_s', rate, update)  # the epoch so far
+                tb_writer.add_scalar('train/data_wait_fraction', wait, update)
     bar.close()
     elapsed = time.perf_counter() - start
-    sums = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64, device=device)
+    sums = torch.tensor([loss_sum, float(n_seen), waited[0]], dtype=torch.float64, device=device)
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums, reduction='sum')
     images_total = int(sums[1].item())
+    data_wait = sums[2].item() / accelerator.num_processes  # the processes' mean
     return {
         'loss': sums[0].item() / max(images_total, 1),
         'lr': lr,
         'images_per_s': images_total / max(elapsed, 1e-9),
         'images': images_total,
         'time_s': elapsed,
+        'data_wait_s': data_wait,
+        'data_wait_fraction': data_wait / max(elapsed, 1e-9),
         'skipped': skipped,
     }
+
+
+def _timed(loader, waited: list):
+    """``loader``'s batches, adding the seconds each took to arrive to ``waited[0]``: the time the training
+    loop waited for data (decoding and augmentation that the loader workers did not finish ahead)."""
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - asked
+        yield batch
 
 
 @torch.no_grad()

@@ -121,6 +121,9 @@ class RunRecords:
             return
         tb.add_scalar('train/epoch_loss', stats['loss'], done)
         tb.add_scalar('train/images_per_s', stats['images_per_s'], done)
+        tb.add_scalar('train/epoch_data_wait_fraction', stats['data_wait_fraction'], done)
+        if next(raw_model.parameters()).is_cuda:
+            tb.add_scalar('train/peak_gpu_mem_mb', torch.cuda.max_memory_allocated() / 2 ** 20, done)
         for layer, s in sigma_stats(raw_model).items():
             for k, v in s.items():
                 tb.add_scalar(f'sigma/layer{layer:02d}/{k}', v, done)
@@ -192,6 +195,11 @@ class RunRecords:
             'model_folder_weights': 'ema' if use_ema else 'model',
             'eval_images_per_s': metrics['images_per_s'],
             'train_images_per_s': state.train_images / max(state.train_time_s, 1e-9),
+            # the share of training time spent waiting for the loader: near 0 when the model is the bottleneck
+            'data_wait_fraction': state.train_data_wait_s / max(state.train_time_s, 1e-9),
+            # this process's allocator peak (weights, optimizer state, activations), CUDA only
+            'peak_gpu_mem_mb': torch.cuda.max_memory_allocated() / 2 ** 20
+            if parts.accelerator.device.type == 'cuda' else None,
             'wall_time_s': state.wall_time(),
             'sigma_init': _sigma_init(raw_model),
             'sigma': {str(k): v for k, v in sigma_stats(final).items()},

@@ -89,7 +89,8 @@ class TrainState:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     train_images: int = 0
-    # This process's partial sums of the current epoch (loss_sum, images, skipped, time_s) in a mid-epoch
+    train_data_wait_s: float = 0.0  # of train_time_s, waiting for the loader (the processes' mean)
+    # This process's partial sums of the current epoch (loss_sum, images, skipped, time_s, data_wait_s) in a mid-epoch
     # checkpoint, saved per process in ``procs``; and when this process's share of the run began.
     totals: Optional[Dict[str, float]] = field(default=None, metadata=_LOCAL)
     started: float = field(default_factory=time.time, metadata=_LOCAL)
@@ -105,6 +106,7 @@ class TrainState:
         self.nonfinite_skipped += stats['skipped']  # the epoch's, including those before a mid-epoch resume
         self.train_time_s += stats['time_s']
         self.train_images += stats['images']
+        self.train_data_wait_s += stats['data_wait_s']
 
     def record(self, parts: TrainParts, procs: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The content of state.pt (``procs``: ``gather_process_states``)."""

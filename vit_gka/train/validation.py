@@ -16,7 +16,6 @@ _INTS = {
     'batch_size': ('images per process and step', 1),
     'seed': ('the random seed', 0),
     'grad_accum': ('micro-batches per optimizer step', 1),
-    'workers': ('data loader processes', 0),
     'log_interval': ('steps between progress updates', 1),
     'lr_base_size': ('the batch size lr is given for', 1),
 }
@@ -57,6 +56,9 @@ def validate(cfg) -> None:
         _int_check(cfg, key, what, low, optional=False)
     for key, (what, low) in _OPTIONAL_INTS.items():
         _int_check(cfg, key, what, low, optional=True)
+    workers = cfg.get('workers')
+    if workers != 'auto':
+        _int_check(cfg, 'workers', 'data loader processes per training process, or auto', 0, optional=False)
     _check_mixup_batch(cfg)
     lr = cfg.get('lr')
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
