@@ -1,6 +1,7 @@
 """Data sets and loaders: Fashion-MNIST from the Debian package or a data.root of .gz files, channel handling, the
 DeiT augmentation on 1-channel images, ImageFolder data sets, the eval-loader contract, and the seeded sampler."""
 import os
+import re
 import shutil
 
 import pytest
@@ -22,8 +23,8 @@ RGB32 = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0
          'interpolation': 'bicubic'}
 
 
-def data_cfg(name, **kw):
-    cfg = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'data', f'{name}.yaml'))
+def data_cfg(config, **kw):
+    cfg = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'data', f'{config}.yaml'))
     cfg.cache_dir = kw.pop('cache_dir', cfg.get('cache_dir'))
     return OmegaConf.merge(cfg, kw)
 
@@ -137,3 +138,58 @@ def test_auto_workers_follow_the_cpus_of_each_process(monkeypatch, cpus, local_p
 def test_loader_workers_persist_across_epochs():
     from vit_gka.data.datasets import _worker_kwargs
     assert _worker_kwargs(2)['persistent_workers'] is True and _worker_kwargs(0)['persistent_workers'] is False
+
+
+@needs_data
+def test_timm_named_torchvision_data_set(tmp_path):
+    # data=timm data.name=torch/<name>: timm's create_dataset opens torchvision's class, here offline
+    from vit_gka.data.datasets import fashion_mnist_root
+    root, _ = fashion_mnist_root(data_cfg('fashion_mnist', cache_dir=str(tmp_path)))
+    cfg = data_cfg('timm', name='torch/fashion_mnist', root=root, in_chans=1)
+    train, num_classes = create_dataset(cfg, 'train')
+    test, _ = create_dataset(cfg, 'eval')
+    assert (len(train), len(test), num_classes) == (60000, 10000, 10)
+    assert class_names(train)[:2] == ['T-shirt/top', 'Trouser']
+    loader, _ = create_eval_loader(OmegaConf.merge(cfg, {'eval_subset': 8}), GRAY, batch_size=8)
+    assert next(iter(loader))[0].shape == (8, 1, 28, 28)
+
+
+def _tar_shards(folder, classes=('cat', 'dog'), per_class=4):
+    """<folder>/train.tar and <folder>/validation.tar, each of class folders of small PNGs."""
+    import tarfile
+    for split in ('train', 'validation'):
+        with tarfile.open(folder / f'{split}.tar', 'w') as tar:
+            for c, name in enumerate(classes):
+                for i in range(per_class):
+                    path = folder / f'{split}_{name}_{i}.png'
+                    Image.new('RGB', (40, 30), (60 * c, 10 * i, 100)).save(path)
+                    tar.add(path, arcname=f'{name}/{i}.png')
+    return folder
+
+
+def test_timm_tar_shards_and_one_line_refusals(tmp_path):
+    cfg = data_cfg('timm', name='tar', root=str(_tar_shards(tmp_path)))
+    train, num_classes = create_dataset(cfg, 'train')
+    assert len(train) == 8 and num_classes == 2 and class_names(train) == ['cat', 'dog']
+    loader, _ = create_eval_loader(cfg, RGB32, batch_size=4)
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and sorted(set(labels.tolist())) == [0]
+    for kw, message in [(dict(name='wds/imagenet'), 'streaming data sets (hfids/, tfds/, wds/) are not supported'),
+                        (dict(name='tar', root=str(tmp_path / 'none')), 'none/train.tar is not a file'),
+                        (dict(name='torch/nope', root=str(tmp_path)), 'data.name=torch/nope (timm.data.create_dataset'),
+                        (dict(name='nope'), "unknown data set 'nope'")]:
+        with pytest.raises(UserError, match=re.escape(message)) as e:
+            create_dataset(data_cfg('timm', **kw), 'train')
+        assert '\n' not in str(e.value)
+
+
+def test_train_py_on_timm_tar_shards(tmp_path):
+    from helpers import check, run
+    shards = _tar_shards(tmp_path)
+    run_dir = tmp_path / 'run'
+    check(run(['data=timm', 'data.name=tar', f'data.root={shards}', 'epochs=1', 'batch_size=4', 'workers=0',
+               'progress=false', 'model.args.depth=1', f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+    import json
+    results = json.loads((run_dir / 'results.json').read_text())
+    assert results['data'] == 'tar' and results['num_classes'] == 2 and results['epochs_done'] == 1
+    assert json.loads((run_dir / 'model' / 'config.json').read_text())['label_names'] == ['cat', 'dog']

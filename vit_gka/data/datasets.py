@@ -1,4 +1,5 @@
-"""Data sets and loaders: Fashion-MNIST (default, offline), ImageNet / any ImageFolder pair, CIFAR-10/100.
+"""Data sets and loaders: Fashion-MNIST (default, offline), ImageNet / any ImageFolder pair, CIFAR-10/100, and any
+map-style data set timm's ``create_dataset`` opens (``data=timm data.name=torch/... | hfds/... | tar``).
 
 Every data set is read into a map-style dataset and transformed with timm's ``create_transform`` from
 the model's data config (``timm.data.resolve_data_config``): input size, mean / std, interpolation and
@@ -43,7 +44,10 @@ log = logging.getLogger('vit_gka.data')
 __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
            'loader_workers', 'MAX_AUTO_WORKERS', 'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
 
-DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100')
+DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100', 'timm')
+# data=timm: timm.data.create_dataset's name prefixes; the streaming ones are refused (see _timm_dataset)
+TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
+STREAMING_PREFIXES = ('hfids', 'tfds', 'wds')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MAX_UNREADABLE_IN_A_ROW = 20
@@ -189,11 +193,24 @@ def _image_folder(data_cfg, split: str, transform) -> Dataset:
     return CheckedImageFolder(folder, transform=transform)
 
 
+def _labels_of(ds: Dataset) -> Optional[list]:
+    """The class names of a data set: torchvision's ``classes``, or a timm reader's ``class_to_idx``."""
+    while isinstance(ds, (Subset, Transformed)):
+        ds = ds.dataset
+    if getattr(ds, 'classes', None):
+        return list(ds.classes)
+    reader = getattr(ds, 'reader', None)  # timm's folder reader names it class_to_idx, its tar reader otherwise
+    class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(reader, 'class_name_to_idx', None)
+    if class_to_idx:
+        return [name for name, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    return None
+
+
 def _num_classes_of(ds: Dataset) -> int:
-    base = ds.dataset if isinstance(ds, Subset) else ds
-    if hasattr(base, 'classes'):
-        return len(base.classes)
-    raise ValueError(f'cannot tell the number of classes of {type(base).__name__}')
+    labels = _labels_of(ds)
+    if labels is None:
+        raise UserError(f'cannot tell the number of classes of {type(ds).__name__}; set data.num_classes=<n>')
+    return len(labels)
 
 
 def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
@@ -220,9 +237,39 @@ def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
             raise UserError(f'could not read or download {name} under {root}: {e}') from e
     elif name in ('imagenet', 'folder'):
         ds = _image_folder(data_cfg, 'train' if train else 'val', transform)
+    elif name == 'tar' or name.partition('/')[0].lower() in TIMM_PREFIXES:
+        ds = _timm_dataset(data_cfg, train, transform)
     else:
-        raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}")
+        raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}, or data=timm "
+                        f"data.name=<{'|'.join(p + '/...' for p in TIMM_PREFIXES)}|tar>")
     return ds, int(data_cfg.num_classes or _num_classes_of(ds))
+
+
+def _timm_dataset(data_cfg, train: bool, transform=None) -> Dataset:
+    """``data=timm``: timm's ``create_dataset`` under ``data.name`` (``tar``: the class folders of
+    ``<root>/<split>.tar``), split ``data.train_dir`` / ``data.val_dir``."""
+    from timm.data import create_dataset as timm_create_dataset
+    name, split = str(data_cfg.name), str(data_cfg.train_dir if train else data_cfg.val_dir)
+    prefix = name.partition('/')[0].lower()
+    if prefix in STREAMING_PREFIXES:
+        raise UserError(f'data.name={name}: streaming data sets ({", ".join(p + "/" for p in STREAMING_PREFIXES)}) are '
+                        f'not supported (the loader shards and seeds a map-style index for exact resume); write '
+                        f'the shards out as a folder or tar (data.name=tar), or use hfds/')
+    root = _expand(data_cfg.root)
+    if name == 'tar':
+        root = os.path.join(root or '', f'{split}.tar')
+        if not os.path.isfile(root):
+            raise UserError(f'data.name=tar reads <data.root>/<split>.tar: {root} is not a file; set data.root=<the '
+                            f'folder of {data_cfg.train_dir}.tar and {data_cfg.val_dir}.tar>')
+    elif root is not None and not os.path.isdir(root):
+        raise UserError(f'data.root does not exist: {data_cfg.root}; give data.root=<an existing folder>')
+    try:
+        ds = timm_create_dataset('' if name == 'tar' else name, root=root, split=split, is_training=train,
+                                 download=bool(data_cfg.download))
+    except (AssertionError, ImportError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f'data.name={name} (timm.data.create_dataset, split {split}, root {root}): '
+                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
+    return Transformed(ds, transform) if transform is not None else ds
 
 
 def data_preprocessing(data_cfg) -> Dict[str, Any]:
@@ -346,9 +393,10 @@ class Transformed(Dataset):
 
 
 def class_names(dataset: Dataset) -> Optional[list]:
-    """The class names of a data set from ``create_dataset`` (folder names, torchvision's labels), or None."""
-    classes = getattr(dataset, 'classes', None)
-    return [str(c) for c in classes] if classes else None
+    """The class names of a data set from ``create_dataset`` (folder names, torchvision's labels, a timm
+    reader's classes), or None."""
+    labels = _labels_of(dataset)
+    return [str(c) for c in labels] if labels else None
 
 
 def create_train_loader(
