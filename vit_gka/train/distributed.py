@@ -15,7 +15,14 @@ __all__ = ['make_accelerator', 'shared_run_dir', 'lock_run_dir', 'from_main_proc
 
 
 def _mixed_precision(value: str) -> str:
+    """``mixed_precision`` of the config; ``auto``: what ``accelerate launch --mixed_precision`` or an ``accelerate
+    config`` file asks for (bf16 / fp16 / fp8: Accelerate passes it on as ACCELERATE_MIXED_PRECISION), else bf16
+    on a GPU that has it, else no. Accelerate's 'no' does not count: it is also what ``accelerate launch``
+    passes when nothing was configured (fp32 on a GPU: ``mixed_precision=no``)."""
     if value in (None, 'auto'):
+        launched = os.environ.get('ACCELERATE_MIXED_PRECISION', 'no').lower()
+        if launched != 'no':
+            return launched
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return 'bf16'
         return 'no'
