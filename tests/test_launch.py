@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import ROOT, needs_data
+from helpers import ROOT, free_port, needs_data
 from vit_gka.train.distributed import _mixed_precision
 
 ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
@@ -26,7 +26,7 @@ def test_launch_script_two_processes_with_accelerate_configs_precision(tmp_path)
     (home / 'accelerate' / 'default_config.yaml').write_text(ACCELERATE_CONFIG)
     run_dir = tmp_path / 'run'
     env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'ACCELERATE_'))}
-    env.update(HF_HOME=str(home), NPROC='2', MAIN_PROCESS_PORT=str(29500 + os.getpid() % 1000))
+    env.update(HF_HOME=str(home), NPROC='2', MAIN_PROCESS_PORT=str(free_port()))
     proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'launch.sh'), 'epochs=1', 'train_subset=128',
                            'data.eval_subset=32', 'batch_size=16', 'workers=0', 'progress=false',
                            'model.args.depth=1', f'hydra.run.dir={run_dir}'],
