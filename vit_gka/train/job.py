@@ -166,7 +166,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         message = (f'stopped by {signal_name} {where}: checkpoint {last_dir}; to continue, run the same command '
                    f'with {_continue_with(run_dir)}')
         log.info(message)
-        raise Stopped(message)
+        raise Stopped(message, signal_name)
 
     def on_update(info: Dict[str, Any]) -> None:  # after every optimizer update
         records.step(info)

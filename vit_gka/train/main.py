@@ -40,6 +40,7 @@ def _stop_in_one_line(fn: Callable) -> Callable:
             if os.environ.get('RANK', '0') == '0':
                 sys.stderr.write(' '.join(str(e).split()) + '\n')
                 sys.stderr.flush()
+            e.pass_on()  # a host that handles the signal (submitit: requeue) takes over from here
             raise SystemExit(e.exit_code)
 
     return wrapper

@@ -22,6 +22,12 @@ runs before Hydra writes ``.hydra/``; ``RunLock.acquire`` again before the job's
 lock when its process dies (also ``kill -9``): a requeued job takes the folder over; a lock that is still held
 although its pid is gone on this host (a leftover child holding the file) is stale and taken over too. The
 file is removed when the run ends.
+
+**Requeue** (Hydra's submitit launcher, ``hydra/launcher=slurm`` or ``submitit_local``). submitit handles
+SIGUSR2 (its preemption / time-limit signal) by asking the job to checkpoint and requeueing it; the run's own
+handler takes the signal first, writes ``checkpoints/last`` at the next update, and then passes the signal on
+to submitit's handler (``Stopped.pass_on``), which requeues the same Hydra job: with ``resume=auto`` it continues
+from that checkpoint, exactly. SIGTERM, which submitit only logs, ends the job with ``EXIT_STOPPED``.
 """
 import atexit
 import contextlib
@@ -49,9 +55,27 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR2', 'S
 
 
 class Stopped(UserError):
-    """The run stopped on a signal after writing its checkpoint (one line, exit status ``EXIT_STOPPED``)."""
+    """The run stopped on signal ``signal_name`` after writing its checkpoint (one line, exit status
+    ``EXIT_STOPPED``, or what the host that handles the signal makes of it: ``pass_on``)."""
     exit_code = EXIT_STOPPED
     input_error = False
+
+    def __init__(self, message: str, signal_name: Optional[str] = None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    def pass_on(self) -> None:
+        """Hand the signal to the handler the process had before the run (``StopSignals`` put it back), when that
+        is a Python function: submitit's, which requeues the job (Hydra's submitit launcher resubmits the same
+        job, and ``resume=auto`` continues it from the checkpoint just written) and exits. A default or ignored
+        handler (a plain run, torchrun) is left alone: the run then exits ``EXIT_STOPPED``."""
+        if self.signal_name is None:
+            return
+        signum = getattr(signal, self.signal_name)
+        handler = signal.getsignal(signum)
+        if callable(handler) and handler not in (signal.default_int_handler,):
+            log.info('passing %s on to %s', self.signal_name, getattr(handler, '__qualname__', handler))
+            handler(signum, None)
 
 
 # --------------------------------------------------------------------------------------------- stop signals
