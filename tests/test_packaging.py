@@ -165,3 +165,19 @@ def test_ci_runs_the_readme_test_command():
     assert command == 'bash setup.sh && .venv/bin/python -m pytest -q'
     with open(os.path.join(ROOT, 'README.md')) as f:
         assert f'\n{command}\n' in f.read()
+
+
+def test_torch_hub_loads_every_registered_model_from_a_checkout():
+    import importlib.util
+
+    import timm
+    import torch
+    spec = importlib.util.spec_from_file_location('hubconf', os.path.join(ROOT, 'hubconf.py'))
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
+    names = timm.list_models(['gka_deit_*', 'vlt_deit_*', '?ka_*_deit_*'])
+    assert len(names) == 19 and all(callable(getattr(hub, n)) for n in names)
+    model = torch.hub.load(ROOT, 'gka_deit_small_patch16_224', source='local', num_classes=10, img_size=32)
+    assert type(model.blocks[0].attn).__name__ == 'GaussianKernelAttention' and model.num_classes == 10
+    with pytest.raises(RuntimeError):  # a name that is no entry point
+        torch.hub.load(ROOT, 'deit_small_patch16_224', source='local')

@@ -197,7 +197,6 @@ def existing_run(tmp_path_factory):
     (['+model.args.window=0'], 'model.args.window must be a positive number of tokens'),
     (['nonfinite=maybe'], 'nonfinite must be one of stop, skip'),
     (['hydra.run.dir={tmp}/a_file/run'], 'cannot create the output folder'),
-    (['-m', 'hydra/launcher=slurm'], 'hydra-submitit-launcher'),
 ])
 def test_command_line_mistakes_give_one_line(tmp_path, capsys, args, message):
     (tmp_path / 'a_file').write_text('not a folder\n')
@@ -208,6 +207,18 @@ def test_command_line_mistakes_give_one_line(tmp_path, capsys, args, message):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines
     assert os.listdir(tmp_path) == ['a_file']
+
+
+def test_slurm_launcher_is_there_or_named_in_one_line(tmp_path, capsys):
+    import importlib.util
+    argv = ['-m', 'hydra/launcher=slurm', f'hydra.sweep.dir={tmp_path}/sweep']
+    if importlib.util.find_spec('hydra_plugins.hydra_submitit_launcher') is not None:  # setup.sh's slurm extra
+        check_overrides(CONF_DIR, 'config', argv=argv, validate=validate)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(CONF_DIR, 'config', argv=argv, validate=validate)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and 'hydra-submitit-launcher' in lines[0], lines
 
 
 # Mistakes found by the job itself, after Hydra has written into the run folder: train.py end to end, and the
