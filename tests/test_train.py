@@ -2,6 +2,7 @@
 multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, a compiled
 run, and one-line errors for user mistakes that leave an existing run folder as it was; the recipe's model
 arguments and unknown-model message. About 3 minutes on 2 cores. The helpers are tests/helpers.py."""
+import csv
 import glob
 import json
 import os
@@ -32,6 +33,11 @@ def test_gka_and_baseline_multirun(tmp_path):
     # progress=auto without a terminal (a log file): a line per log_interval updates and per epoch end, no bar
     assert '-m' in proc.args and 'progress=false' not in proc.args and 'it/s' not in proc.stdout + proc.stderr
     assert 'epoch 1/1  step 6/6  update 6  loss ' in proc.stdout
+    # the sweep table, saved next to the report
+    assert '(runs.md, runs.csv)' in proc.stdout
+    assert (tmp_path / 'sweep' / 'runs.md').read_text().count('_fmnist') == 4  # run and model columns, 2 rows
+    table = list(csv.DictReader(open(tmp_path / 'sweep' / 'runs.csv')))
+    assert [r['run'] for r in table] == ['0_gka_fmnist', '1_deit_fmnist'] and float(table[0]['top-1']) >= 0
 
     for run_dir, arch, attn in zip(runs, ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
                                    ['GaussianKernelAttention', 'Attention']):
@@ -43,6 +49,10 @@ def test_gka_and_baseline_multirun(tmp_path):
         assert not glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp-*'))
 
         results = json.load(open(os.path.join(run_dir, 'results.json')))
+        summary = list(csv.DictReader(open(os.path.join(run_dir, 'summary.csv'))))  # as timm's train.py writes it
+        assert len(summary) == 1 and list(summary[0])[:6] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1',
+                                                               'eval_top5', 'lr']
+        assert float(summary[0]['eval_top1']) == pytest.approx(results['top1'])
         for key in ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
                     'params', 'top1', 'top5', 'ema_top1', 'ema_top5', 'loss', 'train_images_per_s', 'wall_time_s',
                     'sigma_init'):

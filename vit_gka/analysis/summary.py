@@ -1,13 +1,14 @@
 """The comparison table of finished runs (their results.json), printed after a Hydra sweep.
 
 ``SweepSummary`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``): when a ``-m`` sweep ends it
-prints one row per job of the sweep folder. The same table for any folders holding run folders (searched
+prints one row per job of the sweep folder and saves the table as ``runs.md`` and ``runs.csv`` there. The same table for any folders holding run folders (searched
 recursively for results.json)::
 
     python -m vit_gka.analysis.summary <folder> [<folder> ...]
     vit-gka-summary <folder> [<folder> ...]          # the same, installed
 """
 import argparse
+import csv
 import glob
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-__all__ = ['collect', 'format_table', 'SweepSummary', 'main', 'cli']
+__all__ = ['collect', 'format_table', 'write_tables', 'SweepSummary', 'main', 'cli']
 
 PROG = 'python -m vit_gka.analysis.summary'
 
@@ -77,8 +78,24 @@ def format_table(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def write_tables(rows: List[Dict], folder: str) -> List[str]:
+    """The table as ``<folder>/runs.md`` and, with every column's raw number, ``<folder>/runs.csv``."""
+    md, path_csv = os.path.join(folder, 'runs.md'), os.path.join(folder, 'runs.csv')
+    with open(md, 'w') as f:
+        f.write(format_table(rows) + '\n')
+    with open(path_csv, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow([name for name, _ in COLUMNS])
+        for row in rows:
+            values = [row.get('model_config') or row.get('model') if key == 'model' else row.get(key)
+                      for _, key in COLUMNS]
+            writer.writerow(['' if v is None else v['mean'] if isinstance(v, dict) else v for v in values])
+    return [md, path_csv]
+
+
 class SweepSummary(Callback):
-    """Prints the comparison table of a ``-m`` sweep's jobs when the sweep ends (main process only)."""
+    """Prints the comparison table of a ``-m`` sweep's jobs when the sweep ends and saves it next to the report
+    (``runs.md``, ``runs.csv`` in the sweep folder; main process only)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if os.environ.get('RANK', '0') != '0':
@@ -86,7 +103,9 @@ class SweepSummary(Callback):
         sweep_dir = config.hydra.sweep.dir
         rows = collect([sweep_dir])
         if rows:
-            print(f'\n{len(rows)} runs in {sweep_dir}:\n{format_table(rows)}', flush=True)
+            files = write_tables(rows, sweep_dir)
+            print(f'\n{len(rows)} runs in {sweep_dir} ({", ".join(os.path.basename(f) for f in files)}):\n'
+                  f'{format_table(rows)}', flush=True)
 
 
 def parser(prog: str = PROG) -> argparse.ArgumentParser:

@@ -208,6 +208,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
             record, line = _epoch_summary(done, num_epochs, stats, evaluated, metrics, ema_metrics, sparsity)
             state.history.append(record)
             records.epoch(done, stats, raw_model, metrics if evaluated else None, ema_metrics, sparsity)
+            records.summary(state.history)
             if evaluated:
                 _keep_best(state, parts, records, metrics, ema_metrics)
             checkpoint()

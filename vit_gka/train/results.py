@@ -5,13 +5,17 @@
                        loss (mean over the update's images on all processes; null when skipped) and lr
                        (``step_log: true``); on ``resume=`` the lines up to the checkpoint are carried over and
                        the rest dropped, so the file of a killed-and-resumed run is the file of an uninterrupted one
-    tb/                TensorBoard events: train loss / lr per log_interval updates (loop.py), per epoch the
-                       epoch loss, speed, GKA bandwidths, test metrics and attention sparsity
+    tb/                TensorBoard events: train loss / lr / images per s / data-wait share per log_interval
+                       updates (loop.py), per epoch the epoch loss, speed, data wait, peak GPU memory, GKA
+                       bandwidths, test metrics and attention sparsity
+    summary.csv        one row per epoch (timm's train.py columns first: ``SUMMARY_COLUMNS``)
     best.safetensors   the best weights by test top-1 (raw or EMA, results.json says which)
     model/             timm save_for_hf folder of the final weights (the better of raw and EMA):
                        timm.create_model('local-dir:<run>/model', pretrained=True)
     results.json       the numbers: the dict ``RunRecords.results`` writes
 """
+import csv
+import io
 import json
 import logging
 import os
@@ -77,6 +81,12 @@ def _architecture_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
             if k not in ('drop_rate', 'drop_path_rate', 'drop_block_rate') and not k.endswith('_drop_rate')}
 
 
+# summary.csv: (column, key of a results.json history record)
+SUMMARY_COLUMNS = (('epoch', 'epoch'), ('train_loss', 'train_loss'), ('eval_loss', 'loss'), ('eval_top1', 'top1'),
+                   ('eval_top5', 'top5'), ('lr', 'lr'), ('ema_top1', 'ema_top1'), ('ema_top5', 'ema_top5'),
+                   ('train_images_per_s', 'train_images_per_s'), ('data_wait_fraction', 'data_wait_fraction'))
+
+
 class RunRecords:
     """The run folder's records (module docstring). Every method does nothing on other processes than the main
     one (``enabled=False``)."""
@@ -112,6 +122,20 @@ class RunRecords:
         if self._steps is not None:
             self._steps.close()
             self._steps = None
+
+    def summary(self, history: List[Dict[str, Any]]) -> None:
+        """``summary.csv``: one row per epoch so far, as timm's train.py writes it (its first columns: epoch,
+        train_loss, eval_loss, eval_top1, eval_top5, lr) plus the EMA's top-1 / top-5, training images/s and the
+        share of time spent waiting for data; empty cells where an epoch was not evaluated. Rewritten whole from
+        the history (which checkpoints carry), so a resumed run's file has every epoch once."""
+        if not self.enabled:
+            return
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator='\n')
+        writer.writerow([column for column, _ in SUMMARY_COLUMNS])
+        for record in history:
+            writer.writerow(['' if record.get(key) is None else record[key] for _, key in SUMMARY_COLUMNS])
+        write_text(os.path.join(self.run_dir, 'summary.csv'), out.getvalue())
 
     def epoch(self, done: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
               ema_metrics: Optional[Dict[str, Any]], sparsity: Optional[Dict[str, Any]]) -> None:
