@@ -1,0 +1,99 @@
+"""ONNX export of a trained model (``python -m vit_gka.export`` / ``vit-gka-export``), through timm's exporter:
+
+    python -m vit_gka.export runs/gka_fmnist/<date> gka.onnx          # a run folder's model/
+    python -m vit_gka.export gka_deit_small_patch16_224 gka_s.onnx    # a registered model (random weights)
+
+The model is built as a user of the registry builds it (``timm.create_model('local-dir:<run>/model',
+pretrained=True)``), exported with ``timm.utils.onnx.onnx_export`` (the ONNX checker, a dynamic batch axis) and
+then run once with onnxruntime on a batch of another size, whose logits must match PyTorch's (``--atol``).
+
+GKA exports on its fused path: the softmax identity through ``scaled_dot_product_attention`` with the key-norm
+bias as an additive mask (``impl='auto'`` on the CPU), which ONNX has as MatMul / Add / Softmax. The TorchScript
+exporter is used: torch's newer export-based exporter (``dynamo=True``, torch 2.14) exports timm's DeiT but fails
+on GKA inside its own type-promotion pass (it re-runs the ``view`` that merges the heads on SDPA's decomposed
+output, whose strides differ from eager SDPA's). Needs ``onnx`` and ``onnxruntime`` (``pip install '.[onnx]'``). Mistakes
+end in one line ``error: ...``, exit status 2.
+"""
+import argparse
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from vit_gka.errors import UserError, fail
+
+__all__ = ['load_for_export', 'export_onnx', 'main', 'cli']
+
+PROG = 'python -m vit_gka.export'
+
+
+def load_for_export(source: str) -> torch.nn.Module:
+    """A run folder's ``model/``, a ``model/`` folder itself, or a registered timm name (random weights)."""
+    import timm
+    import vit_gka  # noqa: F401  (registers the models)
+    for folder in (os.path.join(source, 'model'), source):
+        if os.path.isfile(os.path.join(folder, 'config.json')):
+            return timm.create_model(f'local-dir:{folder}', pretrained=True)
+    if os.path.exists(source):
+        raise UserError(f'{source} holds no model/ folder (config.json); give a training run folder or its model/')
+    if not timm.is_model(source):
+        raise UserError(f"'{source}' is neither a folder nor a timm model name")
+    return timm.create_model(source)
+
+
+def export_onnx(model: torch.nn.Module, path: str, batch_size: int = 2, atol: float = 1e-4) -> float:
+    """``model`` as ONNX in ``path`` (dynamic batch), checked with onnxruntime on a batch of ``batch_size + 1``
+    against PyTorch: returns the largest absolute logit difference (``UserError`` when above ``atol``)."""
+    try:
+        import onnxruntime
+        from timm.utils.onnx import onnx_export
+    except ImportError as e:
+        raise UserError(f"ONNX export needs onnx and onnxruntime: pip install '.[onnx]' ({e})") from e
+    model = model.eval()
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    embed = getattr(model, 'patch_embed', None)
+    if embed is not None:  # the size the model was built for (a run's img_size / in_chans)
+        input_size = (embed.proj.in_channels, *embed.img_size)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(batch_size, *input_size, generator=generator)
+    onnx_export(model, path, example_input=example, check=True, use_dynamo=False,
+                input_names=['input0'], output_names=['output0'])
+    other = torch.randn(batch_size + 1, *input_size, generator=generator)
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = torch.from_numpy(session.run(None, {'input0': other.numpy()})[0])
+    with torch.no_grad():
+        expect = model(other)
+    diff = (got - expect).abs().max().item()
+    if not diff <= atol:
+        raise UserError(f'{path}: onnxruntime logits differ from PyTorch by {diff:.3g} (> --atol {atol})')
+    return diff
+
+
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('source', help='a training run folder, its model/ folder, or a registered timm model name')
+    p.add_argument('out', help='the .onnx file to write')
+    p.add_argument('--batch-size', type=int, default=2, help='example batch of the export (default: %(default)s)')
+    p.add_argument('--atol', type=float, default=1e-4,
+                   help='largest logit difference onnxruntime vs PyTorch allowed (default: %(default)s)')
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> None:
+    args = parser(prog).parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise UserError('--batch-size must be at least 1')
+        diff = export_onnx(load_for_export(args.source), args.out, args.batch_size, args.atol)
+    except UserError as e:
+        fail(str(e))
+    print(f'{args.out}: checked with onnxruntime, largest logit difference to PyTorch {diff:.2g}')
+
+
+def cli() -> None:
+    main(prog='vit-gka-export')
+
+
+if __name__ == '__main__':
+    main()
