@@ -57,6 +57,17 @@ def test_table2_pairs_gka_with_its_baseline(sweep):
     assert float(gka['d_top1']) == pytest.approx(top1['gka'] - top1['deit'])
 
 
+def test_table4_measures_each_pair_interleaved(sweep):
+    # no bench.json in the sweep: the report times GKA and its same-shape DeiT side by side, not the runs' own
+    # (sequential) throughput
+    with open(os.path.join(sweep, 'report', 'table4.csv')) as f:
+        rows = list(csv.DictReader(f))
+    assert [r['label'] for r in rows] == ['gka_fmnist', 'deit_fmnist']
+    assert all(r['source'].startswith('interleaved here, ') and 'gka_fmnist / deit_fmnist' in r['source'] for r in rows)
+    assert float(rows[0]['infer_images_per_s']) > 0 and float(rows[0]['train_images_per_s']) > 0
+    assert rows[0]['baseline'] == rows[1]['label'] and rows[0]['d_train'] != ''
+
+
 def test_by_hand_on_run_dirs_and_errors(sweep, tmp_path, capsys):
     runs = [os.path.join(sweep, '0_gka_fmnist'), os.path.join(sweep, '1_deit_fmnist')]
     assert report.main([*runs, '--out', str(tmp_path), '--images', '8']) == 0

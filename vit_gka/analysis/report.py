@@ -11,7 +11,8 @@ give the runtime table. Written to ``--out`` (default ``<folder>/report`` for on
   size (MB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
   top-1 (points) against the DeiT baseline of the same shape (embed dim, depth, heads, MLP width, patch,
   input size, in channels; same data and epochs); Table 4: inference and training images/s and peak memory
-  with change % (from bench.json), else the training runs' own throughput; the learned-bandwidth summary;
+  with change % (from bench.json), else measured here, each pair interleaved (``measure_runtime``); the
+  learned-bandwidth summary;
   the attention sparsity per layer.
 * ``table2.csv``, ``table4.csv``; ``top1_vs_gflops.png``, ``params_by_part.png``,
   ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
@@ -189,6 +190,36 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------- report
+def measure_runtime(rows: List[Dict], batch_size: int = 64, steps: int = 3, rounds: int = 3) -> List[Dict]:
+    """Table 4's rows when no bench.json exists: each run's architecture against its baseline's, interleaved in
+    this process (``benchmark_models``: the two take turns, medians; bf16 on CUDA), once per distinct pair. Runs
+    that ran one after the other cannot be compared by their own throughput: another job on the machine during
+    one of them moves the ratio (their own numbers stay in results.json)."""
+    from vit_gka.analysis.benchmark import benchmark_models, device_name
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    by_run = {r['run']: r for r in rows}
+    out, seen = [], set()
+    for r in rows:
+        base = by_run.get(r.get('baseline_run'))
+        if base is None:
+            continue
+        models = [{'label': x['label'], 'name': x['model'], 'args': model_args_of(x)} for x in (r, base)]
+        key = json.dumps(models[0]['name']) + json.dumps(models[0]['args'], sort_keys=True) + base['run']
+        if key in seen:
+            continue
+        seen.add(key)
+        source = f"interleaved here, {device_name(device)}: {r['label']} / {base['label']}"
+        measured = benchmark_models(models, device, batch_size=batch_size, warmup=1, steps=steps, rounds=rounds,
+                                    amp=device.type == 'cuda', train=True)
+        out += [dict(row, source=source) for row in measured]
+    return out
+
+
+def model_args_of(row: Dict) -> Dict:
+    """The run's create_model arguments without the regularisers that a throughput measurement leaves out."""
+    return {k: v for k, v in (row.get('model_args') or {}).items() if not k.endswith(('drop_rate', 'drop_path_rate'))}
+
+
 def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: int = 64) -> Dict[str, str]:
     """Write the report of the runs under ``paths`` into ``out``; returns {name: path} of what was written."""
     from vit_gka.analysis import plots
@@ -197,7 +228,7 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     out = out or (os.path.join(paths[0], 'report') if len(paths) == 1 else os.path.abspath('report'))
     os.makedirs(out, exist_ok=True)
     t2 = table2(rows)
-    t4 = table4(rows, load_bench(paths))
+    t4 = table4(rows, load_bench(paths) or measure_runtime(rows))
     files = {'table2.csv': write_csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
                                 os.path.join(out, 'table2.csv')),
              'table4.csv': write_csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
@@ -216,8 +247,11 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
           "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). sparsity: mean over "
           'layers of the fraction of exact zeros in the attention weights (see below). Changes are against the '
           'baseline of the same shape, data and epochs.', '', markdown(t2, TABLE2), '',
-          '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else the training runs\' own '
-          'train / eval throughput (no memory figures).', '', markdown(t4, TABLE4), '']
+          '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else measured for this report: '
+          'each model and its same-shape baseline take turns in one process (interleaved rounds, medians; the '
+          'source column names the device), never from runs that ran one after the other; a run without a '
+          'baseline in the sweep shows its own training throughput.', '',
+          markdown(t4, TABLE4), '']
     sigma_rows = [r for r in rows if r.get('sigma_table')]
     if sigma_rows:
         md += ['## Learned bandwidths', '']
