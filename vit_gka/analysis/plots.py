@@ -18,8 +18,10 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def top1_vs_gflops(rows: List[Dict], path: str) -> str:
-    """A point per run (x: GFLOPs = 2 x MACs, y: top-1), each model joined to its same-shape baseline."""
+def top1_vs_gflops(rows: List[Dict], path: str, groups: Optional[List[Dict]] = None) -> str:
+    """A point per run (x: GFLOPs = 2 x MACs, y: top-1), each model joined to its same-shape baseline; for a
+    configuration of several seeds (``groups``: analysis.seeds.groups) its mean with an error bar of +- one
+    standard deviation."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     by_run = {r['run']: r for r in rows}
     for r in rows:
@@ -30,8 +32,16 @@ def top1_vs_gflops(rows: List[Dict], path: str) -> str:
         pts = [r for r in rows if r['kind'] == kind]
         if pts:
             ax.scatter([r['gflops'] for r in pts], [r['top1'] for r in pts], color=colour, label=kind, zorder=2, s=36)
+    for g in groups or []:
+        if g['n'] > 1:
+            first = g['runs'][0]
+            ax.errorbar([first['gflops']], [g['mean']], yerr=[g['std']], fmt='D', mfc='none', capsize=4, zorder=3,
+                        color=KIND_COLOURS.get(first['kind'], 'k'))
+            ax.annotate(f"{g['name']} (n={g['n']})", (first['gflops'], g['mean']), textcoords='offset points',
+                        xytext=(-5, -12), fontsize=8, ha='right')
     for r in rows:
-        ax.annotate(r['label'], (r['gflops'], r['top1']), textcoords='offset points', xytext=(5, 4), fontsize=8)
+        if not any(g['n'] > 1 and r in g['runs'] for g in groups or []):
+            ax.annotate(r['label'], (r['gflops'], r['top1']), textcoords='offset points', xytext=(5, 4), fontsize=8)
     ax.set_xlabel('GFLOPs per image (2 x multiply-accumulates)')
     ax.set_ylabel('top-1 accuracy (%)')
     ax.set_title('Accuracy against compute (lines join same-shape pairs)')

@@ -14,7 +14,9 @@ give the runtime table. Written to ``--out`` (default ``<folder>/report`` for on
   with change % (from bench.json), else measured here, each pair interleaved (``measure_runtime``); the
   learned-bandwidth summary;
   the attention sparsity per layer.
-* ``table2.csv``, ``table4.csv``; ``top1_vs_gflops.png``, ``params_by_part.png``,
+* ``table2.csv``, ``table4.csv``, ``table_seeds.csv`` (when a configuration ran several seeds: mean +- std, n,
+  and the change against the baseline with a 95% interval, paired by seed: analysis/seeds.py);
+  ``top1_vs_gflops.png`` (error bars for several seeds), ``params_by_part.png``,
   ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
   ``attention_distance_<run>.png`` (mean attention distance per head and layer, in patches, on N real test
   images, next to the baseline's) and ``sparsity.png`` (per-layer attention sparsity of every run that has
@@ -40,6 +42,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from hydra.experimental.callback import Callback
 
+from vit_gka.analysis import seeds
 from vit_gka.analysis.tables import TABLE2, TABLE4, load_bench, markdown, table2, table4, write_csv
 
 log = logging.getLogger('vit_gka.analysis.report')
@@ -190,6 +193,35 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------- report
+SEED_COLUMNS = [('label', 'model'), ('n', 'n'), ('seeds', 'seeds'), ('top1_mean', 'top-1 mean'),
+                ('top1_std', 'top-1 std'), ('baseline', 'baseline'), ('d_top1', 'change (points)'),
+                ('ci_lo', '95% low'), ('ci_hi', '95% high'), ('pairing', 'interval')]
+
+
+def seed_groups(rows: List[Dict]) -> List[Dict]:
+    """``seeds.groups`` of the report's rows: one per configuration and shape / data / epochs."""
+    return seeds.groups(rows, key=lambda r: (seeds.config_name(r), _pair_key(r)))
+
+
+def seed_table(rows: List[Dict]) -> List[Dict]:
+    """The Seeds table: every configuration, when any of them ran more than one seed; [] otherwise."""
+    found = seed_groups(rows)
+    if all(g['n'] < 2 for g in found):
+        return []
+    out = []
+    for g in found:
+        first = g['runs'][0]
+        base = next((b for b in found if b['runs'][0]['kind'] == 'baseline' and first['kind'] != 'baseline'
+                     and _pair_key(b['runs'][0]) == _pair_key(first)), None)
+        row = {'label': g['name'], 'n': g['n'], 'seeds': ','.join(str(s) for s in g['seeds']),
+               'top1_mean': g['mean'], 'top1_std': g['std'], 'baseline': base['name'] if base else None}
+        if base is not None:
+            c = seeds.compare(g['runs'], base['runs'])
+            row.update(d_top1=c['diff'], ci_lo=c['lo'], ci_hi=c['hi'], pairing=c['pairing'])
+        out.append(row)
+    return out
+
+
 def measure_runtime(rows: List[Dict], batch_size: int = 64, steps: int = 3, rounds: int = 3) -> List[Dict]:
     """Table 4's rows when no bench.json exists: each run's architecture against its baseline's, interleaved in
     this process (``benchmark_models``: the two take turns, medians; bf16 on CUDA), once per distinct pair. Runs
@@ -232,9 +264,13 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     files = {'table2.csv': write_csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
                                 os.path.join(out, 'table2.csv')),
              'table4.csv': write_csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
+    seed_rows = seed_table(rows)
+    if seed_rows:
+        files['table_seeds.csv'] = write_csv(seed_rows, SEED_COLUMNS, os.path.join(out, 'table_seeds.csv'))
     counted = [r for r in rows if r.get('gflops') is not None]
     if counted:
-        files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'))
+        files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'),
+                                                           seed_groups(counted))
     files['params_by_part.png'] = plots.params_by_part(rows, os.path.join(out, 'params_by_part.png'))
     sparse = [r for r in rows if r['sparsity_layers']]
     if any(r['kind'] == 'compact' for r in sparse):
@@ -252,6 +288,11 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
           'source column names the device), never from runs that ran one after the other; a run without a '
           'baseline in the sweep shows its own training throughput.', '',
           markdown(t4, TABLE4), '']
+    if seed_rows:
+        md += ['## Seeds', 'Configurations with several seeds: top-1 mean +- standard deviation over n runs, and the '
+               'change against the same-shape baseline as a mean difference with its 95% interval, paired by seed '
+               'where both ran the same seeds (Student t on the per-seed differences), else Welch\'s.', '',
+               markdown(seed_rows, SEED_COLUMNS), '']
     sigma_rows = [r for r in rows if r.get('sigma_table')]
     if sigma_rows:
         md += ['## Learned bandwidths', '']

@@ -78,11 +78,19 @@ def format_table(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def seed_lines(rows: List[Dict]) -> List[str]:
+    """``<config>: top-1 m +- s (n=3, seeds 0,1,2)`` for each configuration that ran several seeds."""
+    from vit_gka.analysis.seeds import groups
+    return [f"{g['name']}: top-1 {g['mean']:.2f} +- {g['std']:.2f} (n={g['n']}, seeds "
+            f"{','.join(str(s) for s in g['seeds'])})" for g in groups(rows) if g['n'] > 1]
+
+
 def write_tables(rows: List[Dict], folder: str) -> List[str]:
-    """The table as ``<folder>/runs.md`` and, with every column's raw number, ``<folder>/runs.csv``."""
+    """The table as ``<folder>/runs.md`` (with the seed lines) and, with every column's raw number,
+    ``<folder>/runs.csv``."""
     md, path_csv = os.path.join(folder, 'runs.md'), os.path.join(folder, 'runs.csv')
     with open(md, 'w') as f:
-        f.write(format_table(rows) + '\n')
+        f.write(format_table(rows) + '\n' + ''.join(f'\n{line}' for line in seed_lines(rows)))
     with open(path_csv, 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow([name for name, _ in COLUMNS])
@@ -105,7 +113,7 @@ class SweepSummary(Callback):
         if rows:
             files = write_tables(rows, sweep_dir)
             print(f'\n{len(rows)} runs in {sweep_dir} ({", ".join(os.path.basename(f) for f in files)}):\n'
-                  f'{format_table(rows)}', flush=True)
+                  f'{format_table(rows)}' + ''.join(f'\n{line}' for line in seed_lines(rows)), flush=True)
 
 
 def parser(prog: str = PROG) -> argparse.ArgumentParser:
