@@ -58,6 +58,7 @@ def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
     (['-m', 'hydra/callbacks=report'], 'every -m sweep ends with the report'),
     (['workers=many'], "workers must be an integer (data loader processes per training process, or auto), got 'many'"),
     (['workers=-1'], 'workers must be >= 0'),
+    (['log_with=foo'], "log_with: unknown tracker 'foo'; choose from all, aim, tensorboard"),
 ])
 def test_mistakes_give_one_line(tmp_path, capsys, args, message):
     """The check itself, in this process (train.py runs it before Hydra: see the next test)."""

@@ -135,7 +135,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
     # Every input has been checked: take the run folder (one writer per folder), start writing.
     lock = lock_run_dir(accelerator, run_dir)
-    records = RunRecords(cfg, run_dir, enabled=main)
+    records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
     log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, %d loader workers per '
              'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
@@ -185,7 +185,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
             # resumed mid-epoch: the same order, the first state.step batches not loaded
             loader = skip_first_batches(train_loader, state.step) if state.step else train_loader
             try:
-                stats = train_one_epoch(parts, state, epoch, loader, on_update, records.tb,
+                stats = train_one_epoch(parts, state, epoch, loader, on_update, records if main else None,
                                         desc=f'epoch {epoch + 1}/{num_epochs}')
             except NonFiniteError as e:
                 raise e.with_checkpoint(f'{last_dir} (update {saved_at})' if saved_at is not None else
@@ -207,7 +207,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                     sparsity = model_sparsity(raw_model, sparsity_images, accelerator.autocast)
             record, line = _epoch_summary(done, num_epochs, stats, evaluated, metrics, ema_metrics, sparsity)
             state.history.append(record)
-            records.epoch(done, stats, raw_model, metrics if evaluated else None, ema_metrics, sparsity)
+            records.epoch(done, state.num_updates, stats, raw_model, metrics if evaluated else None, ema_metrics,
+                          sparsity)
             records.summary(state.history)
             if evaluated:
                 _keep_best(state, parts, records, metrics, ema_metrics)
@@ -230,7 +231,12 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     if main:
         print(summary_line(results, cfg.model_choice, run_dir), flush=True)
     accelerator.wait_for_everyone()
-    return from_main_process(accelerator, results)
+    results = from_main_process(accelerator, results)
+    # Nobody leaves while another process still receives (a gloo peer that exits mid-broadcast aborts the other:
+    # "terminate called without an active exception"); then every process takes the process group down.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
 
 
 def _continue_with(run_dir: str) -> str:

@@ -126,7 +126,7 @@ class UpdateGuard:
 
 
 def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
-                    tb_writer=None, desc: str = '') -> Dict[str, float]:
+                    tracker=None, desc: str = '') -> Dict[str, float]:
     """One epoch, or its rest, of the run ``parts`` (``state.TrainParts``: model, optimizer, schedule, loss,
     mixup, EMA, clipping, non-finite policy, logging), advancing ``state`` (``state.TrainState``) update by
     update: ``num_updates``, ``step`` (micro-batches of this epoch done) and ``totals`` (this process's sums so
@@ -221,12 +221,13 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
             if bar.disable:  # no bar (a log file: redrawn bars would fill it): a line instead
                 log.info('%s  step %d/%d  update %d  loss %.4f  lr %.2e  %.0f img/s  data wait %.0f%%', desc,
                          step + 1, n_batches, update, loss_value, lr, rate, 100 * wait)
-            if tb_writer is not None:
+            if tracker is not None:  # results.RunRecords: every tracker of log_with
+                values = {'train/lr': lr, 'train/step_images_per_s': rate, 'train/data_wait_fraction': wait}
                 if verdict['ok']:
-                    tb_writer.add_scalar('train/loss', verdict['loss'], update)
-                tb_writer.add_scalar('train/lr', lr, update)
-                tb_writer.add_scalar('train/step_images_per_s', rate, update)  # the epoch so far
-                tb_writer.add_scalar('train/data_wait_fraction', wait, update)
+                    values['train/loss'] = verdict['loss']
+                if grad_norm is not None:  # the clipping's own norm, before clipping (one host sync per log line)
+                    values['train/grad_norm'] = float(grad_norm)
+                tracker.log(values, update)
     bar.close()
     elapsed = time.perf_counter() - start
     sums = torch.tensor([loss_sum, float(n_seen), waited[0]], dtype=torch.float64, device=device)

@@ -5,9 +5,11 @@
                        loss (mean over the update's images on all processes; null when skipped) and lr
                        (``step_log: true``); on ``resume=`` the lines up to the checkpoint are carried over and
                        the rest dropped, so the file of a killed-and-resumed run is the file of an uninterrupted one
-    tb/                TensorBoard events: train loss / lr / images per s / data-wait share per log_interval
-                       updates (loop.py), per epoch the epoch loss, speed, data wait, peak GPU memory, GKA
-                       bandwidths, test metrics and attention sparsity
+    tb/                TensorBoard events (Accelerate's trackers, ``log_with``; W&B, MLflow, ... get the same),
+                       on the optimizer-update axis: the run's hyperparameters (hparams view); train loss / lr /
+                       grad norm / images per s / data-wait share per log_interval updates (loop.py); per epoch
+                       the epoch loss, speed, data wait, peak GPU memory, GKA bandwidths, test metrics and
+                       attention sparsity
     summary.csv        one row per epoch (timm's train.py columns first: ``SUMMARY_COLUMNS``)
     best.safetensors   the best weights by test top-1 (raw or EMA, results.json says which)
     model/             timm save_for_hf folder of the final weights (the better of raw and EMA):
@@ -81,6 +83,22 @@ def _architecture_args(model_args: Dict[str, Any]) -> Dict[str, Any]:
             if k not in ('drop_rate', 'drop_path_rate', 'drop_block_rate') and not k.endswith('_drop_rate')}
 
 
+def hyperparameters(cfg: DictConfig) -> Dict[str, Any]:
+    """The run's configuration as flat ``section/key: value`` pairs of numbers, strings and booleans (TensorBoard's
+    hparams view takes nothing else; lists and nulls become strings)."""
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f'{prefix}/{k}' if prefix else str(k), v)
+        else:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+    walk('', OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
 # summary.csv: (column, key of a results.json history record)
 SUMMARY_COLUMNS = (('epoch', 'epoch'), ('train_loss', 'train_loss'), ('eval_loss', 'loss'), ('eval_top1', 'top1'),
                    ('eval_top5', 'top5'), ('lr', 'lr'), ('ema_top1', 'ema_top1'), ('ema_top5', 'ema_top5'),
@@ -91,9 +109,9 @@ class RunRecords:
     """The run folder's records (module docstring). Every method does nothing on other processes than the main
     one (``enabled=False``)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, enabled: bool):
-        self.cfg, self.run_dir, self.enabled = cfg, run_dir, enabled
-        self.tb = None
+    def __init__(self, cfg: DictConfig, run_dir: str, enabled: bool, accelerator=None):
+        self.cfg, self.run_dir, self.enabled, self.accelerator = cfg, run_dir, enabled, accelerator
+        self.tracking = False  # Accelerate's trackers started (log_with)
         self._steps = None  # the open steps.jsonl
         self._step_log = enabled and cfg.step_log
 
@@ -106,8 +124,15 @@ class RunRecords:
         write_text(os.path.join(self.run_dir, 'config.yaml'), OmegaConf.to_yaml(self.cfg, resolve=True))
         if self._step_log:
             write_text(os.path.join(self.run_dir, STEP_LOG), _carried_steps(resumed_from, upto_update))
-        from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(self.run_dir, 'tb'))
+        if self.accelerator is not None and self.accelerator.log_with:
+            self.accelerator.project_configuration.set_directories(self.run_dir)
+            self.accelerator.init_trackers('tb', config=hyperparameters(self.cfg))
+            self.tracking = True
+
+    def log(self, values: Dict[str, float], update: int) -> None:
+        """``values`` to every tracker (TensorBoard, W&B, ... : ``log_with``) at optimizer update ``update``."""
+        if self.tracking:
+            self.accelerator.log(values, step=update)
 
     def step(self, info: Dict[str, Any]) -> None:
         """steps.jsonl's line of one update (``info``: what loop.train_one_epoch passes its ``on_update``)."""
@@ -137,31 +162,25 @@ class RunRecords:
             writer.writerow(['' if record.get(key) is None else record[key] for _, key in SUMMARY_COLUMNS])
         write_text(os.path.join(self.run_dir, 'summary.csv'), out.getvalue())
 
-    def epoch(self, done: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
+    def epoch(self, done: int, update: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
               ema_metrics: Optional[Dict[str, Any]], sparsity: Optional[Dict[str, Any]]) -> None:
-        """TensorBoard scalars of epoch ``done`` (``metrics`` None: not evaluated this epoch)."""
-        tb = self.tb
-        if tb is None:
+        """The trackers' values of epoch ``done``, at its last update (``metrics`` None: not evaluated)."""
+        if not self.tracking:
             return
-        tb.add_scalar('train/epoch_loss', stats['loss'], done)
-        tb.add_scalar('train/images_per_s', stats['images_per_s'], done)
-        tb.add_scalar('train/epoch_data_wait_fraction', stats['data_wait_fraction'], done)
+        values = {'train/epoch': done, 'train/epoch_loss': stats['loss'], 'train/images_per_s': stats['images_per_s'],
+                  'train/epoch_data_wait_fraction': stats['data_wait_fraction']}
         if next(raw_model.parameters()).is_cuda:
-            tb.add_scalar('train/peak_gpu_mem_mb', torch.cuda.max_memory_allocated() / 2 ** 20, done)
-        for layer, s in sigma_stats(raw_model).items():
-            for k, v in s.items():
-                tb.add_scalar(f'sigma/layer{layer:02d}/{k}', v, done)
+            values['train/peak_gpu_mem_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+        for layer, sig in sigma_stats(raw_model).items():
+            values.update({f'sigma/layer{layer:02d}/{k}': v for k, v in sig.items()})
         if metrics is not None:
-            for key in ('loss', 'top1', 'top5', 'images_per_s'):
-                tb.add_scalar(f'eval/{key}', metrics[key], done)
+            values.update({f'eval/{key}': metrics[key] for key in ('loss', 'top1', 'top5', 'images_per_s')})
             if ema_metrics is not None:
-                tb.add_scalar('eval/ema_top1', ema_metrics['top1'], done)
-                tb.add_scalar('eval/ema_top5', ema_metrics['top5'], done)
+                values.update({'eval/ema_top1': ema_metrics['top1'], 'eval/ema_top5': ema_metrics['top5']})
         if sparsity is not None:
-            for i, value in enumerate(sparsity['layers']):
-                tb.add_scalar(f'sparsity/layer_{i:02d}', value, done)
-            tb.add_scalar('sparsity/mean', sparsity['mean'], done)
-        tb.flush()
+            values.update({f'sparsity/layer_{i:02d}': v for i, v in enumerate(sparsity['layers'])})
+            values['sparsity/mean'] = sparsity['mean']
+        self.log(values, update)
 
     def best(self, weights: Dict[str, Any]) -> None:
         """best.safetensors."""
@@ -239,8 +258,10 @@ class RunRecords:
 
     def close(self) -> None:
         self.close_steps()
-        if self.tb is not None:
-            self.tb.close()
+        if self.tracking:  # the trackers only: Accelerate's end_training also ends the process group, which
+            for tracker in self.accelerator.trackers:  # run_training does on every process at its very end
+                tracker.finish()
+            self.tracking = False
 
 
 def summary_line(results: Dict[str, Any], label: str, run_dir: str) -> str:

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 from vit_gka.errors import UserError
 
-__all__ = ['validate', 'check_output_dir']
+__all__ = ['validate', 'check_output_dir', 'trackers']
 
 # key -> (what it is, smallest value); the optional ones may be null
 _INTS = {
@@ -47,6 +47,24 @@ def _int_check(cfg, key: str, what: str, low: int, optional: bool) -> None:
                         + (' or null' if optional else ''))
 
 
+def trackers(log_with) -> list:
+    """``log_with`` as Accelerate's list of trackers ([] for none); ``UserError`` for a tracker Accelerate does not
+    know or whose package is not installed (Accelerate itself would drop it without a word)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+    names = [] if log_with in (None, 'none', False) else [log_with] if isinstance(log_with, str) else list(log_with)
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name == 'all':
+            continue
+        if name not in LoggerType.list():
+            raise UserError(f"log_with: unknown tracker {name!r}; choose from {', '.join(LoggerType.list())} or none")
+        if name not in available:
+            raise UserError(f'log_with: the {name} tracker is not installed (pip install {name}), or set '
+                            f'log_with=tensorboard')
+    return [str(n) for n in names]
+
+
 def validate(cfg) -> None:
     """``UserError`` for a value of the wrong type or range (``batch_size=0``, ``epochs=-1``,
     ``model.args.sigma_init=0``, ``nonfinite=maybe``, ``mixed_precision=fp8`` without its GPU and backend, an odd
@@ -71,6 +89,7 @@ def validate(cfg) -> None:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
     if cfg.mixed_precision == 'fp8':
         _check_fp8(cfg)
+    trackers(cfg.get('log_with'))
     for key in ('step_log', 'progress', 'save_model', 'cpu'):
         if not isinstance(cfg.get(key), bool) and not (key == 'progress' and cfg.get(key) == 'auto'):
             raise UserError(f'{key} must be true or false{" or auto" if key == "progress" else ""}, '
