@@ -14,7 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-SCRIPTS = ('vit-gka-train', 'vit-gka-eval', 'vit-gka-export', 'vit-gka-flops', 'vit-gka-report', 'vit-gka-summary')
+SCRIPTS = ('vit-gka-train', 'vit-gka-eval', 'vit-gka-export', 'vit-gka-publish', 'vit-gka-flops', 'vit-gka-report',
+           'vit-gka-summary')
 HELP = {  # command (from the repository root) -> a text its help holds
     ('-m', 'vit_gka.analysis.flops', '--help'): 'usage:',
     ('-m', 'vit_gka.analysis.report', '--help'): 'usage:',

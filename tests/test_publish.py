@@ -1,0 +1,47 @@
+"""The publish command (vit_gka/publish.py): a run's model/ plus a model card, a folder that loads with timm, tested
+offline up to the upload (which, offline, ends in one line with the folder kept)."""
+import json
+import os
+import subprocess
+import sys
+
+import timm
+import torch
+
+from helpers import TINY, check, needs_data, one_line_error, run
+
+import vit_gka  # noqa: F401
+
+
+def _publish(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'vit_gka.publish', *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@needs_data
+def test_published_folder_loads_and_has_a_model_card(tmp_path):
+    run_dir, out = tmp_path / 'run', tmp_path / 'hub'
+    check(run(['epochs=1', *TINY, f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+    proc = _publish(run_dir, out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {'config.json', 'model.safetensors', 'README.md', 'config.yaml'} <= set(os.listdir(out))
+    card = (out / 'README.md').read_text()
+    res = json.loads((run_dir / 'results.json').read_text())
+    these = res['ema_top1'] if res['model_folder_weights'] == 'ema' else res['top1']
+    assert card.startswith('---\nlibrary_name: timm') and f"| **{these:.2f}** | {res['model_folder_weights']} |" in card
+    assert 'Projection-Free Transformers via Gaussian Kernel Attention' in card and 'local-dir:' in card
+    published = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    original = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(published(x), original(x))
+
+    again = _publish(run_dir, out)  # never writes into a folder that holds something
+    one_line_error(again, 'exists and is not empty')
+    offline = _publish(run_dir, tmp_path / 'hub2', '--repo-id', 'me/gka', env={'HF_HUB_OFFLINE': '1'})
+    one_line_error(offline, 'could not upload')
+    assert 'hf-hub:me/gka' in (tmp_path / 'hub2' / 'README.md').read_text()  # the folder is ready all the same
+
+
+def test_publish_needs_a_finished_run(tmp_path):
+    one_line_error(_publish(tmp_path, tmp_path / 'out'), 'is not a finished training run')
