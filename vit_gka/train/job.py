@@ -45,6 +45,7 @@ from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
+from vit_gka.train.finetune import apply_finetune
 from vit_gka.train.loop import evaluate, train_one_epoch
 from vit_gka.train.preemption import StopSignals, Stopped, shield_workers
 from vit_gka.train.results import RunRecords, summary_line
@@ -84,6 +85,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     set_seed(int(cfg.seed))
     model_name, model_args = str(cfg.model.name), recipe.model_args(cfg, num_classes)
     model = recipe.create_model(model_name, model_args, cfg.data)
+    if cfg.finetune and chk is None:  # finetune=: trained weights to start from (a resumed run has its own)
+        log.info(apply_finetune(model, str(cfg.finetune)))
     data_config = resolve_data_config({}, model=model)
 
     # Loaders: every process reads its shard of one seeded order; the test set (sharded too, see below).
