@@ -235,12 +235,12 @@ def measure_runtime(rows: List[Dict], batch_size: int = 64, steps: int = 3, roun
         base = by_run.get(r.get('baseline_run'))
         if base is None:
             continue
-        models = [{'label': x['label'], 'name': x['model'], 'args': model_args_of(x)} for x in (r, base)]
-        key = json.dumps(models[0]['name']) + json.dumps(models[0]['args'], sort_keys=True) + base['run']
+        models = [{'label': seeds.config_name(x), 'name': x['model'], 'args': model_args_of(x)} for x in (r, base)]
+        key = json.dumps([(m['name'], m['args']) for m in models], sort_keys=True)  # seeds share an architecture
         if key in seen:
             continue
         seen.add(key)
-        source = f"interleaved here, {device_name(device)}: {r['label']} / {base['label']}"
+        source = f"interleaved here, {device_name(device)}: {models[0]['label']} / {models[1]['label']}"
         measured = benchmark_models(models, device, batch_size=batch_size, warmup=1, steps=steps, rounds=rounds,
                                     amp=device.type == 'cuda', train=True)
         out += [dict(row, source=source) for row in measured]
