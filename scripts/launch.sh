@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # train.py on every GPU of every node of a Slurm job through `accelerate launch`, or on this machine alone.
 #
+#   # from the checkout's root:
 #   sbatch --nodes 2 --ntasks-per-node 1 --gpus-per-node 8 --cpus-per-task 96 scripts/launch.sh \
 #       experiment=paper_gka_s data.root=/data/imagenet resume=auto hydra.run.dir=/scratch/$USER/gka_s
 #   NPROC=2 bash scripts/launch.sh model=gka shape=fmnist      # one machine, 2 processes (CPU: gloo)
@@ -19,7 +20,11 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --requeue
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# the checkout: under sbatch $0 is Slurm's copy of this script in its spool folder, so the folder sbatch was
+# called from (the checkout's root, on a file system every node sees)
+ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+cd "$ROOT"
+[ -f train.py ] || { echo "error: run sbatch from the vit-gka checkout's root (no train.py in $ROOT)" >&2; exit 2; }
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 
 gpus() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
@@ -43,6 +48,6 @@ launch() {  # on one node: its rank is SLURM_NODEID under srun, 0 otherwise
 
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${VIT_GKA_ON_NODE:-}" ] && [ "$NNODES" -gt 1 ]; then
     # the batch script runs on the first node only: start one copy of this script per node
-    VIT_GKA_ON_NODE=1 exec srun --ntasks-per-node 1 --kill-on-bad-exit=1 bash "$0" "$@"
+    VIT_GKA_ON_NODE=1 exec srun --ntasks-per-node 1 --kill-on-bad-exit=1 bash "$ROOT/scripts/launch.sh" "$@"
 fi
 launch "$@"
