@@ -1,6 +1,17 @@
 """The model families in timm's registry (importing this registers them): ``gka_deit_*`` (GKA), ``vlt_deit_*``
-(the paper's VLT ablation) and ``?ka_<normalization>_deit_*`` (compact kernels); ``_builder`` is what they share."""
+(the paper's VLT ablation) and ``?ka_<normalization>_deit_*`` (compact kernels); ``_builder`` is what they share.
+It also names the attention layers for any timm ViT: ``timm.create_model('deit3_small_patch16_224', attn_layer='gka')``."""
+from timm.models import vision_transformer
+
+from vit_gka.layers import GaussianKernelAttention, KernelAttention, ValueFreeAttention
 from vit_gka.models import compact_deit, gka_deit, vlt_deit
 from vit_gka.models._builder import KernelVisionTransformer
 
-__all__ = ['KernelVisionTransformer', 'compact_deit', 'gka_deit', 'vlt_deit']
+__all__ = ['ATTN_LAYER_NAMES', 'KernelVisionTransformer', 'compact_deit', 'gka_deit', 'vlt_deit']
+
+# The names under which any timm VisionTransformer (vit_*, deit3_*, ...) takes these layers as ``attn_layer``:
+# timm resolves a string attn_layer in vision_transformer.ATTN_LAYERS, so a model folder saved with
+# attn_layer='gka' in its config.json reloads (local-dir:, hf-hub:) wherever vit_gka is imported.
+ATTN_LAYER_NAMES = {'gka': GaussianKernelAttention, 'vlt': ValueFreeAttention, 'compact': KernelAttention}
+for _name, _layer in ATTN_LAYER_NAMES.items():
+    vision_transformer.ATTN_LAYERS.setdefault(_name, _layer)

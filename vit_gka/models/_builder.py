@@ -1,17 +1,19 @@
 """What every model family here shares: the pretrained config, the one builder and the ViT that keeps its
 kernel-attention layers on its patch grid (as timm's models/deit.py builds DeiT).
 
-``create_model`` keywords: every VisionTransformer one, ``out_indices`` (for ``features_only``), and the
-attention's own ``impl``, ``window``, ``window_2d``, ``sigma_init`` (projection-free kernel attention only).
+``create_model`` keywords: every VisionTransformer one, ``out_indices`` (for ``features_only``), the
+attention's own ``impl``, ``window``, ``window_2d``, ``sigma_init`` (projection-free kernel attention only), and
+``gka_blocks`` (a hybrid: the kernel attention in those blocks, timm's dot-product attention in the others).
 """
-from typing import Optional, Tuple, Type
+from typing import Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import register_notrace_module
+from timm.layers import Attention, register_notrace_module
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
-from timm.models.vision_transformer import VisionTransformer
+from timm.models._manipulate import named_apply
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from vit_gka.layers import ProjectionFreeAttention, ValueFreeAttention
@@ -49,9 +51,27 @@ class KernelVisionTransformer(VisionTransformer):
     """timm's ``VisionTransformer`` whose projection-free attention layers know its patch grid (for
     ``window_2d``), also after ``set_input_size`` and, with ``dynamic_img_size``, per input size."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, gka_blocks: Optional[Sequence[int]] = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        if gka_blocks is not None:
+            self._hybrid(gka_blocks, kwargs)
         self.follow_grid(self.patch_embed.grid_size)
+
+    def _hybrid(self, gka_blocks: Sequence[int], kwargs: dict) -> None:
+        """Keep the kernel attention in blocks ``gka_blocks`` only (e.g. local early layers); the others get timm's
+        dot-product ``Attention`` (q, k, v projections), initialised as timm initialises a ViT."""
+        depth = len(self.blocks)
+        keep = sorted({int(i) for i in gka_blocks})
+        if any(not 0 <= i < depth for i in keep):
+            raise ValueError(f'gka_blocks={list(gka_blocks)}: block indices must be in 0 .. {depth - 1}')
+        for i, block in enumerate(self.blocks):
+            if i not in keep:
+                block.attn = Attention(self.embed_dim, num_heads=block.attn.num_heads,
+                                       qkv_bias=kwargs.get('qkv_bias', True), qk_norm=kwargs.get('qk_norm', False),
+                                       attn_drop=kwargs.get('attn_drop_rate', 0.0),
+                                       proj_drop=kwargs.get('proj_drop_rate', 0.0))
+                named_apply(init_weights_vit_timm, block.attn)
+        self.gka_blocks = keep
 
     def follow_grid(self, grid_size: Tuple[int, int]) -> None:
         """Set ``grid_size`` and ``num_prefix_tokens`` on every projection-free attention layer."""

@@ -10,6 +10,8 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from timm.models.vision_transformer import ATTN_LAYERS  # names a timm ViT's attn_layer takes (vit_gka adds its own)
+
 from vit_gka import models as registered  # importing the package registers its models with timm
 from vit_gka.data.datasets import data_preprocessing
 from vit_gka.errors import UserError
@@ -42,6 +44,10 @@ def create_model(name: str, args: Dict[str, Any], data_cfg):
     if not timm.is_model(name):
         raise UserError(f"unknown timm model '{name}' (model.name); give a timm model or one of vit_gka's: "
                         f"{', '.join(vit_gka_models())}")
+    layer = args.get('attn_layer')  # model.args.attn_layer=gka: GKA in any timm VisionTransformer (vit_*, deit3_*)
+    if isinstance(layer, str) and layer not in ATTN_LAYERS:
+        names = ', '.join(sorted(k for k in ATTN_LAYERS if k))
+        raise UserError(f"model.args.attn_layer={layer} is not one of timm's {names}")
     try:
         model = timm.create_model(name, **args)
     except (TypeError, ValueError) as e:
