@@ -1,5 +1,5 @@
-"""Data sets and loaders: Fashion-MNIST (default, offline), ImageNet / any ImageFolder pair, CIFAR-10/100, and any
-map-style data set timm's ``create_dataset`` opens (``data=timm data.name=torch/... | hfds/... | tar``).
+"""Data sets and loaders: Fashion-MNIST (default, offline), ImageNet / any ImageFolder pair, CIFAR-10/100, and
+``data=timm`` (timm_sets.py).
 
 Every data set is read into a map-style dataset and transformed with timm's ``create_transform`` from
 the model's data config (``timm.data.resolve_data_config``): input size, mean / std, interpolation and
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vit_gka.data.timm_sets import TIMM_PREFIXES, is_timm_name, open_timm_dataset
 from vit_gka.errors import UserError
 from vit_gka.data.sampling import SeededDataset, train_sampler
 
@@ -45,9 +46,6 @@ __all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loa
            'loader_workers', 'MAX_AUTO_WORKERS', 'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100', 'timm')
-# data=timm: timm.data.create_dataset's name prefixes; the streaming ones are refused (see _timm_dataset)
-TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
-STREAMING_PREFIXES = ('hfids', 'tfds', 'wds')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MAX_UNREADABLE_IN_A_ROW = 20
@@ -237,39 +235,13 @@ def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
             raise UserError(f'could not read or download {name} under {root}: {e}') from e
     elif name in ('imagenet', 'folder'):
         ds = _image_folder(data_cfg, 'train' if train else 'val', transform)
-    elif name == 'tar' or name.partition('/')[0].lower() in TIMM_PREFIXES:
-        ds = _timm_dataset(data_cfg, train, transform)
+    elif is_timm_name(name):
+        ds = open_timm_dataset(data_cfg, _expand(data_cfg.root), train)
+        ds = Transformed(ds, transform) if transform is not None else ds
     else:
         raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}, or data=timm "
                         f"data.name=<{'|'.join(p + '/...' for p in TIMM_PREFIXES)}|tar>")
     return ds, int(data_cfg.num_classes or _num_classes_of(ds))
-
-
-def _timm_dataset(data_cfg, train: bool, transform=None) -> Dataset:
-    """``data=timm``: timm's ``create_dataset`` under ``data.name`` (``tar``: the class folders of
-    ``<root>/<split>.tar``), split ``data.train_dir`` / ``data.val_dir``."""
-    from timm.data import create_dataset as timm_create_dataset
-    name, split = str(data_cfg.name), str(data_cfg.train_dir if train else data_cfg.val_dir)
-    prefix = name.partition('/')[0].lower()
-    if prefix in STREAMING_PREFIXES:
-        raise UserError(f'data.name={name}: streaming data sets ({", ".join(p + "/" for p in STREAMING_PREFIXES)}) are '
-                        f'not supported (the loader shards and seeds a map-style index for exact resume); write '
-                        f'the shards out as a folder or tar (data.name=tar), or use hfds/')
-    root = _expand(data_cfg.root)
-    if name == 'tar':
-        root = os.path.join(root or '', f'{split}.tar')
-        if not os.path.isfile(root):
-            raise UserError(f'data.name=tar reads <data.root>/<split>.tar: {root} is not a file; set data.root=<the '
-                            f'folder of {data_cfg.train_dir}.tar and {data_cfg.val_dir}.tar>')
-    elif root is not None and not os.path.isdir(root):
-        raise UserError(f'data.root does not exist: {data_cfg.root}; give data.root=<an existing folder>')
-    try:
-        ds = timm_create_dataset('' if name == 'tar' else name, root=root, split=split, is_training=train,
-                                 download=bool(data_cfg.download))
-    except (AssertionError, ImportError, OSError, RuntimeError, ValueError) as e:
-        raise UserError(f'data.name={name} (timm.data.create_dataset, split {split}, root {root}): '
-                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
-    return Transformed(ds, transform) if transform is not None else ds
 
 
 def data_preprocessing(data_cfg) -> Dict[str, Any]:
@@ -359,8 +331,7 @@ def loader_workers(workers, local_processes: int = 1) -> int:
 
 
 def _worker_kwargs(num_workers: int) -> dict:
-    # persistent: the workers (and their copies of the data set) live across epochs instead of being forked
-    # again every epoch; the sampler still runs in this process, so order and per-sample seeds are unchanged
+    # persistent workers live across epochs; the sampler (order, per-sample seeds) still runs in this process
     return dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
