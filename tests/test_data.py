@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from vit_gka.errors import UserError
-from vit_gka.data.datasets import (FMNIST_FILES, MAX_AUTO_WORKERS, class_names, create_dataset, create_eval_loader,
-                                   create_train_loader, loader_workers, patch_randaugment_posterize)
+from vit_gka.data.datasets import FMNIST_FILES, class_names, create_dataset, patch_randaugment_posterize
+from vit_gka.data.loaders import MAX_AUTO_WORKERS, create_eval_loader, create_train_loader, loader_workers
 from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ def test_auto_workers_follow_the_cpus_of_each_process(monkeypatch, cpus, local_p
 
 
 def test_loader_workers_persist_across_epochs():
-    from vit_gka.data.datasets import _worker_kwargs
+    from vit_gka.data.loaders import _worker_kwargs
     assert _worker_kwargs(2)['persistent_workers'] is True and _worker_kwargs(0)['persistent_workers'] is False
 
 

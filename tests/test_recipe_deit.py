@@ -234,7 +234,8 @@ def test_repeated_augmentation_over_two_processes(jpegs):
     # from its global position), the same position gives the same view again (what makes resume exact), and an
     # epoch is 10 samples per process (DeiT: the data set's length over the processes, repeats included).
     from hydra import compose, initialize_config_dir
-    from vit_gka.data.datasets import create_dataset, create_train_loader
+    from vit_gka.data.datasets import create_dataset
+    from vit_gka.data.loaders import create_train_loader
     from vit_gka.data.sampling import set_loader_epoch
     with initialize_config_dir(CONF_DIR, version_base='1.3'):
         cfg = compose('config', overrides=['recipe=deit', 'data=folder', f'data.root={jpegs}'])

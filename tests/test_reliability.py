@@ -26,7 +26,8 @@ from helpers import Payload, check, digest, free_port, lines, needs_data, one_li
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
-from vit_gka.data.datasets import create_dataset, create_train_loader
+from vit_gka.data.datasets import create_dataset
+from vit_gka.data.loaders import create_train_loader
 from vit_gka.train.loop import POISON_ENV
 from vit_gka.train.state import load_checkpoint
 

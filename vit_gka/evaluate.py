@@ -162,15 +162,15 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
     run's own model/ also the top-1 the run recorded and whether this matches it."""
     from timm.data import resolve_data_config
 
-    from vit_gka.data.datasets import create_eval_loader, loader_workers
+    from vit_gka.data.loaders import create_eval_loader
     from vit_gka.train.loop import evaluate
     device = _device(cfg)
     autocast, precision = eval_autocast(cfg, run_dir, device)
     model, source = load_model(cfg, run_dir, data_cfg)
     model = model.to(device).eval()
     data_config = resolve_data_config(model=model)
-    loader, num_classes = create_eval_loader(data_cfg, data_config, int(cfg.batch_size),
-                                             loader_workers(cfg.workers))
+    loader, num_classes = create_eval_loader(data_cfg, data_config, int(cfg.batch_size), cfg.workers,
+                                             on_cpu=device.type == 'cpu')
     if num_classes != model.num_classes:
         raise UserError(f'the model has {model.num_classes} classes, data {data_cfg.name} has {num_classes}')
     metrics = evaluate(model, loader, autocast=autocast)

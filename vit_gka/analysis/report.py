@@ -152,7 +152,7 @@ def test_images(run_dir: str, model, num_images: int) -> torch.Tensor:
     from omegaconf import OmegaConf
     from timm.data import resolve_data_config
 
-    from vit_gka.data.datasets import create_eval_loader
+    from vit_gka.data.loaders import create_eval_loader
     data_cfg = OmegaConf.load(os.path.join(run_dir, 'config.yaml')).data
     loader, _ = create_eval_loader(data_cfg, resolve_data_config(model=model), batch_size=num_images, num_workers=0)
     images, _ = next(iter(loader))

@@ -12,7 +12,7 @@ Fashion-MNIST is looked up, in order, in the Debian package ``dataset-fashion-mn
 into the cache folder), then downloaded by torchvision (``data.download``).
 
 The training set is read once (``create_dataset``, before the model: its class count sizes the head) and
-given the model's transform by ``create_train_loader``.
+given the model's transform by ``loaders.create_train_loader``. Loaders: loaders.py.
 
 The ``data`` config node (``conf/data/*.yaml``) names the data set (``name``) and where it lives; see
 the yaml files for the keys.
@@ -33,17 +33,15 @@ import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from vit_gka.data.timm_sets import TIMM_PREFIXES, is_timm_name, open_timm_dataset
 from vit_gka.errors import UserError
-from vit_gka.data.sampling import SeededDataset, train_sampler
 
 log = logging.getLogger('vit_gka.data')
 
-__all__ = ['DATASETS', 'create_dataset', 'create_eval_loader', 'create_train_loader', 'data_preprocessing',
-           'loader_workers', 'MAX_AUTO_WORKERS', 'build_transform', 'fashion_mnist_root', 'unreadable_images', 'class_names', 'Transformed']
+__all__ = ['DATASETS', 'create_dataset', 'data_preprocessing', 'build_transform', 'fashion_mnist_root',
+           'unreadable_images', 'class_names', 'Transformed']
 
 DATASETS = ('fashion_mnist', 'imagenet', 'folder', 'cifar10', 'cifar100', 'timm')
 FMNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
@@ -315,40 +313,6 @@ def build_transform(data_config: dict, is_training: bool, aug_cfg=None):
     return transforms.Compose([ToMode(_mode(data_config)), tf])
 
 
-# DeiT's loader processes per GPU: more rarely pay once decoding and augmentation keep up with the GPU
-MAX_AUTO_WORKERS = 10
-
-
-def loader_workers(workers, local_processes: int = 1) -> int:
-    """``workers`` (config) as a number of loader processes per training process. ``auto``: the CPUs this process
-    may run on (its affinity mask: a Slurm allocation, ``taskset``), shared among the node's ``local_processes``
-    training processes, less one for the training loop itself, at most ``MAX_AUTO_WORKERS``: 1 on a 2-core
-    laptop, 10 per GPU on an 8-GPU node of 96 cores, 0 (load in the training process) with a single CPU."""
-    if workers != 'auto':
-        return int(workers)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(0, min(MAX_AUTO_WORKERS, cpus // max(1, local_processes) - 1))
-
-
-def _worker_kwargs(num_workers: int) -> dict:
-    # persistent workers live across epochs; the sampler (order, per-sample seeds) still runs in this process
-    return dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-
-def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers: int = 0) -> Tuple[DataLoader, int]:
-    """The evaluation (test / val) loader of ``data_cfg`` (the Hydra ``data`` node) for a model whose
-    ``timm.data.resolve_data_config`` is ``data_config``; returns ``(loader, num_classes)``.
-
-    In order, unshuffled, last batch kept. ``data.eval_subset`` (first n samples) shortens it for tests.
-    """
-    ds, num_classes = create_dataset(data_cfg, 'eval', build_transform(data_config, is_training=False))
-    subset = data_cfg.eval_subset
-    if subset is not None:
-        ds = Subset(ds, range(min(int(subset), len(ds))))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, **_worker_kwargs(num_workers))
-    return loader, num_classes
-
-
 class Transformed(Dataset):
     """``dataset`` (yielding ``(image, target)``) with ``transform`` applied to its images."""
 
@@ -368,33 +332,3 @@ def class_names(dataset: Dataset) -> Optional[list]:
     reader's classes), or None."""
     labels = _labels_of(dataset)
     return [str(c) for c in labels] if labels else None
-
-
-def create_train_loader(
-        dataset: Dataset,
-        data_config: dict,
-        batch_size: int,
-        aug_cfg,
-        num_workers: int = 0,
-        subset: Optional[int] = None,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-        repeated_aug: int = 0,
-        seed: int = 0,
-) -> DataLoader:
-    """The shuffled training loader of ``dataset`` (``create_dataset(data_cfg, 'train')``, no transform), with
-    the training transform of ``data_config`` (``timm.data.resolve_data_config`` of the model) and ``aug_cfg``
-    (the recipe's ``aug`` node).
-
-    ``subset``: the first n samples only. Every process reads its own shard of one global order
-    (``sampling.train_sampler``). Call ``sampling.set_loader_epoch(loader, epoch)`` before every epoch: order
-    and augmentation are then functions of (seed, epoch).
-    """
-    ds = Transformed(dataset, build_transform(data_config, True, aug_cfg))
-    if subset is not None:
-        ds = Subset(ds, range(min(int(subset), len(ds))))
-    generator = torch.Generator()  # the workers' base seed, reseeded every epoch
-    return DataLoader(SeededDataset(ds), batch_size=batch_size, drop_last=drop_last, generator=generator,
-                      sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
-                      **_worker_kwargs(num_workers))

@@ -38,9 +38,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
-from vit_gka.data.datasets import (class_names, create_dataset, create_eval_loader, create_train_loader,
-                                   loader_workers, unreadable_images)
-from vit_gka.data.sampling import set_loader_epoch
+from vit_gka.data.datasets import class_names, create_dataset, unreadable_images
+from vit_gka.data.loaders import create_eval_loader, create_train_loader
+from vit_gka.data.sampling import SeededDataset, set_loader_epoch
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
@@ -92,16 +92,16 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     # Loaders: every process reads its shard of one seeded order; the test set (sharded too, see below).
     world, batch_size = accelerator.num_processes, int(cfg.batch_size)
     global_batch = batch_size * world * int(cfg.grad_accum)
-    workers = loader_workers(cfg.workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
     mixup_fn = recipe.create_mixup(cfg, num_classes)
+    loading = dict(num_workers=cfg.workers, batch_augment=cfg.batch_augment, on_cpu=accelerator.device.type == 'cpu',
+                   local_processes=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
     train_loader = create_train_loader(
-        dataset_train, data_config, batch_size, cfg.aug, num_workers=workers, subset=cfg.train_subset,
-        drop_last=mixup_fn is not None, num_replicas=world, rank=accelerator.process_index,
-        repeated_aug=int(cfg.repeated_aug or 0), seed=int(cfg.seed))
+        dataset_train, data_config, batch_size, cfg.aug, subset=cfg.train_subset, drop_last=mixup_fn is not None,
+        num_replicas=world, rank=accelerator.process_index, repeated_aug=int(cfg.repeated_aug or 0),
+        seed=int(cfg.seed), **loading)
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
-    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size),
-                                        num_workers=workers)
+    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
     shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
     shield_workers(eval_loader)
     sparsity_images = _sparsity_batch(model, eval_loader.dataset, accelerator.device) if main else None
@@ -140,9 +140,11 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
-    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, %d loader workers per '
+    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, transformed per %s, %d '
+             'loader workers per '
              'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
-             cfg.data.name, len(train_loader.dataset), len(eval_loader.dataset), num_classes, workers,
+             cfg.data.name, len(train_loader.dataset), len(eval_loader.dataset), num_classes,
+             'sample' if isinstance(train_loader.dataset, SeededDataset) else 'batch', train_loader.num_workers,
              tuple(data_config['input_size']))
     log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
              'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
