@@ -46,13 +46,13 @@ def make_accelerator(cfg: DictConfig):
     log_with = trackers(cfg.log_with)
     # the trackers' folder (TensorBoard: <run>/tb): this process's Hydra output folder, which on the main
     # process, the only one that logs, is the run folder
-    project_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    project_dir = HydraConfig.get().runtime.output_dir if log_with and HydraConfig.initialized() else None
     return Accelerator(
         cpu=bool(cfg.cpu) or _no_accelerator_device(),
         mixed_precision=_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=int(cfg.grad_accum),
         log_with=log_with or None,
-        project_dir=project_dir if log_with else None,
+        project_dir=project_dir,
     )
 
 

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -54,7 +54,7 @@ from vit_gka.train.validation import validate
 
 log = logging.getLogger('vit_gka.train')
 
-__all__ = ['run_training', 'SPARSITY_IMAGES']
+__all__ = ['run_training', 'build_parts', 'RunSetup', 'SPARSITY_IMAGES']
 
 # Attention sparsity (fraction of exact zeros of the attention weights, per layer) is measured on the first
 # SPARSITY_IMAGES test images, one extra forward per evaluation (models with kernel attention only).
@@ -66,7 +66,6 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     writes it, the others receive it). Every input is checked before anything is written."""
     from accelerate import skip_first_batches
     from accelerate.utils import set_seed
-    from timm.data import resolve_data_config
 
     # Config, processes, run folder, and the checkpoint to resume from (a bad one stops before anything is built).
     started = time.time()
@@ -78,53 +77,11 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     run_dir = shared_run_dir(accelerator)
     chk = resume_checkpoint(cfg.resume, run_dir)  # resume=auto: this run folder's own checkpoint, if any
 
-    # Data set: the training set, read once (without a transform: the model's data config gives it).
-    dataset_train, num_classes = create_dataset(cfg.data, 'train')
-
-    # Model: the same initial weights on every process.
-    set_seed(int(cfg.seed))
-    model_name, model_args = str(cfg.model.name), recipe.model_args(cfg, num_classes)
-    model = recipe.create_model(model_name, model_args, cfg.data)
-    if cfg.finetune and chk is None:  # finetune=: trained weights to start from (a resumed run has its own)
-        log.info(apply_finetune(model, str(cfg.finetune)))
-    data_config = resolve_data_config({}, model=model)
-
-    # Loaders: every process reads its shard of one seeded order; the test set (sharded too, see below).
-    world, batch_size = accelerator.num_processes, int(cfg.batch_size)
-    global_batch = batch_size * world * int(cfg.grad_accum)
-    mixup_fn = recipe.create_mixup(cfg, num_classes)
-    loading = dict(num_workers=cfg.workers, batch_augment=cfg.batch_augment, on_cpu=accelerator.device.type == 'cpu',
-                   local_processes=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
-    train_loader = create_train_loader(
-        dataset_train, data_config, batch_size, cfg.aug, subset=cfg.train_subset, drop_last=mixup_fn is not None,
-        num_replicas=world, rank=accelerator.process_index, repeated_aug=int(cfg.repeated_aug or 0),
-        seed=int(cfg.seed), **loading)
-    if len(train_loader) == 0:
-        raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
-    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
-    shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
-    shield_workers(eval_loader)
-    sparsity_images = _sparsity_batch(model, eval_loader.dataset, accelerator.device) if main else None
-
-    # Optimizer (lr scaled to the global batch), per-update schedule, loss, compilation, Accelerate, EMA.
-    lr = recipe.scaled_lr(cfg, global_batch)
-    optimizer = recipe.create_optimizer(model, cfg.optim, lr)
-    updates_per_epoch = math.ceil(len(train_loader) / int(cfg.grad_accum))
-    lr_scheduler, num_epochs = recipe.create_scheduler(optimizer, cfg, updates_per_epoch)
-    loss_fn = recipe.create_loss(cfg, mixup_fn is not None)
-    if _wants_compile(cfg, accelerator.device):
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if world > 1:
-        eval_loader = accelerator.prepare(eval_loader)
-    # The timm model itself, without DDP or the compile wrapper (whose state-dict keys start with _orig_mod.).
-    # Under DDP the compile wrapper is inside DDP, where Accelerate's unwrap_model leaves it: peel it here.
-    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    raw_model = getattr(raw_model, '_orig_mod', raw_model)
-    model_ema = recipe.create_ema(raw_model, cfg.ema)
-    parts = TrainParts(accelerator, model, raw_model, model_ema, optimizer, lr_scheduler, loss_fn, mixup_fn,
-                       train_loader, eval_loader, clip_grad=cfg.clip_grad, nonfinite=str(cfg.nonfinite),
-                       log_interval=int(cfg.log_interval), progress=cfg.progress is True or (cfg.progress == 'auto' and sys.stderr.isatty()), stop=StopSignals())
+    parts, setup = build_parts(cfg, accelerator, finetune=chk is None)  # a resumed run has its own weights
+    model_name, model_args, num_classes = setup.model_name, setup.model_args, setup.num_classes
+    dataset_train, data_config, train_loader = setup.dataset_train, setup.data_config, parts.train_loader
+    raw_model, num_epochs, global_batch = parts.raw_model, setup.num_epochs, setup.global_batch
+    sparsity_images = _sparsity_batch(raw_model, parts.eval_loader.dataset, accelerator.device) if main else None
 
     # Resume (every check before anything is loaded), or start: drop path etc. then differ per process.
     state = TrainState(model_name, model_args, epochs=num_epochs, global_batch_size=global_batch,
@@ -143,13 +100,13 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, transformed per %s, %d '
              'loader workers per '
              'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
-             cfg.data.name, len(train_loader.dataset), len(eval_loader.dataset), num_classes,
+             cfg.data.name, len(train_loader.dataset), len(parts.eval_loader.dataset), num_classes,
              'sample' if isinstance(train_loader.dataset, SeededDataset) else 'batch', train_loader.num_workers,
              tuple(data_config['input_size']))
     log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
              'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
-             global_batch, batch_size, world, int(cfg.grad_accum), lr, float(cfg.lr), cfg.lr_scale,
-             int(cfg.lr_base_size), num_epochs, updates_per_epoch, accelerator.device, accelerator.mixed_precision,
+             global_batch, int(cfg.batch_size), accelerator.num_processes, int(cfg.grad_accum), setup.lr, float(cfg.lr),
+             cfg.lr_scale, int(cfg.lr_base_size), num_epochs, setup.updates_per_epoch, accelerator.device, accelerator.mixed_precision,
              run_dir)
     bad_images = unreadable_images(train_loader.dataset)
 
@@ -242,6 +199,78 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+class RunSetup(NamedTuple):
+    """What ``build_parts`` decided besides the parts themselves."""
+    dataset_train: Any
+    num_classes: int
+    model_name: str
+    model_args: Dict[str, Any]
+    data_config: Dict[str, Any]
+    global_batch: int
+    lr: float
+    num_epochs: int
+    updates_per_epoch: int
+
+
+def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[TrainParts, RunSetup]:
+    """The run's live parts from its config: data set, model, loaders, optimizer, schedule, loss, mixup,
+    compilation, Accelerate's wrapping and the EMA (also what ``benchmarks/training.py`` times). ``finetune``:
+    apply ``cfg.finetune`` (a resumed run loads its own weights instead)."""
+    from accelerate.utils import set_seed
+    from timm.data import resolve_data_config
+
+    # Data set: the training set, read once (without a transform: the model's data config gives it).
+    dataset_train, num_classes = create_dataset(cfg.data, 'train')
+
+    # Model: the same initial weights on every process.
+    set_seed(int(cfg.seed))
+    model_name, model_args = str(cfg.model.name), recipe.model_args(cfg, num_classes)
+    model = recipe.create_model(model_name, model_args, cfg.data)
+    if cfg.finetune and finetune:  # finetune=: trained weights to start from
+        log.info(apply_finetune(model, str(cfg.finetune)))
+    data_config = resolve_data_config({}, model=model)
+
+    # Loaders: every process reads its shard of one seeded order; the test set (sharded too, see below).
+    world, batch_size = accelerator.num_processes, int(cfg.batch_size)
+    global_batch = batch_size * world * int(cfg.grad_accum)
+    mixup_fn = recipe.create_mixup(cfg, num_classes)
+    loading = dict(num_workers=cfg.workers, batch_augment=cfg.batch_augment, on_cpu=accelerator.device.type == 'cpu',
+                   local_processes=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
+    train_loader = create_train_loader(
+        dataset_train, data_config, batch_size, cfg.aug, subset=cfg.train_subset, drop_last=mixup_fn is not None,
+        num_replicas=world, rank=accelerator.process_index, repeated_aug=int(cfg.repeated_aug or 0),
+        seed=int(cfg.seed), **loading)
+    if len(train_loader) == 0:
+        raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
+    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
+    shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
+    shield_workers(eval_loader)
+
+    # Optimizer (lr scaled to the global batch), per-update schedule, loss, compilation, Accelerate, EMA.
+    lr = recipe.scaled_lr(cfg, global_batch)
+    optimizer = recipe.create_optimizer(model, cfg.optim, lr)
+    updates_per_epoch = math.ceil(len(train_loader) / int(cfg.grad_accum))
+    lr_scheduler, num_epochs = recipe.create_scheduler(optimizer, cfg, updates_per_epoch)
+    loss_fn = recipe.create_loss(cfg, mixup_fn is not None)
+    if _wants_compile(cfg, accelerator.device):
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if world > 1:
+        eval_loader = accelerator.prepare(eval_loader)
+    # The timm model itself, without DDP or the compile wrapper (whose state-dict keys start with _orig_mod.).
+    # Under DDP the compile wrapper is inside DDP, where Accelerate's unwrap_model leaves it: peel it here.
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    raw_model = getattr(raw_model, '_orig_mod', raw_model)
+    model_ema = recipe.create_ema(raw_model, cfg.ema)
+    parts = TrainParts(accelerator, model, raw_model, model_ema, optimizer, lr_scheduler, loss_fn, mixup_fn,
+                       train_loader, eval_loader, clip_grad=cfg.clip_grad, nonfinite=str(cfg.nonfinite),
+                       log_interval=int(cfg.log_interval), progress=cfg.progress is True or (cfg.progress == 'auto' and sys.stderr.isatty()), stop=StopSignals())
+
+    setup = RunSetup(dataset_train, num_classes, model_name, model_args, data_config, global_batch, lr, num_epochs,
+                     updates_per_epoch)
+    return parts, setup
 
 
 def _continue_with(run_dir: str) -> str:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from vit_gka.errors import NonFiniteError, UserError
 
@@ -78,7 +79,10 @@ class UpdateGuard:
         self.stop = stop  # preemption.StopSignals: its flags ride on the loss all-reduce, so every process agrees
         self.poison = _poison()
         self.check_grads = getattr(accelerator, 'scaler', None) is None
-        self.loss_sum, self.images = 0.0, 0
+        # the update's loss sum stays a tensor on the device (float64 but on Apple's MPS, which has none): the
+        # only host sync of an update is its verdict, however many micro-batches it has
+        self.dtype = torch.float32 if accelerator.device.type == 'mps' else torch.float64
+        self.loss_sum, self.images = None, 0
 
     def loss(self, loss: torch.Tensor, update: int) -> torch.Tensor:
         """The micro-batch loss to back-propagate (poisoned when the test hook says so)."""
@@ -86,8 +90,10 @@ class UpdateGuard:
             return loss * float('nan')
         return loss
 
-    def add(self, loss_value: float, images: int) -> None:
-        self.loss_sum += loss_value * images
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """A micro-batch's mean loss over its ``images`` (a tensor: read at the update's verdict)."""
+        value = loss.detach().to(self.dtype) * images
+        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
         self.images += images
 
     def grads(self, model, update: int) -> None:
@@ -97,26 +103,32 @@ class UpdateGuard:
 
     def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Dict[str, Any]:
         """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images',
-        'stop'}`` with ``loss`` the mean over all processes' images and ``stop`` the stop signal any process has
-        received (None: none); raises ``NonFiniteError`` under ``stop``."""
+        'grad_norm', 'stop'}`` with ``loss`` the mean over all processes' images, ``loss_sum`` / ``images`` this
+        process's, ``grad_norm`` the gradient norm (the clipping's, before clipping; None when not computed) and
+        ``stop`` the stop signal any process has received (None: none); raises ``NonFiniteError`` under ``stop``.
+        One host sync: every number comes back in one ``tolist``."""
         params = [p for p in model.parameters() if p.grad is not None]
         flags = self.stop.flags() if self.stop is not None else []
-        totals = torch.tensor([self.loss_sum, float(self.images), *flags], dtype=torch.float64)
+        device = self.accelerator.device
+        own = self.loss_sum if self.loss_sum is not None else torch.zeros((), dtype=self.dtype, device=device)
+        totals = torch.cat([own.reshape(1), torch.tensor([float(self.images), *flags], dtype=self.dtype,
+                                                          device=own.device)])
         if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction='sum').cpu()
-        mean = totals[0].item() / max(totals[1].item(), 1.0)
+            totals = self.accelerator.reduce(totals.clone(), reduction='sum')
+        if grad_norm is None and self.check_grads and params:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = grad_norm.detach().reshape(1).to(totals) if grad_norm is not None else totals[:0]
+        own_sum, total, images, *rest = torch.cat([own.reshape(1).to(totals), totals, norm]).tolist()  # one sync
+        flags, norm = (rest[:-1], rest[-1]) if grad_norm is not None else (rest, None)
+        mean = total / max(images, 1.0)
         problem = None
         if not math.isfinite(mean):
             problem = f'non-finite loss {mean}'
-        elif self.check_grads and params:
-            if grad_norm is None:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            norm = float(grad_norm)
-            if not math.isfinite(norm):
-                problem = f'non-finite gradient (norm {norm})'
-        out = {'ok': problem is None, 'loss': mean, 'loss_sum': self.loss_sum, 'images': self.images,
-               'stop': self.stop.name(totals[2:].tolist()) if self.stop is not None else None}
-        self.loss_sum, self.images = 0.0, 0
+        elif self.check_grads and norm is not None and not math.isfinite(norm):
+            problem = f'non-finite gradient (norm {norm})'
+        out = {'ok': problem is None, 'loss': mean, 'loss_sum': own_sum, 'images': self.images,
+               'grad_norm': norm, 'stop': self.stop.name(flags) if self.stop is not None else None}
+        self.loss_sum, self.images = None, 0
         if problem is not None:
             message = f'{problem} at {where} (update {update})'
             if self.policy == 'stop':
@@ -178,32 +190,35 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         # accum, so a short group's loss is scaled back up: every update's gradient is its micro-batches' mean
         group = min(accum, n_batches - step // accum * accum)
         with ctx:
-            output = model(images)
-            loss = guard.loss(parts.loss_fn(output.float(), targets), update)
-            accelerator.backward(loss * (accum / group) if group < accum else loss)
-        loss_value = loss.detach().float().item()
-        guard.add(loss_value, images.shape[0])
+            with record_function('forward'):  # the labels of a step's profile (benchmarks/training.py)
+                output = model(images)
+                loss = guard.loss(parts.loss_fn(output.float(), targets), update)
+            with record_function('backward'):
+                accelerator.backward(loss * (accum / group) if group < accum else loss)
+        guard.add(loss, images.shape[0])
         bar.update(1)
         if not sync:
             continue
-        guard.grads(model, update)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), parts.clip_grad) if parts.clip_grad else None
-        verdict = guard.verdict(model, update, f'epoch {epoch + 1}, step {step + 1}', grad_norm)
-        if verdict['ok']:
-            optimizer.step()
-            loss_sum += verdict['loss_sum']
-            n_seen += verdict['images']
-        else:
-            skipped += 1
-            if getattr(accelerator, 'scaler', None) is not None:  # fp16: let the loss scaler skip it (and back off)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float('nan'))
+        with record_function('optimizer'):
+            guard.grads(model, update)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), parts.clip_grad) if parts.clip_grad else None
+            verdict = guard.verdict(model, update, f'epoch {epoch + 1}, step {step + 1}', grad_norm)
+            if verdict['ok']:
                 optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                loss_sum += verdict['loss_sum']
+                n_seen += verdict['images']
+            else:
+                skipped += 1
+                if getattr(accelerator, 'scaler', None) is not None:  # fp16: let the loss scaler skip it (and back off)
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.fill_(float('nan'))
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         state.num_updates = update
         if parts.model_ema is not None and verdict['ok']:
-            parts.model_ema.update(parts.raw_model, step=update)
+            with record_function('ema'):
+                parts.model_ema.update(parts.raw_model, step=update)
         parts.lr_scheduler.step_update(num_updates=update)
         lr = optimizer.param_groups[0]['lr']
         state.step = step + 1
@@ -216,17 +231,17 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
         if update % parts.log_interval == 0 or step + 1 == n_batches:
             elapsed = max(time.perf_counter() - start, 1e-9)
             rate, wait = n_seen * accelerator.num_processes / elapsed, waited[0] / elapsed
-            bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{lr:.2e}', img_s=f'{rate:.0f}', data=f'{wait:.0%}',
+            bar.set_postfix(loss=f"{verdict['loss']:.4f}", lr=f'{lr:.2e}', img_s=f'{rate:.0f}', data=f'{wait:.0%}',
                             refresh=False)
             if bar.disable:  # no bar (a log file: redrawn bars would fill it): a line instead
                 log.info('%s  step %d/%d  update %d  loss %.4f  lr %.2e  %.0f img/s  data wait %.0f%%', desc,
-                         step + 1, n_batches, update, loss_value, lr, rate, 100 * wait)
+                         step + 1, n_batches, update, verdict['loss'], lr, rate, 100 * wait)
             if tracker is not None:  # results.RunRecords: every tracker of log_with
                 values = {'train/lr': lr, 'train/step_images_per_s': rate, 'train/data_wait_fraction': wait}
                 if verdict['ok']:
                     values['train/loss'] = verdict['loss']
-                if grad_norm is not None:  # the clipping's own norm, before clipping (one host sync per log line)
-                    values['train/grad_norm'] = float(grad_norm)
+                if verdict['grad_norm'] is not None:  # the clipping's own norm, before clipping
+                    values['train/grad_norm'] = verdict['grad_norm']
                 tracker.log(values, update)
     bar.close()
     elapsed = time.perf_counter() - start
@@ -254,7 +269,8 @@ def _timed(loader, waited: list):
     while True:
         asked = time.perf_counter()
         try:
-            batch = next(batches)
+            with record_function('data'):
+                batch = next(batches)
         except StopIteration:
             return
         waited[0] += time.perf_counter() - asked
