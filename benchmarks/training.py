@@ -20,7 +20,6 @@ variants, with their compile time (the first, warm-up round). Numbers for this m
 """
 import argparse
 import statistics
-import sys
 import time
 from typing import Dict, List
 
@@ -36,10 +35,19 @@ def compose_run(overrides: List[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vit_gka.errors import UserError
+    from vit_gka.train.validation import validate
     GlobalHydra.instance().clear()
-    with initialize_config_module('vit_gka.conf', version_base='1.3'):
-        cfg = compose('config', overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_module('vit_gka.conf', version_base='1.3'):
+            cfg = compose('config', overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"{str(e).strip().splitlines()[0]} (overrides: {' '.join(overrides)})") from None
     HydraConfig.instance().set_config(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -110,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument('--out', default=None, help='also write the numbers to this JSON file')
     parser.add_argument('overrides', nargs='*', help='train.py overrides for every model (after --)')
     args = parser.parse_args(argv)
-    from vit_gka.errors import UserError
+    from vit_gka.errors import UserError, fail
     from vit_gka.train.distributed import make_accelerator
 
     names = [m for m in args.models.split(',') if m]
@@ -121,7 +129,7 @@ def main(argv=None) -> None:
         contenders = [Contender(label, base + [f"model={label.split('+')[0]}", *extra], args.steps, accelerator)
                       for label, extra in variants]
     except UserError as e:
-        sys.exit(f'error: {e}')
+        fail(str(e))
     first = {}
     for c in contenders:  # warm-up (and compilation): one untimed round of each way
         first[c.label] = c.bare() + c.loop()

@@ -163,3 +163,23 @@ def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # never writes into a folder that holds something
         fmnist_folder.main([str(out)])
     assert e.value.code == 2 and 'is not empty' in capsys.readouterr().err
+
+
+@needs_data
+def test_training_benchmark_times_the_loop_and_the_bare_step(tmp_path):
+    """benchmarks/training.py on a few steps of the small quickstart shape: both ways for both models, the profile's
+    labels (set by loop.py), and one line for a model train.py does not have."""
+    out = tmp_path / 'training.json'
+    run = [sys.executable, '-m', 'benchmarks.training', '--shape', 'tiny_fmnist', '--steps', '2', '--reps', '1']
+    proc = subprocess.run(run + ['--profile', '--out', str(out), '--', 'batch_size=16'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r['model'] for r in data['rows']] == ['gka', 'deit'] and data['rows'][1]['loop vs DeiT'] == 1.0
+    assert all(r['bare img/s'] > 0 and r['loop img/s'] > 0 for r in data['rows'])
+    profile = data['profiles']['gka']
+    assert set(profile) == {'data', 'forward', 'backward', 'optimizer', 'ema', 'rest', 'step'}
+    assert profile['forward'] > 0 and profile['backward'] > 0 and profile['data'] > 0
+    assert '### Training images/s' in proc.stdout and 'shape=tiny_fmnist' in proc.stdout
+    bad = subprocess.run(run + ['--models', 'gka,nope'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith('error: ') and "'model/nope'" in bad.stderr
