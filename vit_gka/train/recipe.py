@@ -106,15 +106,20 @@ def scaled_lr(cfg: DictConfig, global_batch: int) -> float:
     raise UserError(f"lr_scale must be linear, sqrt or none, not '{rule}'")
 
 
+FUSED_OPTIMIZERS = ('adam', 'adamw')  # timm names of torch's optimizers with a fused step on CPU and GPU
+
+
 def create_optimizer(model, opt_cfg: DictConfig, lr: float):
-    """timm's ``create_optimizer_v2`` for the ``optim`` node (betas / eps / momentum only where given)."""
+    """timm's ``create_optimizer_v2`` for the ``optim`` node (betas / eps / momentum only where given; torch's
+    fused step for Adam / AdamW when ``fused``)."""
     from timm.optim import create_optimizer_v2
     return create_optimizer_v2(
         model, opt=str(opt_cfg.opt), lr=lr, weight_decay=float(opt_cfg.weight_decay),
         **({'betas': tuple(opt_cfg.betas)} if opt_cfg.betas is not None else {}),
         **({'eps': float(opt_cfg.eps)} if opt_cfg.eps is not None else {}),
         **({'momentum': float(opt_cfg.momentum)} if opt_cfg.momentum is not None
-           and str(opt_cfg.opt) in ('sgd', 'momentum', 'nesterov') else {}))
+           and str(opt_cfg.opt) in ('sgd', 'momentum', 'nesterov') else {}),
+        **({'fused': True} if opt_cfg.get('fused') and str(opt_cfg.opt) in FUSED_OPTIMIZERS else {}))
 
 
 def create_scheduler(optimizer, cfg: DictConfig, updates_per_epoch: int):
