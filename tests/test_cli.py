@@ -81,9 +81,10 @@ def test_train_py_answers_in_one_line(tmp_path, args, message):
 
 @pytest.fixture(scope='module')
 def glob_sweep(tmp_path_factory):
-    """``-m 'model=glob(gka*)' shape=fmnist``: Hydra expands the glob against the model options and runs it."""
+    """``-m 'model=glob(gka*,exclude=gka_*)' shape=fmnist``: Hydra expands the glob against the model options (gka,
+    not gka_q / gka_k) and runs it."""
     folder = tmp_path_factory.mktemp('glob')
-    proc = check(run(['-m', 'model=glob(gka*)', 'shape=fmnist', *FAST, f'hydra.sweep.dir={folder}/sweep'],
+    proc = check(run(['-m', 'model=glob(gka*,exclude=gka_*)', 'shape=fmnist', *FAST, f'hydra.sweep.dir={folder}/sweep'],
                      cwd=folder, timeout=300))
     return folder / 'sweep', proc
 

@@ -9,9 +9,9 @@ import torch
 from vit_gka.layers import ProjectionFreeAttention
 from vit_gka.layers.masks import window_2d_mask
 
-NAMES = timm.list_models(['gka_deit_*', 'vlt_deit_*', '?ka_*_deit_*'])
-# One per family (gka, vlt, six compact): the small / base entry points differ from these in the default shape
-# only, which SMALL overrides; the heavier tests (backward passes) run on these.
+NAMES = timm.list_models(['gka_deit_*', 'vlt_deit_*', '?ka_*_deit_*'])  # the last matches gka_[qk]_deit_* too
+# One per family (gka, gka_q, gka_k, vlt, six compact): the small / base entry points differ from these in the default
+# shape only, which SMALL overrides; the heavier tests (backward passes) run on these.
 FAMILIES = [n for n in NAMES if '_tiny_' in n]
 SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=5)  # 4 x 4 patches
 
@@ -35,7 +35,7 @@ def images(h=32, w=32, seed=1):
 
 
 def test_every_family_is_listed():
-    assert len(NAMES) == 4 + 3 + 12 and len(FAMILIES) == 8
+    assert len(NAMES) == 4 + 4 + 4 + 3 + 12 and len(FAMILIES) == 10
 
 
 @pytest.mark.parametrize('name, explicit', [(n, False) for n in NAMES] + [(n, True) for n in FAMILIES])

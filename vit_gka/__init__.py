@@ -8,9 +8,9 @@ Layers, each importing only those before it:
 * ``vit_gka.analysis``: FLOPs, attention statistics, benchmarks, reports and plots;
 * ``vit_gka.train``: the training job (Hydra, Accelerate, TensorBoard); ``vit_gka.evaluate``: eval.py.
 """
-from vit_gka.layers import (GaussianKernelAttention, KernelAttention, ValueFreeAttention, gka_reference,
-                            gka_sdpa_bias, gka_sdpa_pad)
-from vit_gka import models  # noqa: F401  (registers the gka_deit_*, vlt_deit_* and compact families with timm)
+from vit_gka.layers import (GaussianKernelAttention, KernelAttention, ValueFreeAttention, VariableBandwidthAttention,
+                            gka_reference, gka_sdpa_bias, gka_sdpa_pad)
+from vit_gka import models  # noqa: F401  (registers the gka_deit_*, gka_{q,k}_deit_*, vlt_deit_* and compact families)
 
-__all__ = ['GaussianKernelAttention', 'KernelAttention', 'ValueFreeAttention', 'gka_reference', 'gka_sdpa_bias',
-           'gka_sdpa_pad']
+__all__ = ['GaussianKernelAttention', 'KernelAttention', 'ValueFreeAttention', 'VariableBandwidthAttention',
+           'gka_reference', 'gka_sdpa_bias', 'gka_sdpa_pad']

@@ -187,7 +187,8 @@ def write_json(path: Optional[str], config: Dict[str, Any], **results: Any) -> N
 
 # -------------------------------------------------------------------- the model benchmark (eval.py bench=true)
 
-PREFIXES = ('gka_', 'vlt_', 'eka_fixed_', 'eka_adaptive_', 'bka_fixed_', 'bka_adaptive_', 'tka_fixed_', 'tka_adaptive_')
+PREFIXES = ('gka_', 'gka_q_', 'gka_k_', 'vlt_', 'eka_fixed_', 'eka_adaptive_', 'bka_fixed_', 'bka_adaptive_',
+            'tka_fixed_', 'tka_adaptive_')
 ATTN_ONLY_ARGS = ('impl', 'window', 'window_2d', 'sigma_init')
 PHASES = ('infer', 'train')
 

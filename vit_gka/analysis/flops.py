@@ -17,6 +17,11 @@ What is counted (one image, the model's own input size):
   figures (1.98 / 7.11 / 26.76 GFLOPs) match this count.
 * Compact-kernel models (models/compact_deit.py) materialise the kernel: their two matmuls (x x^T and W x)
   count the same 2*N*N*d.
+* Data-dependent bandwidths (``gka_q_deit_*`` / ``gka_k_deit_*``, ``VariableBandwidthAttention``) add, per head, the
+  bandwidth projection a_h . x_i (a matmul, N*d MACs) and the widened head: scores over the d + 2 columns of q', k'
+  (the whole exponent -||x_i - x_j||^2 / (2 sigma^2), layers/bandwidths.py) plus the weighted sum over d,
+  ``N*N*(2*d + 2)`` MACs. They are counted in their unpadded fused form (``impl="sdpa"``) whatever ``impl`` runs
+  (padding to a multiple of 8 is the kernel's).
 * Element-wise ops (residual adds, GELU, softmax, GKA's key norms ||x_j||^2 and q = x / sigma^2, the
   additive key bias inside SDPA, the compact kernels' (1 - u^2)_+^n, entmax's sort (log2 N per score)
   or bisection (30 steps per score)) are tallied separately as ``gelementwise`` (1e9 element
@@ -41,7 +46,7 @@ with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from vit_gka.layers import GaussianKernelAttention, KernelAttention
+from vit_gka.layers import GaussianKernelAttention, KernelAttention, VariableBandwidthAttention
 from vit_gka.layers.compact import BISECT_ITERS_DEFAULT
 
 __all__ = ['model_stats', 'param_breakdown', 'flop_count', 'input_shape', 'count_impl']
@@ -122,13 +127,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def count_impl(model: nn.Module) -> Iterator[nn.Module]:
     """Run GKA layers (and ``KernelAttention``, whose Gaussian kernel is GKA's) in their unpadded fused form
-    (``sdpa_bias``) for counting; restored on exit.
+    (``sdpa_bias``) for counting, and ``VariableBandwidthAttention`` in its unpadded widened form (``sdpa``, whatever
+    its impl); restored on exit.
 
-    The materialised ``reference`` form is left as it is (its two matmuls count the same 2*N*N*d).
+    GKA's materialised ``reference`` form is left as it is (its two matmuls count the same 2*N*N*d).
     """
     saved = []
     for module in model.modules():
-        if isinstance(module, (GaussianKernelAttention, KernelAttention)) and module.impl != 'reference':
+        if isinstance(module, VariableBandwidthAttention):
+            saved.append((module, module.impl))
+            module.impl = 'sdpa'
+        elif isinstance(module, (GaussianKernelAttention, KernelAttention)) and module.impl != 'reference':
             saved.append((module, module.impl))
             module.impl = 'sdpa_bias'
     try:
@@ -172,8 +181,9 @@ def _part(name: str) -> str:
 
 
 def param_breakdown(model: nn.Module) -> Dict[str, int]:
-    """Parameters in total, in attention modules (``*.attn.*``: W_Q/K/V, W_O, GKA's log_sigma), in MLPs
-    (``*.mlp.*``) and elsewhere (patch embedding, position embedding, class token, norms, head)."""
+    """Parameters in total, in attention modules (``*.attn.*``: W_Q/K/V, W_O, GKA's log_sigma, the data-dependent
+    bandwidths' log_sigma_proj), in MLPs (``*.mlp.*``) and elsewhere (patch embedding, position embedding, class
+    token, norms, head)."""
     counts = Counter({'attn': 0, 'mlp': 0, 'other': 0})
     for name, p in unwrap(model).named_parameters():
         counts[_part(name)] += p.numel()

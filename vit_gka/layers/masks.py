@@ -129,3 +129,20 @@ def open_empty_rows(mask: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask | empty
     return mask.masked_fill(empty, 0.0)
+
+
+def check_attn_mask(attn_mask: Optional[torch.Tensor], batch: int, heads: int, n: int) -> None:
+    """A one-line ``ValueError`` unless ``attn_mask`` is None or a boolean / float mask of a shape the layers take:
+    (N, N), (B, N, N) or (B, 1|H, N, N), where B may also be 1."""
+    if attn_mask is None:
+        return
+    shape = tuple(attn_mask.shape)
+    fits = (attn_mask.dim() in (2, 3, 4) and shape[-2:] == (n, n)
+            and (attn_mask.dim() < 3 or shape[0] in (1, batch))
+            and (attn_mask.dim() < 4 or shape[1] in (1, heads)))
+    if not fits:
+        raise ValueError(f'attn_mask of shape {shape} does not fit {batch} x {n} tokens and {heads} heads: give '
+                         f'(N, N), (B, N, N) or (B, 1|H, N, N) with B = {batch}, H = {heads}, N = {n}')
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f'attn_mask must be boolean (True = attend) or float (added to the logits), '
+                         f'got {attn_mask.dtype}')

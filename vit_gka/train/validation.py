@@ -198,8 +198,9 @@ def check_model(cfg) -> str:
     if template and shape and name == template.replace('${.arch}', str(arch)):
         raise UserError(f"model={family} has no shape={shape} (timm has no {name}); model={family} comes in "
                         f"shape={', '.join(family_names(family))}")
-    raise UserError(f"unknown timm model '{name}' (model.name); the attention families are model=gka, deit, vlt, "
-                    f"{{eka,bka,tka}}_{{fixed,adaptive}} with a shape=, any timm model: model=timm model.name=<name>")
+    raise UserError(f"unknown timm model '{name}' (model.name); the attention families are model=gka, gka_q, gka_k, "
+                    f"deit, vlt, {{eka,bka,tka}}_{{fixed,adaptive}} with a shape=, any timm model: model=timm "
+                    f"model.name=<name>")
 
 
 def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:
