@@ -141,3 +141,44 @@ def test_compact_kernel_sparsity_in_results_tensorboard_and_report(tmp_path):
     md = (out / 'report.md').read_text()
     assert '## Attention sparsity' in md and '![sparsity.png](sparsity.png)' in md
     assert f"- eka_adaptive_fmnist (epanechnikov / adaptive): mean {sparsity['mean']:.3f}" in md
+
+
+def test_token_bandwidths_follow_the_tokens():
+    """token_bandwidths: a fresh data-dependent layer (a = 0) has GKA's one sigma per head on every token; with a
+    it follows a_h . x_i of each token, read from the layer's own input."""
+    from vit_gka.analysis.attention import token_bandwidths
+    model = timm.create_model('gka_q_deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3).eval()
+    images = torch.randn(3, 1, 28, 28)
+    sigma = token_bandwidths(model, images)
+    assert sigma.shape == (2, 3, 2, 17)  # layers, images, heads, tokens (16 patches + class token)
+    expect = model.blocks[0].attn.log_sigma.detach().exp()
+    assert torch.allclose(sigma[0], expect.view(1, 2, 1).expand(3, 2, 17))
+    with torch.no_grad():
+        model.blocks[1].attn.log_sigma_proj.normal_()
+    inputs = {}
+    model.blocks[1].attn.register_forward_pre_hook(lambda m, args: inputs.setdefault('x', args[0]))
+    sigma = token_bandwidths(model, images)
+    attn = model.blocks[1].attn
+    heads = attn.split_heads(inputs['x'])
+    manual = (attn.log_sigma.view(1, 2, 1) + torch.einsum('bhnd,hd->bhn', heads, attn.log_sigma_proj)).exp()
+    assert torch.allclose(sigma[1], manual, rtol=1e-5) and sigma[1].std() > 0
+    assert token_bandwidths(timm.create_model('gka_deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1,
+                                              embed_dim=32, depth=1, num_heads=2), images) is None
+
+
+def test_data_dependent_bandwidths_in_the_report(tmp_path):
+    """A tiny per-key run and its DeiT baseline: kind GKA paired with DeiT, the attention named, the per-token
+    bandwidth maps and their spread in the report."""
+    sweep = tmp_path / 'sweep'
+    check(run(['-m', 'model=gka_k,deit', 'shape=fmnist', 'epochs=1', *TINY, f'hydra.sweep.dir={sweep}',
+               'hydra.callbacks.report.num_images=8'], cwd=tmp_path))
+    out = sweep / 'report'
+    with open(out / 'table2.csv') as f:
+        rows = {r['label']: r for r in csv.DictReader(f)}
+    row = rows['gka_k_fmnist']
+    assert row['kind'] == 'GKA' and row['attention'] == 'GKA, sigma per key' and row['baseline'] == 'deit_fmnist'
+    img = mpimg.imread(out / 'token_sigma_0_gka_k_fmnist.png')
+    assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 0.01
+    md = (out / 'report.md').read_text()
+    assert '- gka_k_fmnist: sigma per token from ' in md and 'std of log sigma over tokens, per layer: ' in md

@@ -7,6 +7,8 @@ applied), softmax(q k^T / sqrt(d)) under the same masks for timm's ``Attention``
 * ``sigma_table(model)``: sigma = exp(log_sigma) per layer x head (for the compact kernels, the bandwidth h);
 * ``attention_sparsity`` / ``AttentionSparsity`` / ``model_sparsity``: the fraction of exact zeros among
   the weights the masks allow, per layer (what training logs);
+* ``token_bandwidths(model, images)``: sigma_i = exp(log_sigma_h + a_h . x_i) of every token, layer and head of
+  the data-dependent-bandwidth layers (``gka_q`` / ``gka_k`` models), on ``images``;
 * ``mean_attention_distance(model, images)``: per layer and head, the average over images and patch queries
   of sum_j w_ij ||p_i - p_j|| / sum_j w_ij over patch keys j, in patches (Euclidean, on the patch grid;
   prefix tokens such as the class token are left out as queries and as keys), as in the ViT paper's Fig. 7.
@@ -18,11 +20,12 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention
 
-from vit_gka.layers import ProjectionFreeAttention, ValueFreeAttention
+from vit_gka.layers import ProjectionFreeAttention, ValueFreeAttention, VariableBandwidthAttention
+from vit_gka.layers.bandwidths import log_bandwidths
 from vit_gka.layers.masks import build_mask
 
 __all__ = ['AttentionSparsity', 'attention_modules', 'attention_sparsity', 'attention_weights',
-           'mean_attention_distance', 'model_sparsity', 'sigma_table']
+           'mean_attention_distance', 'model_sparsity', 'sigma_table', 'token_bandwidths']
 
 SUPPORTED = (ProjectionFreeAttention, ValueFreeAttention, Attention)
 
@@ -201,6 +204,34 @@ def mean_attention_distance(model: nn.Module, images: torch.Tensor) -> torch.Ten
             w = weights[..., prefix:, prefix:]  # patch queries x patch keys
             d = (w * dist).sum(-1) / w.sum(-1).clamp_min(1e-12)
             result[index] = d.mean(dim=(0, 2)).cpu()  # mean over images and queries -> (H,)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return torch.stack(result)
+
+
+@torch.no_grad()
+def token_bandwidths(model: nn.Module, images: torch.Tensor) -> Optional[torch.Tensor]:
+    """(layers, images, heads, tokens) bandwidths sigma_i = exp(log_sigma_h + a_h . x_i) of the data-dependent
+    layers (``VariableBandwidthAttention``) on ``images``, from each layer's own input (the LayerNorm'd tokens,
+    read by a forward pre-hook); None for a model without such layers."""
+    modules = [m for m in model.modules() if isinstance(m, VariableBandwidthAttention)]
+    if not modules:
+        return None
+    result = [None] * len(modules)
+
+    def hook(index):
+        def fn(module, args, kwargs):
+            heads = module.split_heads(args[0])
+            result[index] = log_bandwidths(heads, module.log_sigma, module.log_sigma_proj).exp().float().cpu()
         return fn
 
     handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]

@@ -94,6 +94,32 @@ def sigma_heatmap(sigma: np.ndarray, title: str, path: str, sigma_init: Optional
     return _save(fig, path)
 
 
+def token_sigma_maps(images: np.ndarray, sigma: np.ndarray, grid: Sequence[int], prefix: int, title: str,
+                     path: str, bandwidth: str = 'query') -> str:
+    """Data-dependent bandwidths over the patch grid: a row per image (``images`` (B, C, H, W), normalised), its
+    picture first, then per layer the heads' mean sigma_i of every patch token (``sigma`` (layers, B, heads, tokens);
+    the ``prefix`` tokens, e.g. the class token, left out), one colour scale per layer."""
+    layers, count = sigma.shape[0], min(4, images.shape[0])
+    maps = sigma[:, :count, :, prefix:].mean(2).reshape(layers, count, *grid)
+    fig, axes = plt.subplots(count, layers + 1, figsize=(1.6 * (layers + 1), 1.7 * count), squeeze=False)
+    for b in range(count):
+        picture = images[b].transpose(1, 2, 0)
+        axes[b][0].imshow(picture[..., 0] if picture.shape[-1] == 1 else
+                          (picture - picture.min()) / max(np.ptp(picture), 1e-12), cmap='gray')
+        for layer in range(layers):
+            ax = axes[b][layer + 1]
+            im = ax.imshow(maps[layer, b], cmap='magma', vmin=maps[layer].min(), vmax=maps[layer].max())
+            if b == 0:
+                ax.set_title(f'layer {layer}', fontsize=8)
+            if b == count - 1:
+                fig.colorbar(im, ax=ax, orientation='horizontal', fraction=0.08, pad=0.08)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f'{title}: sigma per {bandwidth} token (mean over heads)', fontsize=9)
+    return _save(fig, path)
+
+
 def attention_distance(results: Sequence[Dict], path: str, num_images: int) -> str:
     """Mean attention distance (patches) per head against layer, one panel per model, shared y axis."""
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), sharey=True, squeeze=False)

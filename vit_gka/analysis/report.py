@@ -18,6 +18,8 @@ give the runtime table. Written to ``--out`` (default ``<folder>/report`` for on
   and the change against the baseline with a 95% interval, paired by seed: analysis/seeds.py);
   ``top1_vs_gflops.png`` (error bars for several seeds), ``params_by_part.png``,
   ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
+  ``token_sigma_<run>.png`` (data-dependent bandwidths, ``gka_q`` / ``gka_k``: sigma_i over the patch grid of a few
+  test images, per layer; the report also gives its range and spread over tokens),
   ``attention_distance_<run>.png`` (mean attention distance per head and layer, in patches, on N real test
   images, next to the baseline's) and ``sparsity.png`` (per-layer attention sparsity of every run that has
   it, when a compact-kernel run is among them).
@@ -74,15 +76,17 @@ def _architecture(name: str, model_args: dict) -> Dict:
     import timm
     from timm.models.vision_transformer import Attention
 
-    from vit_gka.layers import GaussianKernelAttention, KernelAttention, ValueFreeAttention
+    from vit_gka.layers import GaussianKernelAttention, KernelAttention, ValueFreeAttention, VariableBandwidthAttention
     with torch.device('meta'):
         model = timm.create_model(name, **model_args)
     blocks = getattr(model, 'blocks', None)
     attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
     kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
             else 'compact' if isinstance(attn, KernelAttention) and attn.kernel != 'gaussian'
-            else 'GKA' if isinstance(attn, (GaussianKernelAttention, KernelAttention)) else 'other')
-    attention = f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else kind
+            else 'GKA' if isinstance(attn, (GaussianKernelAttention, KernelAttention, VariableBandwidthAttention))
+            else 'other')
+    attention = (f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else
+                 f'GKA, sigma per {attn.bandwidth}' if isinstance(attn, VariableBandwidthAttention) else kind)
     shape = None
     if attn is not None:
         fc1 = getattr(getattr(blocks[0], 'mlp', None), 'fc1', None)
@@ -163,7 +167,7 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
     """Bandwidth heatmap and attention-distance plot of every GKA and compact-kernel run (next to its
     baseline); paths written."""
     from vit_gka.analysis import plots
-    from vit_gka.analysis.attention import attention_modules, mean_attention_distance, sigma_table
+    from vit_gka.analysis.attention import attention_modules, mean_attention_distance, sigma_table, token_bandwidths
     by_run = {r['run']: r for r in rows}
     written = []
     for r in [r for r in rows if r['kind'] in ('GKA', 'compact')]:
@@ -180,6 +184,14 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
         except Exception as e:  # data not on this machine (e.g. ImageNet elsewhere): plot what is possible
             log.warning('%s: no test images for the attention distance (%s)', r['run'], e)
             continue
+        tokens = token_bandwidths(model, images)
+        if tokens is not None:  # data-dependent bandwidths: how far sigma_i spreads over tokens, and where
+            log_sigma = tokens.log()
+            r['token_sigma_spread'] = log_sigma.std(dim=(1, 3)).mean(1).tolist()  # per layer
+            r['token_sigma_range'] = [float(tokens.min()), float(tokens.max())]
+            written.append(plots.token_sigma_maps(
+                images.cpu().numpy(), tokens.numpy(), model.patch_embed.grid_size, model.num_prefix_tokens,
+                r['label'], os.path.join(out, f"token_sigma_{r['run']}.png"), r['attention'].rsplit(' ', 1)[-1]))
         panels = [{'label': r['label'], 'distance': mean_attention_distance(model, images).numpy()}]
         base = by_run.get(r['baseline_run'])
         if base is not None and os.path.isdir(os.path.join(base['run_dir'], 'model')):
@@ -302,6 +314,10 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
             md.append(f"- {r['label']}: {name} from {min(flat):.3f} to {max(flat):.3f} (mean {sum(flat) / len(flat):.3f}, "
                       f"init {r.get('sigma_init') or 0:.3f}) over {len(r['sigma_table'])} layers x "
                       f"{len(r['sigma_table'][0])} heads")
+        for r in [r for r in sigma_rows if r.get('token_sigma_spread')]:
+            lo, hi = r['token_sigma_range']
+            md.append(f"- {r['label']}: sigma per token from {lo:.3f} to {hi:.3f}; std of log sigma over tokens, "
+                      f"per layer: " + ', '.join(f'{v:.3f}' for v in r['token_sigma_spread']))
         md.append('')
     if sparse:
         md += ['## Attention sparsity', 'Fraction of exact zeros of the attention weights, per layer, measured by '
