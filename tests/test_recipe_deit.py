@@ -87,7 +87,7 @@ def test_documented_imagenet_command(jpegs, tmp_path, command, name, attention):
     run_dir = tmp_path / 'run'
     proc = check(run([*command, f'data.root={jpegs}', *CI_SIZE, f'hydra.run.dir={run_dir}'], cwd=tmp_path))
     log = proc.stdout + proc.stderr
-    assert 'data imagenet (16 train / 8 test images, 1000 classes, 0 loader workers per process), input (3, 224, 224)' in log
+    assert 'data imagenet (16 train / 8 test images, 1000 classes, transformed per sample, 0 loader workers per process), input (3, 224, 224)' in log
     assert 'global batch 4 = 4 per process x 1 processes x 1 accumulation' in log
 
     res = _results(run_dir)
@@ -175,7 +175,7 @@ def test_gpu_recipe_on_the_cpu(gpu_recipe_run):
     run_dir, log, _ = gpu_recipe_run
     assert 'resumed from' in log and 'at epoch 2, step 2 (after 4 updates)' in log
     assert 'global batch 8 = 2 per process x 2 processes x 2 accumulation' in log and 'mixed precision bf16' in log
-    assert 'data folder (20 train / 20 test images, 19 classes, 2 loader workers per process), input (3, 224, 224)' in log
+    assert 'data folder (20 train / 20 test images, 19 classes, transformed per sample, 2 loader workers per process), input (3, 224, 224)' in log
     assert [(s['epoch'], s['step'], s['update']) for s in steps(run_dir)] == UPDATES  # carried over, then resumed
     assert all(not s['skipped'] and torch.isfinite(torch.tensor(s['loss'])) for s in steps(run_dir))
     res = _results(run_dir)
