@@ -188,6 +188,20 @@ def _patch_distances(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cdist(coords, coords)  # (P, P) in patches
 
 
+def _run_with_pre_hooks(model: nn.Module, images: torch.Tensor, modules: List[nn.Module], make_hook) -> None:
+    """One eval-mode forward of ``model`` on ``images`` with ``make_hook(i)`` as a forward pre-hook (with kwargs) of
+    ``modules[i]``; the hooks removed and the training mode restored afterwards."""
+    handles = [m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def mean_attention_distance(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(layers, heads) mean attention distance in patches on ``images`` (see the module docstring)."""
@@ -206,15 +220,7 @@ def mean_attention_distance(model: nn.Module, images: torch.Tensor) -> torch.Ten
             result[index] = d.mean(dim=(0, 2)).cpu()  # mean over images and queries -> (H,)
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(images)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _run_with_pre_hooks(model, images, modules, hook)
     return torch.stack(result)
 
 
@@ -234,13 +240,5 @@ def token_bandwidths(model: nn.Module, images: torch.Tensor) -> Optional[torch.T
             result[index] = log_bandwidths(heads, module.log_sigma, module.log_sigma_proj).exp().float().cpu()
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    was_training = model.training
-    model.eval()
-    try:
-        model(images)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _run_with_pre_hooks(model, images, modules, hook)
     return torch.stack(result)
