@@ -140,6 +140,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         sys.stderr.write(f'error: no results.json under {" ".join(args.folders)}\n')
         return 2
     print(format_table(rows))
+    lines = seed_lines(rows)
+    if lines:  # mean +- std of every configuration that ran several seeds
+        print('\n' + '\n'.join(lines))
     return 0
 
 
