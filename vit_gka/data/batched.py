@@ -133,18 +133,18 @@ class BatchTransform:
         return out, ''
 
     def _params(self, seeds: Optional[Sequence[int]], batch: int):
-        """Per sample: crop boxes (top, left, height, width), filters and flips, drawn as the per-sample path
-        draws them (sampling.SeededDataset seeds ``random`` with the seed and torch with seed >> 1)."""
+        """Per sample: crop boxes (top, left, height, width), filters, horizontal and vertical flips, drawn as the
+        per-sample path draws them (sampling.SeededDataset seeds ``random`` with the seed and torch with seed >> 1)."""
         h, w = self.image_size
         fixed = self.resize[2] if self.resize is not None else 'bilinear'
         if seeds is None:
             if self.crop is not None or self.flips:
                 raise ValueError('random crops and flips need a seed per sample (sampling.SeededSampler)')
-            return [(0, 0, h, w)] * batch, [fixed] * batch, [[]] * batch
+            return [(0, 0, h, w)] * batch, [fixed] * batch, [False] * batch, [False] * batch
         probe = torch.empty(self.channels, h, w)  # get_params reads only the image size
         modes = self.crop.interpolation if self.crop is not None else None
         generator = torch.Generator()
-        boxes, names, flips = [], [], []
+        boxes, names, hflips, vflips = [], [], [], []
         saved = random.getstate()
         try:
             for seed in seeds:
@@ -156,14 +156,18 @@ class BatchTransform:
                     boxes.append((0, 0, h, w))
                     names.append(fixed)
                 generator.manual_seed(seed >> 1)
-                flips.append([bool(torch.rand(1, generator=generator) < p) for _, p in self.flips])
+                flipped = {'h': False, 'v': False}
+                for axis, p in self.flips:  # in the transform's order, each its own draw; two flips undo each other
+                    flipped[axis] ^= bool(torch.rand(1, generator=generator) < p)
+                hflips.append(flipped['h'])
+                vflips.append(flipped['v'])
         finally:
             random.setstate(saved)
-        return boxes, names, flips
+        return boxes, names, hflips, vflips
 
     def __call__(self, images: torch.Tensor, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
         batch, channels, h, w = images.shape
-        boxes, names, flips = self._params(seeds, batch)
+        boxes, names, hflips, vflips = self._params(seeds, batch)
         if self.crop is not None:
             out_h, out_w = self.crop.size
         elif self.resize is not None:
@@ -174,9 +178,6 @@ class BatchTransform:
         if self.center is not None:  # torchvision's CenterCrop offsets
             keep_h = (int(round((out_h - self.center[0]) / 2.0)), self.center[0])
             keep_w = (int(round((out_w - self.center[1]) / 2.0)), self.center[1])
-        axes = [axis for axis, _ in self.flips]
-        hflips = [sum(f for a, f in zip(axes, flip) if a == 'h') % 2 == 1 for flip in flips]  # two flips: none
-        vflips = [sum(f for a, f in zip(axes, flip) if a == 'v') % 2 == 1 for flip in flips]
         wy = torch.stack([_pil_weights(int(top), int(height), h, out_h, name, keep_h, vflip)
                           for (top, _, height, _), name, vflip in zip(boxes, names, vflips)])
         wx = torch.stack([_pil_weights(int(left), int(width), w, out_w, name, keep_w, hflip)
