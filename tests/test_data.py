@@ -174,7 +174,7 @@ def test_timm_tar_shards_and_one_line_refusals(tmp_path):
     loader, _ = create_eval_loader(cfg, RGB32, batch_size=4)
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and sorted(set(labels.tolist())) == [0]
-    for kw, message in [(dict(name='wds/imagenet'), 'streaming data sets (hfids/, tfds/, wds/) are not supported'),
+    for kw, message in [(dict(name='tfds/imagenet'), 'the streaming readers hfids/, tfds/ are not supported'),
                         (dict(name='tar', root=str(tmp_path / 'none')), 'none/train.tar is not a file'),
                         (dict(name='torch/nope', root=str(tmp_path)), 'data.name=torch/nope (timm.data.create_dataset'),
                         (dict(name='nope'), "unknown data set 'nope'")]:

@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from vit_gka.data.streaming import StreamingImages
 from vit_gka.data.timm_sets import TIMM_PREFIXES, is_timm_name, open_timm_dataset
 from vit_gka.errors import UserError
 
@@ -235,7 +236,8 @@ def create_dataset(data_cfg, split: str, transform=None) -> Tuple[Dataset, int]:
         ds = _image_folder(data_cfg, 'train' if train else 'val', transform)
     elif is_timm_name(name):
         ds = open_timm_dataset(data_cfg, _expand(data_cfg.root), train)
-        ds = Transformed(ds, transform) if transform is not None else ds
+        if transform is not None:
+            ds = Transformed(ds, transform) if not isinstance(ds, StreamingImages) else ds.configure(transform, 1, 0)
     else:
         raise UserError(f"unknown data set '{name}'; choose one of: {', '.join(DATASETS)}, or data=timm "
                         f"data.name=<{'|'.join(p + '/...' for p in TIMM_PREFIXES)}|tar>")

@@ -5,7 +5,7 @@ Every data set goes one of two ways, chosen by ``batch_augment`` (config; ``batc
 * per batch, in the calling process (batched.py): data sets held in memory (Fashion-MNIST, CIFAR) whose
   transform has only crop / resize / flip / normalise steps; no PIL, no worker needed on the CPU;
 * per sample, through timm's PIL transform, in loader workers: everything else (folders, tar files, timm's
-  data sets, RandAugment and the rest of ``recipe=deit``).
+  data sets, RandAugment and the rest of ``recipe=deit``), WebDataset streams included (streaming.py).
 
 Both give the same images for the same (seed, epoch, position): sampling.py seeds every sample alike.
 """
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vit_gka.data.batched import BatchTransform, InMemoryImages, collate_batched, in_memory_arrays
 from vit_gka.data.datasets import Transformed, build_transform, class_names, create_dataset
 from vit_gka.data.sampling import SeededDataset, train_sampler
+from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import UserError
 
 __all__ = ['create_train_loader', 'create_eval_loader', 'loader_workers', 'batched_dataset', 'MAX_AUTO_WORKERS',
@@ -89,6 +90,13 @@ def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers
     """
     ds, num_classes = create_dataset(data_cfg, 'eval')
     transform = build_transform(data_config, is_training=False)
+    if isinstance(ds, StreamingImages):
+        if data_cfg.eval_subset is not None:
+            raise UserError(f'data.eval_subset needs a data set with an index, not the stream {data_cfg.name}; '
+                            f'set data.eval_subset=null')
+        workers = loader_workers(num_workers, local_processes, False, on_cpu)
+        ds.configure(transform, batch_size, workers)
+        return DataLoader(ds, batch_size=batch_size, **_worker_kwargs(workers)), num_classes
     batched = batched_dataset(ds, transform, batch_augment)
     ds = _head(batched if batched is not None else Transformed(ds, transform), data_cfg.eval_subset)
     workers = loader_workers(num_workers, local_processes, batched is not None, on_cpu)
@@ -123,6 +131,9 @@ def create_train_loader(
     (``loader_workers`` with ``local_processes`` training processes on this node).
     """
     transform = build_transform(data_config, True, aug_cfg)
+    if isinstance(dataset, StreamingImages):
+        return _streaming_train_loader(dataset, transform, batch_size, num_workers, subset, num_replicas, rank,
+                                       repeated_aug, seed, local_processes, on_cpu)
     batched = batched_dataset(dataset, transform, batch_augment)
     # the sampler yields (index, seed) pairs: InMemoryImages takes them per batch, SeededDataset per sample
     ds = _head(batched, subset) if batched is not None else SeededDataset(_head(Transformed(dataset, transform),
@@ -132,3 +143,19 @@ def create_train_loader(
     return DataLoader(ds, batch_size=batch_size, drop_last=drop_last, generator=generator,
                       sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
                       collate_fn=collate_batched if batched is not None else None, **_worker_kwargs(workers))
+
+
+def _streaming_train_loader(dataset: StreamingImages, transform, batch_size: int, num_workers, subset, num_replicas: int,
+                            rank: int, repeated_aug: int, seed: int, local_processes: int, on_cpu: bool) -> DataLoader:
+    """The training loader of a WebDataset (streaming.py): timm's reader shards, shuffles and counts; every
+    worker yields whole batches, so ``drop_last`` has nothing to drop. ``workers=auto`` is capped at the shards
+    each process has (every worker needs one)."""
+    if num_replicas > 1 and repeated_aug and repeated_aug > 1:
+        raise UserError(f'repeated_aug={repeated_aug} repeats indices of a map-style data set; the stream '
+                        f'{dataset.name} has none: set repeated_aug=0')
+    workers = loader_workers(num_workers, local_processes, False, on_cpu)
+    if num_workers == 'auto':
+        workers = min(workers, max(1, dataset.num_shards // max(1, num_replicas)))
+    dataset.configure(transform, batch_size, workers, seed, rank, num_replicas, subset)
+    generator = torch.Generator()  # the workers' base seed (and so their shuffle buffers'), reseeded every epoch
+    return DataLoader(dataset, batch_size=batch_size, generator=generator, **_worker_kwargs(workers))

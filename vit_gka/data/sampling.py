@@ -100,8 +100,9 @@ def train_sampler(ds: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, 
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, rank: int = 0) -> None:
-    """Make epoch ``epoch``'s sample order and augmentation a function of (seed, epoch)."""
-    sampler = loader.sampler
-    sampler.set_epoch(epoch)
+    """Make epoch ``epoch``'s sample order and augmentation a function of (seed, epoch); for a stream
+    (streaming.py, no sampler) its shard order and the seeds of loader workers that start now."""
+    source = loader.sampler if isinstance(loader.sampler, SeededSampler) else loader.dataset
+    source.set_epoch(epoch)
     if loader.generator is not None:
-        loader.generator.manual_seed(_mix(sampler.seed, epoch, rank) >> 1)
+        loader.generator.manual_seed(_mix(source.seed, epoch, rank) >> 1)

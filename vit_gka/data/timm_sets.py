@@ -1,18 +1,19 @@
-"""``data=timm``: any map-style data set that timm's ``create_dataset`` opens, by timm's name for it
-(``torch/<name>``, ``hfds/<hub id>``, or ``tar`` for ``<data.root>/<split>.tar``). Streaming ones (``wds/``,
-``hfids/``, ``tfds/``) are refused in one line: the training loader shards and seeds a map-style index (exact
-resume), which an iterable data set does not have."""
+"""``data=timm``: any data set that timm's ``create_dataset`` opens, by timm's name for it (``torch/<name>``,
+``hfds/<hub id>``, ``tar`` for ``<data.root>/<split>.tar``, ``wds/<name>`` for WebDataset shards: streaming.py).
+The other streaming readers (``hfids/``, ``tfds/``) are refused in one line: untested here, and ``tfds/`` needs
+TensorFlow."""
 import os
 from typing import Optional
 
 from torch.utils.data import Dataset
 
+from vit_gka.data.streaming import open_streaming
 from vit_gka.errors import UserError
 
-__all__ = ['TIMM_PREFIXES', 'STREAMING_PREFIXES', 'is_timm_name', 'open_timm_dataset']
+__all__ = ['TIMM_PREFIXES', 'REFUSED_PREFIXES', 'is_timm_name', 'open_timm_dataset']
 
 TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
-STREAMING_PREFIXES = ('hfids', 'tfds', 'wds')
+REFUSED_PREFIXES = ('hfids', 'tfds')
 
 
 def is_timm_name(name: str) -> bool:
@@ -22,15 +23,17 @@ def is_timm_name(name: str) -> bool:
 
 def open_timm_dataset(data_cfg, root: Optional[str], train: bool) -> Dataset:
     """``data=timm``: timm's ``create_dataset`` under ``data.name`` (``tar``: the class folders of
-    ``<root>/<split>.tar``), split ``data.train_dir`` / ``data.val_dir``; ``root``: ``data.root`` expanded.
-    Images untransformed (the caller adds the transform)."""
+    ``<root>/<split>.tar``; ``wds/``: a ``StreamingImages``), split ``data.train_dir`` / ``data.val_dir``;
+    ``root``: ``data.root`` expanded. Images untransformed (the caller adds the transform)."""
     from timm.data import create_dataset as timm_create_dataset
     name, split = str(data_cfg.name), str(data_cfg.train_dir if train else data_cfg.val_dir)
     prefix = name.partition('/')[0].lower()
-    if prefix in STREAMING_PREFIXES:
-        raise UserError(f'data.name={name}: streaming data sets ({", ".join(p + "/" for p in STREAMING_PREFIXES)}) are '
-                        f'not supported (the loader shards and seeds a map-style index for exact resume); write '
-                        f'the shards out as a folder or tar (data.name=tar), or use hfds/')
+    if prefix in REFUSED_PREFIXES:
+        raise UserError(f'data.name={name}: the streaming readers {", ".join(p + "/" for p in REFUSED_PREFIXES)} are '
+                        f'not supported; use wds/ (WebDataset shards), hfds/ (map-style Hugging Face data sets), a '
+                        f'folder or tar')
+    if prefix == 'wds':
+        return open_streaming(data_cfg, root, train)
     if name == 'tar':
         root = os.path.join(root or '', f'{split}.tar')
         if not os.path.isfile(root):

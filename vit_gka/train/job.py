@@ -38,9 +38,11 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
+from vit_gka.data.batched import InMemoryImages
 from vit_gka.data.datasets import class_names, create_dataset, unreadable_images
 from vit_gka.data.loaders import create_eval_loader, create_train_loader
-from vit_gka.data.sampling import SeededDataset, set_loader_epoch
+from vit_gka.data.sampling import set_loader_epoch
+from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
@@ -101,7 +103,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
              'loader workers per '
              'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
              cfg.data.name, len(train_loader.dataset), len(parts.eval_loader.dataset), num_classes,
-             'sample' if isinstance(train_loader.dataset, SeededDataset) else 'batch', train_loader.num_workers,
+             'batch' if isinstance(train_loader.dataset, InMemoryImages) else 'sample', train_loader.num_workers,
              tuple(data_config['input_size']))
     log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
              'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
@@ -296,7 +298,9 @@ def _sparsity_batch(model, dataset, device) -> Optional[torch.Tensor]:
     """The fixed batch that attention sparsity is measured on, or None for a model without kernel attention."""
     if not AttentionSparsity(model).layers or len(dataset) == 0:
         return None
-    return torch.stack([dataset[i][0] for i in range(min(SPARSITY_IMAGES, len(dataset)))]).to(device)
+    samples = dataset.first(SPARSITY_IMAGES) if isinstance(dataset, StreamingImages) else \
+        [dataset[i] for i in range(min(SPARSITY_IMAGES, len(dataset)))]
+    return torch.stack([image for image, _ in samples]).to(device)
 
 
 def _test(parts: TrainParts) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:

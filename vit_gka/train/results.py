@@ -230,6 +230,7 @@ class RunRecords:
             'top1': metrics['top1'],
             'top5': metrics['top5'],
             'loss': metrics['loss'],
+            'test_images': metrics['num_images'],  # on every process together
             'ema_top1': ema_metrics['top1'] if ema_metrics is not None else None,
             'ema_top5': ema_metrics['top5'] if ema_metrics is not None else None,
             'best_top1': best['top1'] if best['epoch'] is not None else None,
