@@ -17,7 +17,7 @@ def count(model, key=None):
 
 def test_every_family_member_is_registered():
     assert set(GKA_NAMES) == {'gka_deit_tiny_patch16_224', 'gka_deit_small_patch16_224',
-                              'gka_deit_base_patch16_224', 'gka_deit_base_patch16_384'}
+                              'gka_deit_base_patch16_224', 'gka_deit_base_patch16_384', 'gka_deit_fmnist_patch7_28'}
     assert set(VLT_NAMES) == {'vlt_deit_tiny_patch16_224', 'vlt_deit_small_patch16_224',
                               'vlt_deit_base_patch16_224'}
 

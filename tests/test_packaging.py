@@ -41,12 +41,12 @@ def _project_scripts():
 
 
 def _package_files():
-    """Every .py / .yaml file of vit_gka in the checkout, as wheel paths."""
+    """Every .py / .yaml / .safetensors (the shipped weights) file of vit_gka in the checkout, as wheel paths."""
     files = set()
     for folder, dirs, names in os.walk(os.path.join(ROOT, 'vit_gka')):
         dirs[:] = [d for d in dirs if d != '__pycache__']
         for name in names:
-            if name.endswith(('.py', '.yaml')):
+            if name.endswith(('.py', '.yaml', '.safetensors')):
                 files.add(os.path.relpath(os.path.join(folder, name), ROOT).replace(os.sep, '/'))
     return files
 
@@ -84,6 +84,7 @@ def test_wheel_holds_the_package_its_configs_and_nothing_else(wheel):
     assert not missing, f'not in the wheel: {sorted(missing)}'
     assert {n.split('/')[0] for n in names} == {'vit_gka', 'vit_gka-0.2.0.dist-info'}
     assert any(n.startswith('vit_gka/conf/model/') for n in names) and 'vit_gka/conf/eval.yaml' in names
+    assert 'vit_gka/weights/gka_deit_fmnist_patch7_28.vitgka_fmnist.safetensors' in names  # timm pretrained=True
     # the report callback of a -m sweep: its code and the config that names it
     assert 'vit_gka/analysis/report.py' in names
     assert any('vit_gka.analysis.report.ReportCallback' in (text or '') for n, text in wheel.items()
@@ -177,7 +178,7 @@ def test_torch_hub_loads_every_registered_model_from_a_checkout():
     hub = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hub)
     names = timm.list_models(['gka_deit_*', 'vlt_deit_*', '?ka_*_deit_*'])  # the last matches gka_[qk]_deit_* too
-    assert len(names) == 27 and all(callable(getattr(hub, n)) for n in names)
+    assert len(names) == 28 and all(callable(getattr(hub, n)) for n in names)
     model = torch.hub.load(ROOT, 'gka_deit_small_patch16_224', source='local', num_classes=10, img_size=32)
     assert type(model.blocks[0].attn).__name__ == 'GaussianKernelAttention' and model.num_classes == 10
     with pytest.raises(RuntimeError):  # a name that is no entry point

@@ -13,7 +13,7 @@ NAMES = timm.list_models(['gka_deit_*', 'vlt_deit_*', '?ka_*_deit_*'])  # the la
 # One per family (gka, gka_q, gka_k, vlt, six compact): the small / base entry points differ from these in the default
 # shape only, which SMALL overrides; the heavier tests (backward passes) run on these.
 FAMILIES = [n for n in NAMES if '_tiny_' in n]
-SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=5)  # 4 x 4 patches
+SMALL = dict(img_size=32, patch_size=8, in_chans=3, depth=2, embed_dim=64, num_heads=4, num_classes=5)  # 4 x 4 patches
 
 
 def create(name, seed=0, **kwargs):
@@ -35,7 +35,7 @@ def images(h=32, w=32, seed=1):
 
 
 def test_every_family_is_listed():
-    assert len(NAMES) == 4 + 4 + 4 + 3 + 12 and len(FAMILIES) == 10
+    assert len(NAMES) == 5 + 4 + 4 + 3 + 12 and len(FAMILIES) == 10  # GKA: 4 ImageNet shapes + the Fashion-MNIST one
 
 
 @pytest.mark.parametrize('name, explicit', [(n, False) for n in NAMES] + [(n, True) for n in FAMILIES])

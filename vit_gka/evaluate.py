@@ -4,6 +4,7 @@
     python eval.py run=<run dir>                                  # <run>/model/ on the run's data
     python eval.py run=<run dir> ckpt=<run dir>/checkpoints/last weights=ema
     python eval.py model_name=<timm name> ckpt=<weights file> data=<data config> [model_args={img_size: 28}]
+    python eval.py model_name=gka_deit_fmnist_patch7_28                # the shipped pretrained GKA
     python eval.py run=<run dir> bench=true                       # images/s and peak memory, vs baseline
 
 The whole of it: the model through ``timm.create_model`` only (``local-dir:<run>/model``, or
@@ -98,7 +99,7 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
             raise UserError(f'{run_dir} has no model/ folder (train with save_model=true, or give ckpt=)')
         return timm.create_model(f'local-dir:{folder}', pretrained=True), folder
     if cfg.ckpt is None:
-        raise UserError(f'model_name={cfg.model_name} needs its weights: ckpt=<weights file>')
+        return _published_model(cfg)
     file = weights_file(cfg.ckpt, cfg.weights)
     load_weights(file)  # the safe read first: a truncated, foreign or code-running file stops here, in one line
     name, args, _ = model_spec(cfg, run_dir)
@@ -116,6 +117,20 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
                         f'of this model and data set') from e
     _set_preprocessing(model, data_cfg)
     return model, file
+
+
+def _published_model(cfg: DictConfig) -> Tuple[torch.nn.Module, str]:
+    """``model_name=<name>[.<tag>]`` without ``ckpt``: the weights its pretrained config names (the shipped
+    ``gka_deit_fmnist_patch7_28``, or any timm model with published weights), with their own preprocessing."""
+    name, args, _ = model_spec(cfg, None)
+    try:
+        model = timm.create_model(name, pretrained=True, **args)
+    except RuntimeError as e:  # no published weights (_builder._require_weights, timm's own), or a failed load
+        raise UserError(f'model_name={name}: {str(e).splitlines()[0]}; or give its weights: ckpt=<weights '
+                        f'file>') from e
+    source = model.pretrained_cfg.get('file') or model.pretrained_cfg.get('hf_hub_id') or \
+        model.pretrained_cfg.get('url')
+    return model, f"{model.pretrained_cfg['architecture']}.{model.pretrained_cfg['tag']} ({source})"
 
 
 def _set_preprocessing(model: torch.nn.Module, data_cfg) -> None:
@@ -242,7 +257,7 @@ def main(cfg: DictConfig) -> float:
     """The model (and data: the run's own unless ``data=`` is given) -> eval.json, or bench.json."""
     run_dir = require_path(cfg.run, 'run') if cfg.run else None
     if run_dir is None and cfg.model_name is None:
-        raise UserError('give run=<run dir>, or model_name=<timm name> with ckpt=<weights file>')
+        raise UserError('give run=<run dir>, or model_name=<timm name> (with ckpt=<weights file> unless it has published weights)')
     if cfg.bench:
         rows = benchmark(cfg, run_dir)
         print(f"-> {_write_json(cfg, run_dir, 'bench.json', {'results': rows})}")
