@@ -62,8 +62,7 @@ class StreamingImages(IterableDataset):
         reader.dist_rank, reader.dist_num_replicas = int(rank), int(num_replicas)
         if num_samples is not None:
             reader.num_samples = min(int(num_samples), reader.split_info.num_samples)
-        reader.num_workers = workers
-        reader.global_num_workers = workers * int(num_replicas)
+        self.dataset.set_loader_cfg(num_workers=workers)  # timm's: the per-worker sample count follows it
         return self
 
     def set_epoch(self, epoch: int) -> None:
