@@ -3,8 +3,8 @@
     python -m vit_gka.export runs/gka_fmnist/<date> gka.onnx          # a run folder's model/
     python -m vit_gka.export gka_deit_small_patch16_224 gka_s.onnx    # a registered model (random weights)
 
-The model is built as a user of the registry builds it (``timm.create_model('local-dir:<run>/model',
-pretrained=True)``), exported with ``timm.utils.onnx.onnx_export`` (the ONNX checker, a dynamic batch axis) and
+The model is the one a user of the registry builds (``timm.create_model('local-dir:<run>/model',
+pretrained=True)``), read from config.json and model.safetensors alone (a pickle in the folder is refused), exported with ``timm.utils.onnx.onnx_export`` (the ONNX checker, a dynamic batch axis) and
 then run once with onnxruntime on a batch of another size, whose logits must match PyTorch's (``--atol``).
 
 GKA exports on its fused path: the softmax identity through ``scaled_dot_product_attention`` with the key-norm
@@ -31,9 +31,10 @@ def load_for_export(source: str) -> torch.nn.Module:
     """A run folder's ``model/``, a ``model/`` folder itself, or a registered timm name (random weights)."""
     import timm
     import vit_gka  # noqa: F401  (registers the models)
+    from vit_gka.train.loading import load_model_folder
     for folder in (os.path.join(source, 'model'), source):
         if os.path.isfile(os.path.join(folder, 'config.json')):
-            return timm.create_model(f'local-dir:{folder}', pretrained=True)
+            return load_model_folder(folder)
     if os.path.exists(source):
         raise UserError(f'{source} holds no model/ folder (config.json); give a training run folder or its model/')
     if not timm.is_model(source):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 from omegaconf import OmegaConf
 
 from vit_gka.errors import UserError, fail
+from vit_gka.train.checkpoint import EXIT_IO_ERROR
 
 __all__ = ['model_card', 'write_folder', 'upload', 'main', 'cli']
 
@@ -71,25 +72,38 @@ def model_card(results: Dict[str, Any], config: Dict[str, Any], name: str, repo_
 
 
 def write_folder(run_dir: str, out: str, repo_id: Optional[str] = None) -> str:
-    """``out`` with the run's model/ files, its config.yaml and the model card; returns the card's path."""
+    """``out`` with the run's model/ files, its config.yaml and the model card; returns the card's path. Every
+    check comes first; the folder is filled beside ``out`` and renamed into place, so a failed write (a full disk)
+    leaves no half-written ``out`` behind."""
+    from vit_gka.train.checkpoint import atomic_dir
+    from vit_gka.train.loading import model_folder_files
     model_dir = os.path.join(run_dir, 'model')
     for need in (os.path.join(run_dir, 'results.json'), os.path.join(model_dir, 'config.json')):
         if not os.path.isfile(need):
             raise UserError(f'{run_dir} is not a finished training run with a model/ folder (no {os.path.basename(need)})')
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f'{out} exists and is not empty; give a new folder')
-    with open(os.path.join(run_dir, 'results.json')) as f:
-        results = json.load(f)
-    config = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, 'config.yaml'))) \
-        if os.path.isfile(os.path.join(run_dir, 'config.yaml')) else {}
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
-    if config:
-        shutil.copyfile(os.path.join(run_dir, 'config.yaml'), os.path.join(out, 'config.yaml'))
-    name = repo_id.split('/')[-1] if repo_id else os.path.basename(os.path.abspath(out))
-    card = os.path.join(out, 'README.md')
-    with open(card, 'w') as f:
-        f.write(model_card(results, config, name, repo_id))
-    return card
+    files = model_folder_files(model_dir)  # config.json and safetensors: a pickle there is refused
+    try:
+        with open(os.path.join(run_dir, 'results.json')) as f:
+            results = json.load(f)
+        config = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, 'config.yaml'))) \
+            if os.path.isfile(os.path.join(run_dir, 'config.yaml')) else {}
+        name = repo_id.split('/')[-1] if repo_id else os.path.basename(os.path.abspath(out))
+        card_text = model_card(results, config, name, repo_id)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{run_dir}: results.json or config.yaml is corrupt ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}); publish a finished run') from e
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty: the finished folder is renamed into its place
+    with atomic_dir(out) as tmp:
+        for path in files:
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+        if config:
+            shutil.copyfile(os.path.join(run_dir, 'config.yaml'), os.path.join(tmp, 'config.yaml'))
+        with open(os.path.join(tmp, 'README.md'), 'w') as f:
+            f.write(card_text)
+    return os.path.join(out, 'README.md')
 
 
 def upload(folder: str, repo_id: str) -> str:
@@ -122,6 +136,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> None:
             print(f'uploaded: {upload(args.out, args.repo_id)}')
     except UserError as e:
         fail(str(e))
+    except OSError as e:  # a full or read-only disk: nothing half-written is left (write_folder)
+        fail(f'cannot write {args.out}: {e.strerror or e}; make room (or fix the disk), then run the same command '
+             f'again', EXIT_IO_ERROR)
 
 
 def cli() -> None:

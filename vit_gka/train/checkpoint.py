@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from vit_gka.errors import UserError
 
-__all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text',
+__all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text', 'atomic_dir',
            'CheckpointWriteError', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV', 'FAIL_ENV', 'EXIT_IO_ERROR']
 
 MODEL_FILE = 'model.safetensors'
@@ -205,7 +205,7 @@ def replace_dir(tmp: str, dst: str) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(folder: str):
+def atomic_dir(folder: str):
     """Yield a temporary folder beside ``folder``; when the block ends, seal it and swap it in."""
     parent, base = os.path.split(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -239,7 +239,7 @@ def write_checkpoint(
     global _saved
     _saved += 1
     try:
-        with _atomic_dir(folder) as tmp:
+        with atomic_dir(folder) as tmp:
             _save_file(model_state, os.path.join(tmp, MODEL_FILE))
             _test_pause('write')
             _test_fail(os.path.join(tmp, EMA_FILE if ema_state is not None else STATE_FILE))
@@ -258,7 +258,7 @@ def save_model_folder(model: torch.nn.Module, folder: str, model_args: Optional[
     pretrained=True)`` rebuilds the model. ``model_args``: the ``create_model`` arguments that rebuild it (timm
     1.0.31 records them by itself, 1.0.23-1.0.30 only write what is given here)."""
     from timm.models import save_for_hf
-    with _atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         save_for_hf(model, tmp, model_config={'label_names': list(label_names)} if label_names else None,
                     model_args=model_args, safe_serialization=True)
     return folder

@@ -4,23 +4,29 @@
 state.pt) are the only readers. Weights come from safetensors (or, for a foreign ``.pth``, through
 ``torch.load(weights_only=True)``), the training state through ``torch.load(weights_only=True)``: a pickle
 that would import anything but tensors and plain containers is refused before any of it runs.
-``check_weights`` compares weights with a model (architecture, classes, shapes) before anything is copied, so
-a mismatch never leaves a half-loaded model; ``describe_load_error`` names the first mismatch of a strict
+``load_model_folder`` rebuilds a run's ``model/`` (timm's ``save_for_hf`` layout) from its config.json and
+model.safetensors alone, refusing any pickle file there (timm's own ``local-dir:`` loader, before 1.0.31, unpickles
+a ``*.bin`` / ``*.pth`` it finds there). ``check_weights`` compares weights with a model (architecture, classes,
+shapes) before anything is copied, so a mismatch never leaves a half-loaded model; ``describe_load_error`` names the first mismatch of a strict
 ``load_state_dict`` that failed (eval.py's load through timm). Every failure is a one-line ``UserError``.
 The checkpoint folder, its schema and resuming from it: state.py.
 """
+import dataclasses
+import json
 import os
 import pickle
 import re
+import stat
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from safetensors.torch import load_file
 
 from vit_gka.errors import UserError
 
-__all__ = ['load_weights', 'load_state', 'check_weights', 'describe_load_error', 'first_line']
+__all__ = ['load_weights', 'load_state', 'check_weights', 'describe_load_error', 'first_line', 'load_model_folder',
+           'model_folder_files', 'nonfinite_tensors']
 
 
 def first_line(e: BaseException) -> str:
@@ -115,3 +121,88 @@ def describe_load_error(e: BaseException) -> str:
         if found:
             return f'another architecture ({found.group(1)} {label})'
     return first_line(e)
+
+
+# What a model folder may hold besides its weights: text only (timm's save_for_hf writes config.json; the
+# publish command adds README.md and config.yaml).
+MODEL_FOLDER_TEXT = ('config.json', 'config.yaml', 'README.md', '.gitattributes')
+PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.ckpt', '.tar', '.npz', '.npy')
+
+
+def _is_pickle(path: str) -> bool:
+    """A file torch.load / pickle would unpickle: a pickle (protocol >= 2) or torch's zip format."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(4).startswith((b'PK\x03\x04', b'\x80'))
+    except OSError:
+        return False
+
+
+def model_folder_files(folder: str) -> List[str]:
+    """The files of a model folder (config.json, *.safetensors, text) after checking it holds no pickle: a
+    ``UserError`` names the first file that could run code on load, or a file that is no regular file."""
+    if not os.path.isfile(os.path.join(folder, 'config.json')):
+        raise UserError(f'{folder} is not a model folder (no config.json); give a training run folder or its model/')
+    names = sorted(os.listdir(folder))
+    for name in names:
+        path = os.path.join(folder, name)
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise UserError(f'{path} is not a regular file; a model folder holds config.json and model.safetensors '
+                            f'only: remove it')
+        if name.endswith('.safetensors') or name in MODEL_FOLDER_TEXT:
+            continue
+        if name.lower().endswith(PICKLE_SUFFIXES) or _is_pickle(path):
+            raise UserError(f'refusing to read {folder}: {name} is a pickle, which could run code when loaded; '
+                            f'only model.safetensors is read: delete {path} (or use a folder you trust)')
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def load_model_folder(folder: str):
+    """The model of a ``save_for_hf`` folder, built by timm from config.json (architecture, ``model_args``,
+    pretrained config) with the weights of model.safetensors, read by safetensors and checked against the model
+    before they are copied; every failure is one ``UserError`` line. The same model as
+    ``timm.create_model('local-dir:<folder>', pretrained=True)``, without ever unpickling."""
+    import timm
+    from timm.models import PretrainedCfg
+    model_folder_files(folder)
+    config_file = os.path.join(folder, 'config.json')
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+        name = config['architecture']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'{config_file} is not a timm model config ({type(e).__name__}: {first_line(e)}); '
+                        f'export the model again (save_model=true)') from e
+    weights_file = os.path.join(folder, 'model.safetensors')
+    weights = load_weights(weights_file)
+    if not timm.is_model(name):
+        raise UserError(f"{config_file}: unknown timm model '{name}' (import the package that registers it)")
+    known = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    pretrained_cfg = {k: v for k, v in dict(config.get('pretrained_cfg') or {}).items() if k in known}
+    for key in ('num_classes', 'label_names', 'label_descriptions'):
+        if key in config:
+            pretrained_cfg[key] = config[key]
+    for key in ('input_size', 'test_input_size', 'min_input_size', 'mean', 'std', 'pool_size', 'test_pool_size'):
+        if isinstance(pretrained_cfg.get(key), list):  # JSON's lists, as timm's own configs have them: tuples
+            pretrained_cfg[key] = tuple(pretrained_cfg[key])
+    pretrained_cfg.update(architecture=name, file=weights_file, source='local-dir')
+    args = dict(config.get('model_args') or {})
+    if 'num_classes' in config:
+        args.setdefault('num_classes', config['num_classes'])
+    try:
+        model = timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f'{config_file}: timm cannot build {name} from it ({type(e).__name__}: {first_line(e)}); '
+                        f'export the model again') from e
+    check_weights(model, weights, weights_file)
+    model.load_state_dict(weights)
+    return model
+
+
+def nonfinite_tensors(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
+    return [k for k, v in state_dict.items()
+            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
