@@ -1,4 +1,4 @@
-"""A run's model/ folder is read as config.json + model.safetensors only: a pickle there is refused in one line
+"""A run's model/ folder (and its results.json and config.yaml) is read as config.json + model.safetensors only: a pickle there is refused in one line
 before any of it runs, by eval.py, the export and publish, on the oldest timm pyproject.toml admits too (whose
 own ``local-dir:`` loader would unpickle it); a corrupt folder is one line as well. One tiny run serves all."""
 import json
@@ -88,6 +88,8 @@ def test_model_folder_loads_as_timm_local_dir(trained):
     ('no_config', 'not a model folder (no config.json)'),
     ('bad_config', 'config.json is not a timm model config'),
     ('truncated', 'model.safetensors is truncated or not a safetensors file'),
+    ('results', 'results.json is corrupt'),
+    ('config', 'config.yaml is corrupt'),
     ('reshaped', 'has 3 classes (head.bias [3]), the model 10'),
 ])
 def test_corrupt_model_folder_is_one_line(trained, tmp_path, damage, message):
@@ -98,6 +100,10 @@ def test_corrupt_model_folder_is_one_line(trained, tmp_path, damage, message):
         os.remove(model / 'config.json')
     elif damage == 'bad_config':
         (model / 'config.json').write_text('{"architecture": ')
+    elif damage == 'results':
+        (run_dir / 'results.json').write_text('{"model": "gka_')
+    elif damage == 'config':
+        (run_dir / 'config.yaml').write_text('data: [unclosed\n')
     elif damage == 'truncated':
         data = (model / 'model.safetensors').read_bytes()
         (model / 'model.safetensors').write_bytes(data[:len(data) // 2])

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from vit_gka.analysis.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
 from vit_gka.train.cli import check_overrides, exit_on_user_error
-from vit_gka.train.loading import describe_load_error, load_weights
+from vit_gka.train.loading import describe_load_error, load_model_folder, load_weights
 
 __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
            'compare_to_run', 'benchmark', 'summary_line', 'main', 'cli']
@@ -47,7 +47,14 @@ def run_config(run_dir: str) -> DictConfig:
     path = os.path.join(run_dir, 'config.yaml')
     if not os.path.isfile(path):
         raise UserError(f'{run_dir} is not a training run folder (no config.yaml)')
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001  (yaml's and OmegaConf's errors for a corrupt file)
+        raise UserError(f'{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); give '
+                        f'data=<data config> and model_name= with ckpt=, or another run') from e
+    if not isinstance(cfg, DictConfig) or 'data' not in cfg:
+        raise UserError(f'{path} is not a training configuration (no data node); give another run')
+    return cfg
 
 
 def run_results(run_dir: str) -> Dict[str, Any]:
@@ -55,8 +62,17 @@ def run_results(run_dir: str) -> Dict[str, Any]:
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
         raise UserError(f'{run_dir} has no results.json (an unfinished run?)')
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path} is corrupt ({type(e).__name__}: {e}); rerun the training with resume=auto '
+                        f'hydra.run.dir={run_dir} to write it again') from e
+    missing = [k for k in ('model', 'model_args', 'top1') if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise UserError(f'{path} is not a run\'s results (no {", ".join(missing)}); rerun the training with '
+                        f'resume=auto hydra.run.dir={run_dir} to write it again')
+    return res
 
 
 def weights_file(ckpt: str, weights: str) -> str:
@@ -91,13 +107,14 @@ def model_spec(cfg: DictConfig, run_dir: Optional[str]) -> Tuple[str, Dict[str, 
 
 
 def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch.nn.Module, str]:
-    """(model, where its weights came from). ``run`` alone: ``local-dir:<run>/model``; with ``ckpt``: the run's
+    """(model, where its weights came from). ``run`` alone: ``<run>/model`` (loading.load_model_folder: the model
+    ``local-dir:<run>/model`` gives, safetensors only, a pickle there refused); with ``ckpt``: the run's
     (or ``model_name=``'s) architecture with the checkpoint's weights, read safely first."""
     if run_dir is not None and cfg.ckpt is None:
         folder = os.path.join(run_dir, 'model')
         if not os.path.isdir(folder):
             raise UserError(f'{run_dir} has no model/ folder (train with save_model=true, or give ckpt=)')
-        return timm.create_model(f'local-dir:{folder}', pretrained=True), folder
+        return load_model_folder(folder), folder
     if cfg.ckpt is None:
         return _published_model(cfg)
     file = weights_file(cfg.ckpt, cfg.weights)
