@@ -90,8 +90,8 @@ def test_fully_masked_rows_are_zero_not_nan(impl):
     allowed = torch.ones(2, 10, 10, dtype=torch.bool)
     allowed[0, 3] = False
     allowed[1, :] = False
-    heads = x.view(2, 10, 4, 8).transpose(1, 2)
-    core = attn.core(heads, allowed, False)
+    attn.proj = torch.nn.Identity()  # the concatenated heads as the layer computes them, before W_O
+    core = attn(x, attn_mask=allowed).view(2, 10, 4, 8).transpose(1, 2)
     assert torch.isfinite(core).all()
     assert core[0, :, 3].abs().max() == 0 and core[1].abs().max() == 0
     assert core[0, :, 2].abs().max() > 0

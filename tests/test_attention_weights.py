@@ -13,7 +13,6 @@ from helpers import N, masks
 LAYERS = {  # eps ~ 0: the fused GKA has no eps, the materialised weights (Eq. 4) do
     'gka reference': lambda **kw: GaussianKernelAttention(12, 3, impl='reference', **kw),
     'gka auto': lambda **kw: GaussianKernelAttention(12, 3, eps=1e-30, **kw),
-    'gaussian': lambda **kw: KernelAttention(12, 3, eps=1e-30, **kw),
     **{f'{k} {n}': (lambda k=k, n=n, **kw: KernelAttention(12, 3, kernel=k, normalization=n, **kw))
        for k in ('epanechnikov', 'biweight', 'triweight') for n in ('fixed', 'adaptive')},
 }

@@ -46,7 +46,7 @@ with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from vit_gka.layers import GaussianKernelAttention, KernelAttention, VariableBandwidthAttention
+from vit_gka.layers import GaussianKernelAttention, VariableBandwidthAttention
 from vit_gka.layers.compact import BISECT_ITERS_DEFAULT
 
 __all__ = ['model_stats', 'param_breakdown', 'flop_count', 'input_shape', 'count_impl']
@@ -103,10 +103,19 @@ def _sdpa_handle(inputs: List, outputs: List) -> Counter:
     return Counter({'scaled_dot_product_attention': macs, 'elementwise': elementwise})
 
 
+def _gka_op_handle(inputs: List, outputs: List) -> Counter:
+    """vit_gka::gka_fwd(x (B, N, H, d), ...), the Triton GKA: as SDPA with q = s x, k = v = x, B*H*N*N*2d MACs, and
+    the key norms and query scaling, 2*B*N*H*d."""
+    from fvcore.nn.jit_handles import get_shape
+    B, N, H, d = get_shape(inputs[0])
+    return Counter({'scaled_dot_product_attention': B * H * N * N * 2 * d + 2 * B * N * H * d})
+
+
 def _handles() -> Dict[str, object]:
     handles = {op: _elementwise_handle for op in ELEMENTWISE_OPS}
     handles.update({op: None for op in ZERO_WORK_OPS})
     handles['aten::scaled_dot_product_attention'] = _sdpa_handle
+    handles['vit_gka::gka_fwd'] = _gka_op_handle
     sort_steps = _entmax_handle(lambda n: max(1, math.ceil(math.log2(n))))  # sort-based threshold
     handles['prim::PythonOp.SparsemaxFunction'] = sort_steps
     handles['prim::PythonOp.Entmax15Function'] = sort_steps
@@ -126,8 +135,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def count_impl(model: nn.Module) -> Iterator[nn.Module]:
-    """Run GKA layers (and ``KernelAttention``, whose Gaussian kernel is GKA's) in their unpadded fused form
-    (``sdpa_bias``) for counting, and ``VariableBandwidthAttention`` in its unpadded widened form (``sdpa``, whatever
+    """Run GKA layers in their unpadded fused form (``sdpa_bias``, also for ``triton``: one count whatever the device)
+    for counting, and ``VariableBandwidthAttention`` in its unpadded widened form (``sdpa``, whatever
     its impl); restored on exit.
 
     GKA's materialised ``reference`` form is left as it is (its two matmuls count the same 2*N*N*d).
@@ -137,7 +146,7 @@ def count_impl(model: nn.Module) -> Iterator[nn.Module]:
         if isinstance(module, VariableBandwidthAttention):
             saved.append((module, module.impl))
             module.impl = 'sdpa'
-        elif isinstance(module, (GaussianKernelAttention, KernelAttention)) and module.impl != 'reference':
+        elif isinstance(module, GaussianKernelAttention) and module.impl != 'reference':
             saved.append((module, module.impl))
             module.impl = 'sdpa_bias'
     try:

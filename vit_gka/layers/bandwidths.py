@@ -32,15 +32,15 @@ N x N kernel, the oracle) and ``"auto"`` (GKA's choice, ``gka_backends.auto_impl
 these logits have no per-key bias, so ``"sdpa_bias"`` does not exist here).
 """
 import math
-from typing import Optional, Type
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vit_gka.layers.gka import apply_mask, default_sigma, pairwise_sq_dist, row_normalise
-from vit_gka.layers.gka_backends import _compiled_flex, auto_impl
-from vit_gka.layers.masks import check_attn_mask, empty_rows, open_empty_rows
+from vit_gka.layers.gka_backends import _compiled_flex, auto_impl, check_impl
+from vit_gka.layers.masks import additive, check_attn_mask, empty_rows, open_empty_rows
 from vit_gka.layers.projection_free import ProjectionFreeAttention
 
 __all__ = ['BANDWIDTHS', 'BANDWIDTH_IMPLS', 'VariableBandwidthAttention', 'key_bandwidth_qk', 'log_bandwidths',
@@ -179,9 +179,7 @@ def variable_flex(
     sq = _sq_norms(x).squeeze(-1)
     scaled = x * inv_var.unsqueeze(-1).to(x.dtype)
     if attn_mask is not None:
-        extra = attn_mask.to(acc) if attn_mask.dtype != torch.bool else torch.zeros(
-            attn_mask.shape, dtype=acc, device=x.device).masked_fill(~attn_mask, float('-inf'))
-        extra = extra.expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
+        extra = additive(attn_mask, acc).expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
 
     def score_mod(score, b, h, q_idx, kv_idx):
         scale = half[b, h, q_idx] if bandwidth == 'query' else half[b, h, kv_idx]
@@ -196,18 +194,6 @@ def variable_flex(
 
 
 # ------------------------------------------------------------------------------------------- the layer
-
-def check_bandwidth_impl(impl: str, attn_drop: float) -> str:
-    """``impl`` validated (``"fused"`` is a name for ``"auto"``, as for GKA)."""
-    impl = 'auto' if impl == 'fused' else impl
-    if impl not in BANDWIDTH_IMPLS:
-        raise ValueError(f'impl={impl!r} is not one of {BANDWIDTH_IMPLS} (data-dependent bandwidths have no '
-                         f'additive-bias form)' if impl == 'sdpa_bias' else
-                         f'impl={impl!r} is not one of {BANDWIDTH_IMPLS}')
-    if impl == 'flex' and attn_drop > 0:
-        raise ValueError('impl="flex" has no attention dropout; use attn_drop=0 or another impl')
-    return impl
-
 
 class VariableBandwidthAttention(ProjectionFreeAttention):
     """GKA with a bandwidth per query (``bandwidth="query"``) or per key (``"key"``), a timm ``attn_layer``.
@@ -230,33 +216,23 @@ class VariableBandwidthAttention(ProjectionFreeAttention):
             num_heads: int = 8,
             *,
             bandwidth: str = 'query',
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
             impl: str = 'auto',
             window: Optional[int] = None,
             window_2d: Optional[int] = None,
             sigma_init: Optional[float] = None,
             eps: float = 1e-6,
-            device=None,
-            dtype=None,
+            **timm_args,
     ) -> None:
         if bandwidth not in BANDWIDTHS:
             raise ValueError(f'bandwidth={bandwidth!r} is not one of {BANDWIDTHS}')
-        impl = check_bandwidth_impl(impl, attn_drop)
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__(
-            dim, num_heads, scale_norm=scale_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            norm_layer=norm_layer, window=window, window_2d=window_2d, sigma_init=sigma_init,
-            default_sigma=default_sigma, dd=dd)
+        impl = check_impl(impl, timm_args.get('attn_drop', 0.), BANDWIDTH_IMPLS,
+                          ' (data-dependent bandwidths have no additive-bias form)' if impl == 'sdpa_bias' else '')
+        super().__init__(dim, num_heads, window=window, window_2d=window_2d, sigma_init=sigma_init,
+                         default_sigma=default_sigma, **timm_args)
         self.bandwidth = bandwidth
         self.impl = impl
         self.eps = eps
-        self.log_sigma_proj = nn.Parameter(torch.zeros(num_heads, self.head_dim, **dd))
+        self.log_sigma_proj = nn.Parameter(torch.zeros(num_heads, self.head_dim, **self.dd))
 
     def extra_repr(self) -> str:
         return (f'bandwidth={self.bandwidth}, heads={self.num_heads}, impl={self.impl}, window={self.window}, '
@@ -270,7 +246,7 @@ class VariableBandwidthAttention(ProjectionFreeAttention):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         self._check(x, attn_mask)
-        return super().forward(x, attn_mask, is_causal)
+        return self.merge_heads(self.core(self.split_heads(x), attn_mask, is_causal))
 
     def weights(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         self._check(x, attn_mask)

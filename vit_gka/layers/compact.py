@@ -37,15 +37,13 @@ alpha well above 2, does not arise: alpha = 1 + 1/n <= 2. entmax in bfloat16 is 
 summing to 0.98), another reason for float32.
 """
 import math
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from entmax import entmax15, entmax_bisect, sparsemax
 
-from vit_gka.layers.gka import apply_mask, default_sigma, gka_core, gka_weights, pairwise_sq_dist
-from vit_gka.layers.gka_backends import check_impl
+from vit_gka.layers.gka import apply_mask, pairwise_sq_dist
 from vit_gka.layers.projection_free import ProjectionFreeAttention, no_autocast
 
 __all__ = [
@@ -54,7 +52,7 @@ __all__ = [
 ]
 
 KERNEL_DEGREE = {'epanechnikov': 1, 'biweight': 2, 'triweight': 3}
-KERNELS = ('gaussian', *KERNEL_DEGREE)
+KERNELS = tuple(KERNEL_DEGREE)
 NORMALIZATIONS = ('fixed', 'adaptive')
 # Bisection steps of entmax_bisect (triweight, alpha 4/3). The bracket is narrower than 1 and each step
 # halves it: 30 steps reach float32 resolution (measured: the same weights and support as the exact
@@ -177,21 +175,19 @@ def default_bandwidth(head_dim: int) -> float:
 
 
 class KernelAttention(ProjectionFreeAttention):
-    """Projection-free kernel attention with a Gaussian (GKA) or compact kernel, a timm ``attn_layer``.
+    """Projection-free compact-kernel attention, a timm ``attn_layer``.
 
-    Args: those of ``GaussianKernelAttention`` (timm's, ``impl``, ``window``, ``window_2d``, ``sigma_init``,
-    ``eps``; all but ``dim`` and ``num_heads`` as keywords), and
+    Args: those of ``GaussianKernelAttention`` but ``impl`` and ``eps`` (timm's, ``window``, ``window_2d``,
+    ``sigma_init``; all but ``dim`` and ``num_heads`` as keywords), and
 
-        kernel: ``"gaussian"`` (GKA itself: GKA's core, fused backends and ``impl`` included),
-            ``"epanechnikov"``, ``"biweight"`` or ``"triweight"`` ((1 - u^2)_+^n, n = 1, 2, 3).
+        kernel: ``"epanechnikov"`` (default), ``"biweight"`` or ``"triweight"`` ((1 - u^2)_+^n, n = 1, 2, 3). The
+            Gaussian is GKA itself: ``vit_gka.GaussianKernelAttention`` (``attn_layer='gka'``), the one way to build it.
         normalization: ``"fixed"`` (K / row sum; normalised ReLU for Epanechnikov) or ``"adaptive"``
-            (alpha-entmax, alpha = 1 + 1/n: sparsemax, entmax-1.5, alpha 4/3). For the Gaussian both
-            are GKA (softmax is the alpha -> 1 limit and the adaptive threshold cancels).
+            (alpha-entmax, alpha = 1 + 1/n: sparsemax, entmax-1.5, alpha 4/3).
 
-    For compact kernels ``log_sigma`` is log h, the bandwidth in u = ||x_i - x_j|| / h, initialised to
-    ``sigma_init`` or ``default_bandwidth(d)`` = sqrt(2 d) (see there why not GKA's sigma); ``impl`` is
-    accepted and unused (the compact kernels have one materialised implementation) and ``eps`` is not
-    needed (rows are nonempty or zeroed). ``degree`` is n (None for the Gaussian). Masks, windows and
+    ``log_sigma`` is log h, the bandwidth in u = ||x_i - x_j|| / h, initialised to ``sigma_init`` or
+    ``default_bandwidth(d)`` = sqrt(2 d) (see there why not GKA's sigma). There is one materialised implementation
+    (entmax has no fused kernel) and no epsilon (rows are nonempty or zeroed). ``degree`` is n. Masks, windows and
     fully masked rows as for GKA.
     """
 
@@ -200,51 +196,34 @@ class KernelAttention(ProjectionFreeAttention):
             dim: int,
             num_heads: int = 8,
             *,
-            kernel: str = 'gaussian',
+            kernel: str = 'epanechnikov',
             normalization: str = 'fixed',
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            impl: str = 'auto',
             window: Optional[int] = None,
             window_2d: Optional[int] = None,
             sigma_init: Optional[float] = None,
-            eps: float = 1e-6,
-            device=None,
-            dtype=None,
+            **timm_args,
     ) -> None:
+        if kernel == 'gaussian':
+            raise ValueError("kernel='gaussian' is GKA: build vit_gka.GaussianKernelAttention (attn_layer='gka')")
         if kernel not in KERNELS:
             raise ValueError(f'kernel={kernel!r} is not one of {KERNELS}')
         if normalization not in NORMALIZATIONS:
             raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
-        impl = check_impl(impl, attn_drop)
-        degree = KERNEL_DEGREE.get(kernel)
-        super().__init__(
-            dim, num_heads, scale_norm=scale_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            norm_layer=norm_layer, window=window, window_2d=window_2d, sigma_init=sigma_init,
-            default_sigma=default_sigma if degree is None else default_bandwidth,
-            dd={'device': device, 'dtype': dtype})
-        self.impl = impl
-        self.eps = eps
+        super().__init__(dim, num_heads, window=window, window_2d=window_2d, sigma_init=sigma_init,
+                         default_sigma=default_bandwidth, **timm_args)
         self.kernel = kernel
         self.normalization = normalization
-        self.degree = degree
+        self.degree = KERNEL_DEGREE[kernel]
 
     def extra_repr(self) -> str:
         return (f'kernel={self.kernel}, normalization={self.normalization}, heads={self.num_heads}, '
-                f'impl={self.impl}, window={self.window}, window_2d={self.window_2d}')
+                f'window={self.window}, window_2d={self.window_2d}')
 
-    def core(self, heads: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        if self.kernel == 'gaussian':
-            return gka_core(self, heads, attn_mask, is_causal, self.impl, self.eps)
-        mask = self.mask(heads.shape[-2], heads.device, attn_mask, is_causal)
-        return compact_kernel_attention(heads, self.log_sigma, self.degree, self.normalization, mask, self.dropout_p)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        mask = self.mask(x.shape[1], x.device, attn_mask, is_causal)
+        out = compact_kernel_attention(self.split_heads(x), self.log_sigma, self.degree, self.normalization, mask,
+                                       self.dropout_p)
+        return self.merge_heads(out)
 
     def head_weights(self, heads: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.kernel == 'gaussian':
-            return gka_weights(heads, self.log_sigma, mask, self.eps)
         return compact_weights(heads, self.log_sigma, self.degree, self.normalization, mask)

@@ -11,18 +11,20 @@ with ||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b (Eq. 6) and masks multiplying K (Eq
 concatenated and go through the single output projection W_O. No Q, K or V projection.
 
 The functions here are the paper's materialised form (the oracle for tests, ``impl="reference"``);
-``vit_gka.layers.gka_backends`` computes the same through fused attention kernels.
+``vit_gka.layers.gka_backends`` computes the same through PyTorch's fused attention kernels and
+``vit_gka.layers.gka_triton`` through the project's own Triton kernels. ``GaussianKernelAttention.forward``
+is the whole layer: every backend side by side, as timm's ``Attention.forward`` has its fused and plain paths.
 """
-from typing import Optional, Type
+from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_gka.layers.gka_backends import GKA_FUNCTIONS, auto_impl, check_impl, gka_flex
+from vit_gka.layers.gka_backends import auto_impl, check_impl, gka_flex, gka_sdpa_bias, gka_sdpa_pad
+from vit_gka.layers.gka_triton import gka_triton, triton_runs
 from vit_gka.layers.projection_free import ProjectionFreeAttention
 
-__all__ = ['GaussianKernelAttention', 'apply_mask', 'default_sigma', 'gaussian_kernel', 'gka_core', 'gka_reference',
+__all__ = ['GaussianKernelAttention', 'apply_mask', 'default_sigma', 'gaussian_kernel', 'gka_reference',
            'gka_weights', 'pairwise_sq_dist', 'row_normalise']
 
 
@@ -79,46 +81,21 @@ def default_sigma(head_dim: int) -> float:
     return head_dim ** 0.25
 
 
-def gka_core(
-        layer: ProjectionFreeAttention,
-        heads: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
-        is_causal: bool,
-        impl: str,
-        eps: float,
-) -> torch.Tensor:
-    """GKA on heads (B, H, N, d) with ``layer``'s bandwidths, masks and dropout, through backend ``impl``
-    (``"auto"`` resolved here, once per call)."""
-    n = heads.shape[-2]
-    dropout_p = layer.dropout_p
-    if impl == 'auto':
-        masked = attn_mask is not None or is_causal or layer.windowed
-        impl = auto_impl(heads, masked, layer.windowed, dropout=dropout_p > 0)
-    if impl == 'flex':  # structural masks as a block-sparse BlockMask, the caller's mask in the score_mod
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
-        return gka_flex(heads, layer.log_sigma, layer.block_mask(n, heads.device, is_causal), attn_mask)
-    mask = layer.mask(n, heads.device, attn_mask, is_causal)
-    if impl == 'reference':
-        return gka_reference(heads, layer.log_sigma, mask, eps, dropout_p)
-    return GKA_FUNCTIONS[impl](heads, layer.log_sigma, mask, dropout_p)
-
-
 class GaussianKernelAttention(ProjectionFreeAttention):
     """Projection-free Gaussian Kernel Attention, a drop-in ``attn_layer`` for timm's ViT ``Block``.
 
     Args:
         dim: token width D; heads have width d = D / num_heads.
         num_heads: number of heads H, each with one learnable bandwidth (``log_sigma``, shape (H,)).
-        qkv_bias, qk_norm: accepted for timm's interface and ignored: GKA has no q, k or v projection.
-        scale_norm: LayerNorm on the concatenated heads before ``proj`` (as timm's ``Attention``).
-        proj_bias: bias of the output projection W_O.
-        attn_drop: dropout on the attention weights W. proj_drop: dropout after W_O.
+        timm's other ``attn_layer`` keywords (``ProjectedHeads``): ``qkv_bias`` and ``qk_norm`` are ignored (GKA
+            has no q, k or v projection); ``scale_norm``, ``proj_bias``, ``attn_drop`` (dropout on the weights W),
+            ``proj_drop``, ``norm_layer``, ``device``, ``dtype`` as timm's ``Attention``.
         impl: ``"auto"`` (default: the fastest fused backend for the device and mask, see
             ``gka_backends.auto_impl``), ``"sdpa_pad"`` / ``"sdpa_bias"`` (the softmax identity through SDPA,
             bias folded into a padded extra dimension or added as a mask), ``"flex"`` (FlexAttention;
-            windows as block-sparse BlockMasks; CUDA for training) or ``"reference"`` (the paper's
-            materialised Eq. 6). ``"fused"`` is accepted as a name for ``"auto"``.
+            windows as block-sparse BlockMasks; CUDA for training), ``"triton"`` (the project's own fused kernels,
+            ``gka_triton``: CUDA, causal and window masks; elsewhere, or with an ``attn_mask``, ``sdpa_pad``) or
+            ``"reference"`` (the paper's materialised Eq. 6). ``"fused"`` is accepted as a name for ``"auto"``.
         window: the paper's 1-D sliding window W over token index (Eq. 7): i - W < j <= i when causal,
             else |i - j| < W.
         window_2d: radius r of a 2-D neighbourhood on the patch grid: patch tokens see patches within
@@ -138,34 +115,53 @@ class GaussianKernelAttention(ProjectionFreeAttention):
             self,
             dim: int,
             num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
+            *,
             impl: str = 'auto',
             window: Optional[int] = None,
             window_2d: Optional[int] = None,
             sigma_init: Optional[float] = None,
             eps: float = 1e-6,
-            device=None,
-            dtype=None,
+            **timm_args,
     ) -> None:
-        impl = check_impl(impl, attn_drop)
-        super().__init__(
-            dim, num_heads, scale_norm=scale_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            norm_layer=norm_layer, window=window, window_2d=window_2d, sigma_init=sigma_init,
-            default_sigma=default_sigma, dd={'device': device, 'dtype': dtype})
+        impl = check_impl(impl, timm_args.get('attn_drop', 0.))
+        super().__init__(dim, num_heads, window=window, window_2d=window_2d, sigma_init=sigma_init,
+                         default_sigma=default_sigma, **timm_args)
         self.impl = impl
         self.eps = eps
 
     def extra_repr(self) -> str:
         return f'heads={self.num_heads}, impl={self.impl}, window={self.window}, window_2d={self.window_2d}'
 
-    def core(self, heads: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        return gka_core(self, heads, attn_mask, is_causal, self.impl, self.eps)
+    def backend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
+        """This call's backend: ``impl``; for ``auto`` the fastest for the device, masks and grad mode
+        (``gka_backends.auto_impl``); ``triton`` where its kernels run and the masks are structural, else the fused
+        ``sdpa_pad``."""
+        if self.impl == 'auto':
+            return auto_impl(x, self.masked(attn_mask, is_causal), self.windowed, dropout=self.dropout_p > 0)
+        if self.impl == 'triton' and (attn_mask is not None or not triton_runs(x)):
+            return 'sdpa_pad'
+        return self.impl
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        impl = self.backend(x, attn_mask, is_causal)
+        if impl == 'triton':  # reads the tokens in place as (B, N, H, d) and writes that layout: no permutes
+            prefix, _, grid_w = self.grid(N) if self.window_2d is not None else (0, 1, 1)
+            out = gka_triton(x.view(B, N, self.num_heads, self.head_dim), self.log_sigma, is_causal, self.window,
+                             self.window_2d, prefix, grid_w)
+            return self.project(out.reshape(B, N, C))
+        heads = self.split_heads(x)
+        if impl == 'flex':  # causal / windows as a block-sparse BlockMask, the caller's mask in the score_mod
+            out = gka_flex(heads, self.log_sigma, self.block_mask(N, x.device, is_causal), attn_mask)
+        else:
+            mask = self.mask(N, x.device, attn_mask, is_causal)
+            if impl == 'reference':
+                out = gka_reference(heads, self.log_sigma, mask, self.eps, self.dropout_p)
+            elif impl == 'sdpa_bias':
+                out = gka_sdpa_bias(heads, self.log_sigma, mask, self.dropout_p)
+            else:
+                out = gka_sdpa_pad(heads, self.log_sigma, mask, self.dropout_p)
+        return self.merge_heads(out)
 
     def head_weights(self, heads: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return gka_weights(heads, self.log_sigma, mask, self.eps)

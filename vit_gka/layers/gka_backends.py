@@ -8,7 +8,8 @@ cancels the ||x_i||^2 term,
 scaled-dot-product attention with q = x / sigma^2, k = v = x, scale 1 and a per-key bias. PyTorch's fused
 SDPA kernels (flash / memory-efficient) and FlexAttention then do the work without an N x N tensor.
 Backends: ``sdpa_pad`` (bias folded into a padded extra dimension), ``sdpa_bias`` (bias as an additive
-mask), ``flex`` (bias in a score_mod, windows as block-sparse BlockMasks); ``auto`` picks per call.
+mask), ``flex`` (bias in a score_mod, windows as block-sparse BlockMasks); ``auto`` picks per call. The
+project's own Triton kernels, which need none of these tricks, are in ``gka_triton``.
 """
 import math
 from typing import Optional, Tuple
@@ -16,21 +17,21 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vit_gka.layers.masks import empty_rows, open_empty_rows
+from vit_gka.layers.masks import additive, empty_rows, open_empty_rows
 
-__all__ = ['GKA_IMPLS', 'GKA_FUNCTIONS', 'auto_impl', 'check_impl', 'gka_flex', 'gka_sdpa_bias', 'gka_sdpa_pad',
+__all__ = ['GKA_IMPLS', 'auto_impl', 'check_impl', 'gka_flex', 'gka_sdpa_bias', 'gka_sdpa_pad',
            'key_norm_bias', 'scaled_queries']
 
-GKA_IMPLS = ('auto', 'sdpa_pad', 'sdpa_bias', 'flex', 'reference')
+GKA_IMPLS = ('auto', 'sdpa_pad', 'sdpa_bias', 'flex', 'triton', 'reference')
 
 
-def check_impl(impl: str, attn_drop: float) -> str:
-    """``impl`` validated (``"fused"`` is a name for ``"auto"``)."""
+def check_impl(impl: str, attn_drop: float, impls: Tuple[str, ...] = GKA_IMPLS, why: str = '') -> str:
+    """``impl`` validated against ``impls`` (``"fused"`` is a name for ``"auto"``); ``why`` explains a refusal."""
     impl = 'auto' if impl == 'fused' else impl
-    if impl not in GKA_IMPLS:
-        raise ValueError(f'impl={impl!r} is not one of {GKA_IMPLS}')
-    if impl == 'flex' and attn_drop > 0:
-        raise ValueError('impl="flex" has no attention dropout; use attn_drop=0 or another impl')
+    if impl not in impls:
+        raise ValueError(f'impl={impl!r} is not one of {impls}{why}')
+    if impl in ('flex', 'triton') and attn_drop > 0:
+        raise ValueError(f'impl="{impl}" has no attention dropout; use attn_drop=0 or another impl')
     return impl
 
 
@@ -119,8 +120,7 @@ def gka_sdpa_bias(
         attn_bias = bias.expand(*bias.shape[:-2], x.shape[-2], x.shape[-2])
     else:
         mask = open_empty_rows(mask, empty)
-        attn_bias = bias + (mask.to(x.dtype) if mask.dtype != torch.bool else
-                            torch.zeros((), dtype=x.dtype, device=x.device).masked_fill(~mask, float('-inf')))
+        attn_bias = bias + additive(mask, x.dtype)
     q = scaled_queries(x, inv_var)
     out = F.scaled_dot_product_attention(q, x, x, attn_mask=attn_bias, dropout_p=dropout_p, scale=1.0)
     return out if empty is None else out.masked_fill(empty, 0.0)
@@ -146,9 +146,8 @@ def gka_flex(
     acc = torch.promote_types(x.dtype, torch.float32)
     inv_var, bias = key_norm_bias(x, log_sigma, acc)  # bias (B, H, N)
     if attn_mask is not None:
-        extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
-            attn_mask.shape, dtype=acc, device=x.device).masked_fill(~attn_mask, float('-inf'))
-        extra = extra.expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
+        attn_mask = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask  # (B, N, N) as timm gives it
+        extra = additive(attn_mask, acc).expand(x.shape[0], x.shape[1], x.shape[2], x.shape[2])
 
     def score_mod(score, b, h, q_idx, kv_idx):
         score = score + bias[b, h, kv_idx]
@@ -172,9 +171,6 @@ def _compiled_flex():
     return _COMPILED_FLEX[0]
 
 
-GKA_FUNCTIONS = {'sdpa_pad': gka_sdpa_pad, 'sdpa_bias': gka_sdpa_bias}
-
-
 def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bool = False) -> str:
     """The fastest correct fused backend for this call, chosen by measurement (docs/benchmarks.md).
 
@@ -185,6 +181,8 @@ def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bo
     efficient kernel and, in training, a (B, H, N, N) bias gradient), except for windows without gradients:
     there FlexAttention skips the masked blocks (0.5x the time of the padded form at N = 4097, 0.3x at
     16385), while its backward, which accumulates the bias gradient, is 2-4x slower than the padded form's.
+    ``triton`` (``gka_triton``) is never picked: no GPU has measured it against ``sdpa_pad`` yet; ask for it with
+    ``impl="triton"``.
     """
     if x.device.type == 'cpu':
         return 'sdpa_pad' if masked else 'sdpa_bias'

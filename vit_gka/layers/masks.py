@@ -116,6 +116,13 @@ def build_mask(
     return attn_mask.masked_fill(~structural, float('-inf'))
 
 
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as logits to add in ``dtype``: a boolean mask becomes 0 (attend) / -inf (not); a float one is cast."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float('-inf'))
+
+
 def empty_rows(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Boolean (..., N, 1): rows in which every key is masked out, or None if there cannot be any."""
     if mask is None:

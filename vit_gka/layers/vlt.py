@@ -3,7 +3,7 @@
 Paper: Kundu et al., "Projection-Free Transformers via Gaussian Kernel Attention", arXiv 2605.02144 (2026).
 It isolates what removing W_V alone costs, next to GKA, which removes W_Q and W_K as well.
 """
-from typing import Optional, Type
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -21,28 +21,14 @@ class ValueFreeAttention(ProjectedHeads):
     parameters for VLT-Ti; without it the count is 5.27 M.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__(dim, num_heads, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, dd)
-        if qk_norm and norm_layer is None:
+    def __init__(self, dim: int, num_heads: int = 8, **timm_args) -> None:
+        super().__init__(dim, num_heads, **timm_args)
+        if self.qk_norm and self.norm_layer is None:
             raise ValueError('qk_norm=True needs a norm_layer')
-        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
-        self.v_bias = nn.Parameter(torch.zeros(dim, **dd)) if qkv_bias else None
-        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.qk = nn.Linear(dim, 2 * dim, bias=self.qkv_bias, **self.dd)
+        self.v_bias = nn.Parameter(torch.zeros(dim, **self.dd)) if self.qkv_bias else None
+        self.q_norm = self.norm_layer(self.head_dim, **self.dd) if self.qk_norm else nn.Identity()
+        self.k_norm = self.norm_layer(self.head_dim, **self.dd) if self.qk_norm else nn.Identity()
 
     def forward(
             self,
