@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh-machine setup: Debian's Fashion-MNIST (the embedded default data set) and a venv in .venv with the
-# project installed editable (pip install -e '.[test,slurm]'), so `import vit_gka` works from any folder.
+# project installed editable (pip install -e '.[test,slurm,sweep]'), so `import vit_gka` works from any folder.
 set -euo pipefail
 cd "$(dirname "$0")"
 SUDO=""
@@ -13,7 +13,8 @@ fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77'  # setuptools: wheel builds without isolation (tests)
-.venv/bin/python -m pip install -q -e '.[test,slurm]'  # slurm: Hydra's submitit launcher (tests/test_submitit.py)
+.venv/bin/python -m pip install -q -e '.[test,slurm,sweep]'  # slurm: Hydra's submitit launcher (tests/test_submitit.py),
+# sweep: the Optuna sweeper (tests/test_sweep_failures.py)
 # The oldest timm pyproject.toml admits, in a folder of its own (tests/test_oldest_timm.py reloads a run with it)
 OLDEST_TIMM=$(sed -n 's/.*"timm>=\([0-9.]*\).*/\1/p' pyproject.toml)
 [ -f ".venv/oldest-timm/timm-$OLDEST_TIMM.dist-info/METADATA" ] || \

@@ -159,3 +159,34 @@ def sparsity(rows: Sequence[Dict], path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='best')
     return _save(fig, path)
+
+
+def learning_curves(groups: Sequence[Dict], path: str) -> str:
+    """Training loss and test top-1 per epoch (two panels): a line per configuration, its seeds' mean with a band
+    from their lowest to their highest value. ``groups``: analysis.seeds.groups of the report's rows, each run with
+    ``curve`` = {'epoch': [...], 'train_loss': [...], 'eval_top1': [...]} (None where an epoch was not evaluated)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    for i, g in enumerate(groups):
+        colour = colours[i % len(colours)]
+        for ax, key in zip(axes, ('train_loss', 'eval_top1')):
+            per_epoch: Dict[int, List[float]] = {}
+            for r in g['runs']:
+                for epoch, value in zip(r['curve']['epoch'], r['curve'][key]):
+                    if value is not None:
+                        per_epoch.setdefault(epoch, []).append(value)
+            if not per_epoch:
+                continue
+            epochs = sorted(per_epoch)
+            values = [per_epoch[e] for e in epochs]
+            label = f"{g['name']} (n={g['n']})" if g['n'] > 1 else g['name']
+            ax.plot(epochs, [np.mean(v) for v in values], marker='o', ms=3, color=colour, label=label)
+            if g['n'] > 1:
+                ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.2)
+    for ax, ylabel in zip(axes, ('training loss', 'test top-1 (%)')):
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle('Learning curves (bands: lowest to highest over seeds)')
+    return _save(fig, path)

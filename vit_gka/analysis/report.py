@@ -11,12 +11,14 @@ give the runtime table. Written to ``--out`` (default ``<folder>/report`` for on
   size (MB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
   top-1 (points) against the DeiT baseline of the same shape (embed dim, depth, heads, MLP width, patch,
   input size, in channels; same data and epochs); Table 4: inference and training images/s and peak memory
-  with change % (from bench.json), else measured here, each pair interleaved (``measure_runtime``); the
-  learned-bandwidth summary;
-  the attention sparsity per layer.
+  with change % (from bench.json), else measured here, each pair interleaved, when the jobs ran on this machine
+  (analysis/runtime.py); the learned-bandwidth summary; the attention sparsity per layer; the jobs of the sweep
+  that failed, with their one-line reasons (failed.json, vit_gka/train/sweep.py).
 * ``table2.csv``, ``table4.csv``, ``table_seeds.csv`` (when a configuration ran several seeds: mean +- std, n,
   and the change against the baseline with a 95% interval, paired by seed: analysis/seeds.py);
-  ``top1_vs_gflops.png`` (error bars for several seeds), ``params_by_part.png``,
+  ``top1_vs_gflops.png`` (error bars for several seeds), ``params_by_part.png``, ``learning_curves.png``
+  (training loss and test top-1 per epoch of every run, from its summary.csv; seeds of one configuration as a
+  band),
   ``sigma_<run>.png`` (learned bandwidth per layer x head of each GKA / compact-kernel run),
   ``token_sigma_<run>.png`` (data-dependent bandwidths, ``gka_q`` / ``gka_k``: sigma_i over the patch grid of a few
   test images, per layer; the report also gives its range and spread over tokens),
@@ -32,8 +34,10 @@ final weights. GKA runs have it too (float32 underflow only: essentially 0); Dei
 
 Hydra: every ``python train.py -m ...`` sweep ends with this report, in ``<sweep dir>/report``
 (``ReportCallback``, ``hydra.callbacks.report`` in conf/config.yaml; ``hydra.callbacks.report.num_images=<n>``).
+``vit-gka-report <sweep folder>`` rebuilds it later from the run folders alone.
 """
 import argparse
+import csv
 import glob
 import json
 import logging
@@ -45,7 +49,9 @@ import torch
 from hydra.experimental.callback import Callback
 
 from vit_gka.analysis import seeds
-from vit_gka.analysis.tables import TABLE2, TABLE4, load_bench, markdown, table2, table4, write_csv
+from vit_gka.analysis.runtime import runtime_rows
+from vit_gka.analysis.summary import collect
+from vit_gka.analysis.tables import TABLE2, TABLE4, markdown, table2, table4, write_csv
 
 log = logging.getLogger('vit_gka.analysis.report')
 
@@ -58,12 +64,15 @@ class ReportError(Exception):
 
 # ----------------------------------------------------------------------------------------------- runs
 def find_runs(paths: Sequence[str]) -> List[str]:
-    """Run folders (holding results.json) at or under each path, sorted, without duplicates."""
+    """Run folders (holding results.json) at or under each path, in natural order (0, 1, 2, ..., 10), without
+    duplicates."""
+    from timm.utils import natural_key
     runs = []
     for path in paths:
         if not os.path.isdir(path):
             raise ReportError(f'{path} is not a folder')
-        found = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True))
+        found = sorted((os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True)),
+                       key=lambda d: natural_key(os.path.relpath(d, path)))
         if not found:
             raise ReportError(f'no results.json under {path}')
         runs += [os.path.abspath(r) for r in found if os.path.abspath(r) not in runs]
@@ -82,7 +91,7 @@ def _architecture(name: str, model_args: dict) -> Dict:
     blocks = getattr(model, 'blocks', None)
     attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
     kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
-            else 'compact' if isinstance(attn, KernelAttention) and attn.kernel != 'gaussian'
+            else 'compact' if isinstance(attn, KernelAttention)
             else 'GKA' if isinstance(attn, (GaussianKernelAttention, KernelAttention, VariableBandwidthAttention))
             else 'other')
     attention = (f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else
@@ -115,14 +124,27 @@ def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
         sparsity = res.get('sparsity') or {}
         res['sparsity_mean'] = sparsity.get('mean')
         res['sparsity_layers'] = sparsity.get('layers')
+        res['curve'] = read_curve(run)
         rows.append(res)
     labels = [r['label'] for r in rows]
+    by_seed = len({(x['label'], x.get('seed')) for x in rows}) == len(rows)  # else the run folder tells them apart
     for r in rows:
         if labels.count(r['label']) > 1:
-            r['label'] = f"{r['label']} s{r.get('seed')}" if len({(x['label'], x.get('seed')) for x in rows}) == len(rows) \
-                else f"{r['label']} ({r['run']})"
+            r['label'] = f"{r['label']} s{r.get('seed')}" if by_seed else f"{r['label']} ({r['run']})"
     _pair(rows)
     return rows
+
+
+def read_curve(run_dir: str) -> Optional[Dict[str, list]]:
+    """Epoch, training loss and test top-1 (None where not evaluated) from the run's summary.csv; None without."""
+    path = os.path.join(run_dir, 'summary.csv')
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline='') as f:
+        records = list(csv.DictReader(f))
+    number = lambda text: float(text) if text not in (None, '') else None  # noqa: E731
+    return {'epoch': [int(r['epoch']) for r in records], 'train_loss': [number(r.get('train_loss')) for r in records],
+            'eval_top1': [number(r.get('eval_top1')) for r in records]}
 
 
 def _pair_key(r: Dict):
@@ -234,36 +256,6 @@ def seed_table(rows: List[Dict]) -> List[Dict]:
     return out
 
 
-def measure_runtime(rows: List[Dict], batch_size: int = 64, steps: int = 3, rounds: int = 3) -> List[Dict]:
-    """Table 4's rows when no bench.json exists: each run's architecture against its baseline's, interleaved in
-    this process (``benchmark_models``: the two take turns, medians; bf16 on CUDA), once per distinct pair. Runs
-    that ran one after the other cannot be compared by their own throughput: another job on the machine during
-    one of them moves the ratio (their own numbers stay in results.json)."""
-    from vit_gka.analysis.benchmark import benchmark_models, device_name
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    by_run = {r['run']: r for r in rows}
-    out, seen = [], set()
-    for r in rows:
-        base = by_run.get(r.get('baseline_run'))
-        if base is None:
-            continue
-        models = [{'label': seeds.config_name(x), 'name': x['model'], 'args': model_args_of(x)} for x in (r, base)]
-        key = json.dumps([(m['name'], m['args']) for m in models], sort_keys=True)  # seeds share an architecture
-        if key in seen:
-            continue
-        seen.add(key)
-        source = f"interleaved here, {device_name(device)}: {models[0]['label']} / {models[1]['label']}"
-        measured = benchmark_models(models, device, batch_size=batch_size, warmup=1, steps=steps, rounds=rounds,
-                                    amp=device.type == 'cuda', train=True)
-        out += [dict(row, source=source) for row in measured]
-    return out
-
-
-def model_args_of(row: Dict) -> Dict:
-    """The run's create_model arguments without the regularisers that a throughput measurement leaves out."""
-    return {k: v for k, v in (row.get('model_args') or {}).items() if not k.endswith(('drop_rate', 'drop_path_rate'))}
-
-
 def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: int = 64) -> Dict[str, str]:
     """Write the report of the runs under ``paths`` into ``out``; returns {name: path} of what was written."""
     from vit_gka.analysis import plots
@@ -272,7 +264,8 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     out = out or (os.path.join(paths[0], 'report') if len(paths) == 1 else os.path.abspath('report'))
     os.makedirs(out, exist_ok=True)
     t2 = table2(rows)
-    t4 = table4(rows, load_bench(paths) or measure_runtime(rows))
+    measured, runtime_notes = runtime_rows(rows, paths)
+    t4 = table4(rows, measured) if measured or not runtime_notes else []
     files = {'table2.csv': write_csv(t2, [('run', 'run'), ('data', 'data'), ('epochs', 'epochs'), ('kind', 'kind')] + TABLE2,
                                 os.path.join(out, 'table2.csv')),
              'table4.csv': write_csv(t4, TABLE4, os.path.join(out, 'table4.csv'))}
@@ -284,6 +277,9 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
         files['top1_vs_gflops.png'] = plots.top1_vs_gflops(counted, os.path.join(out, 'top1_vs_gflops.png'),
                                                            seed_groups(counted))
     files['params_by_part.png'] = plots.params_by_part(rows, os.path.join(out, 'params_by_part.png'))
+    curves = seeds.groups([r for r in rows if r['curve']], key=lambda r: (seeds.config_name(r), _pair_key(r)))
+    if curves:
+        files['learning_curves.png'] = plots.learning_curves(curves, os.path.join(out, 'learning_curves.png'))
     sparse = [r for r in rows if r['sparsity_layers']]
     if any(r['kind'] == 'compact' for r in sparse):
         files['sparsity.png'] = plots.sparsity(sparse, os.path.join(out, 'sparsity.png'))
@@ -295,11 +291,17 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
           "paper's unit). top-1: the exported model/ weights (the better of raw and EMA). sparsity: mean over "
           'layers of the fraction of exact zeros in the attention weights (see below). Changes are against the '
           'baseline of the same shape, data and epochs.', '', markdown(t2, TABLE2), '',
-          '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else measured for this report: '
-          'each model and its same-shape baseline take turns in one process (interleaved rounds, medians; the '
-          'source column names the device), never from runs that ran one after the other; a run without a '
-          'baseline in the sweep shows its own training throughput.', '',
-          markdown(t4, TABLE4), '']
+          '## Table 4: runtime', 'From eval.py bench=true (bench.json) where present, else measured for this report '
+          'when the jobs ran on this machine: each model and its same-shape baseline take turns in one process '
+          '(interleaved rounds, medians; the source column names the device), never from runs that ran one after '
+          'the other; a run without a baseline in the sweep shows its own training throughput.', '']
+    md += runtime_notes + [''] if runtime_notes else []
+    md += [markdown(t4, TABLE4), ''] if t4 else []
+    failed = [r for r in collect(paths) if r['status'] == 'failed']
+    if failed:
+        md += ['## Failed jobs', 'Jobs of the sweep that ended without results (their logs have the details):', '']
+        md += [f"- `{r['run']}` ({r.get('model_config')}, {' '.join(r.get('overrides') or [])}): {r['error']}"
+               for r in failed] + ['']
     if seed_rows:
         md += ['## Seeds', 'Configurations with several seeds: top-1 mean +- standard deviation over n runs, and the '
                'change against the same-shape baseline as a mean difference with its 95% interval, paired by seed '

@@ -1,8 +1,10 @@
 """The comparison table of finished runs (their results.json), printed after a Hydra sweep.
 
-``SweepSummary`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``): when a ``-m`` sweep ends it
-prints one row per job of the sweep folder and saves the table as ``runs.md`` and ``runs.csv`` there. The same table for any folders holding run folders (searched
-recursively for results.json)::
+``SweepSummary`` is a Hydra callback (conf/config.yaml, ``hydra.callbacks``): it rewrites ``runs.md`` and
+``runs.csv`` in the sweep folder as each job ends (a sweep killed midway keeps the rows of its finished jobs), and
+when the sweep ends prints the table: one row per job, a failed job (``failed.json``, vit_gka/train/sweep.py) as a
+row with its status and, under the table, its one-line reason. Run folders are in natural order (0, 1, 2, ..., 10).
+The same table for any folders holding run folders (searched recursively for results.json and failed.json)::
 
     python -m vit_gka.analysis.summary <folder> [<folder> ...]
     vit-gka-summary <folder> [<folder> ...]          # the same, installed
@@ -10,6 +12,7 @@ recursively for results.json)::
 import argparse
 import csv
 import glob
+import io
 import json
 import os
 import sys
@@ -24,20 +27,44 @@ PROG = 'python -m vit_gka.analysis.summary'
 COLUMNS = (
     ('run', 'run'), ('model', 'model'), ('sigma_init', 'sigma_init'), ('params (M)', 'params'),
     ('GMACs', 'gmacs'), ('top-1', 'top1'), ('EMA top-1', 'ema_top1'), ('sparsity', 'sparsity'),
-    ('train img/s', 'train_images_per_s'), ('wall (s)', 'wall_time_s'),
+    ('train img/s', 'train_images_per_s'), ('wall (s)', 'wall_time_s'), ('status', 'status'),
 )
 
 
+def _natural_key(text: str) -> list:
+    from timm.utils import natural_key
+    return natural_key(text)
+
+
 def collect(folders: Sequence[str]) -> List[Dict]:
-    """Every results.json under ``folders``, with ``run`` = its folder relative to the folder searched."""
+    """Every results.json (``status`` done) and every failed job's failed.json (``status`` failed, ``error`` its
+    one line) under ``folders``, with ``run`` = its folder relative to the folder searched, in natural order."""
+    from vit_gka.train.sweep import FAILED_FILE, read_failed
     rows = []
     for folder in folders:
-        for path in sorted(glob.glob(os.path.join(folder, '**', 'results.json'), recursive=True)):
-            with open(path) as f:
-                row = json.load(f)
-            row['run'] = os.path.relpath(os.path.dirname(path), folder)
+        found = []
+        for name in ('results.json', FAILED_FILE):
+            found += [os.path.dirname(p) for p in glob.glob(os.path.join(folder, '**', name), recursive=True)]
+        for run_dir in sorted(set(found), key=lambda d: _natural_key(os.path.relpath(d, folder))):
+            failed = read_failed(run_dir)
+            if failed is None:
+                with open(os.path.join(run_dir, 'results.json')) as f:
+                    row = dict(json.load(f), status='done')
+            else:
+                row = dict(failed, status='failed')
+            row['run'] = os.path.relpath(run_dir, folder)
             rows.append(row)
     return rows
+
+
+def finished(rows: List[Dict]) -> List[Dict]:
+    """The rows of runs that wrote their results."""
+    return [r for r in rows if r.get('status') != 'failed']
+
+
+def failure_lines(rows: List[Dict]) -> List[str]:
+    """``failed: <run>: <its one-line reason>`` for every failed job."""
+    return [f"failed: {r['run']}: {r.get('error')}" for r in rows if r.get('status') == 'failed']
 
 
 def _cell(key: str, value) -> str:
@@ -82,38 +109,70 @@ def seed_lines(rows: List[Dict]) -> List[str]:
     """``<config>: top-1 m +- s (n=3, seeds 0,1,2)`` for each configuration that ran several seeds."""
     from vit_gka.analysis.seeds import groups
     return [f"{g['name']}: top-1 {g['mean']:.2f} +- {g['std']:.2f} (n={g['n']}, seeds "
-            f"{','.join(str(s) for s in g['seeds'])})" for g in groups(rows) if g['n'] > 1]
+            f"{','.join(str(s) for s in g['seeds'])})" for g in groups(finished(rows)) if g['n'] > 1]
+
+
+def notes(rows: List[Dict]) -> str:
+    """What follows the table: the failed jobs' reasons and the seed lines."""
+    return ''.join(f'\n{line}' for line in failure_lines(rows) + seed_lines(rows))
+
+
+def _csv_value(key: str, value):
+    if value is None:
+        return ''
+    if key == 'params':  # the header's unit: millions
+        return value / 1e6
+    return value['mean'] if isinstance(value, dict) else value
+
+
+def _replace(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all: jobs of a parallel launcher may rewrite it at the same moment."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_tables(rows: List[Dict], folder: str) -> List[str]:
-    """The table as ``<folder>/runs.md`` (with the seed lines) and, with every column's raw number,
-    ``<folder>/runs.csv``."""
+    """The table as ``<folder>/runs.md`` (with the failures and the seed lines) and, with every column's number
+    (and a failed job's reason in ``error``), ``<folder>/runs.csv``."""
     md, path_csv = os.path.join(folder, 'runs.md'), os.path.join(folder, 'runs.csv')
-    with open(md, 'w') as f:
-        f.write(format_table(rows) + '\n' + ''.join(f'\n{line}' for line in seed_lines(rows)))
-    with open(path_csv, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow([name for name, _ in COLUMNS])
-        for row in rows:
-            values = [row.get('model_config') or row.get('model') if key == 'model' else row.get(key)
-                      for _, key in COLUMNS]
-            writer.writerow(['' if v is None else v['mean'] if isinstance(v, dict) else v for v in values])
+    _replace(md, format_table(rows) + '\n' + notes(rows))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([name for name, _ in COLUMNS] + ['error'])
+    for row in rows:
+        values = [_csv_value(key, row.get('model_config') or row.get('model') if key == 'model' else row.get(key))
+                  for _, key in COLUMNS]
+        writer.writerow(values + [row.get('error') or ''])
+    _replace(path_csv, buffer.getvalue())
     return [md, path_csv]
 
 
 class SweepSummary(Callback):
-    """Prints the comparison table of a ``-m`` sweep's jobs when the sweep ends and saves it next to the report
-    (``runs.md``, ``runs.csv`` in the sweep folder; main process only)."""
+    """The comparison table of a ``-m`` sweep's jobs in ``runs.md`` and ``runs.csv`` of the sweep folder, rewritten
+    as each job ends and printed when the sweep ends (main process only); the count of failed jobs goes to
+    ``vit_gka.train.sweep``, which makes the sweep's exit status."""
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.types import RunMode
+        if os.environ.get('RANK', '0') != '0' or config.hydra.mode != RunMode.MULTIRUN:
+            return
+        rows = collect([config.hydra.sweep.dir])
+        if rows:
+            write_tables(rows, config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if os.environ.get('RANK', '0') != '0':
             return
+        from vit_gka.train.sweep import note_sweep_end
         sweep_dir = config.hydra.sweep.dir
         rows = collect([sweep_dir])
+        note_sweep_end(sweep_dir, len(rows), len(rows) - len(finished(rows)))
         if rows:
             files = write_tables(rows, sweep_dir)
             print(f'\n{len(rows)} runs in {sweep_dir} ({", ".join(os.path.basename(f) for f in files)}):\n'
-                  f'{format_table(rows)}' + ''.join(f'\n{line}' for line in seed_lines(rows)), flush=True)
+                  f'{format_table(rows)}' + notes(rows), flush=True)
 
 
 def parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -140,8 +199,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         sys.stderr.write(f'error: no results.json under {" ".join(args.folders)}\n')
         return 2
     print(format_table(rows))
-    lines = seed_lines(rows)
-    if lines:  # mean +- std of every configuration that ran several seeds
+    lines = failure_lines(rows) + seed_lines(rows)
+    if lines:  # the failed jobs' reasons; mean +- std of every configuration that ran several seeds
         print('\n' + '\n'.join(lines))
     return 0
 

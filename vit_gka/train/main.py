@@ -10,8 +10,12 @@
 
 A run stopped by SIGTERM / SIGUSR2 / SIGUSR1 checkpoints at the next optimizer update and ends with one line
 ``stopped by ...`` (no ``error:``), exit status 75 (vit_gka.train.preemption). A run folder that another live
-run holds (``<dir>/run.lock``) is refused before Hydra writes into it. The run itself is
-``vit_gka.train.job.run_training``.
+run holds (``<dir>/run.lock``) is refused before Hydra writes into it. In a ``-m`` sweep a failing job is a
+row of the sweep's table and the sweep goes on; the sweep then exits with status 1 (vit_gka.train.sweep). The
+run itself is ``vit_gka.train.job.run_training``.
+
+This module imports no torch, timm or training code at the top: ``--help`` and shell completion answer without
+them, and the job imports them when it starts.
 """
 import functools
 import os
@@ -23,7 +27,7 @@ from omegaconf import DictConfig
 
 from vit_gka.errors import UserError, fail
 from vit_gka.train.cli import check_overrides, exit_on_user_error
-from vit_gka.train.preemption import Stopped, check_free
+from vit_gka.train.sweep import exit_status, keep_sweeping
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')
 
@@ -34,6 +38,7 @@ def _stop_in_one_line(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from vit_gka.train.preemption import Stopped
         try:
             return fn(*args, **kwargs)
         except Stopped as e:
@@ -49,6 +54,7 @@ def _stop_in_one_line(fn: Callable) -> Callable:
 @hydra.main(version_base='1.3', config_path='../conf', config_name='config')
 @exit_on_user_error
 @_stop_in_one_line
+@keep_sweeping
 def _hydra_main(cfg: DictConfig) -> float:
     from vit_gka.train.job import run_training
     results = run_training(cfg)
@@ -63,6 +69,7 @@ def check_run_folder_free(argv: Optional[List[str]] = None) -> None:
         return
     folders = [a.split('=', 1)[1].strip('\'"') for a in argv if a.startswith('hydra.run.dir=')]
     if folders and folders[-1]:
+        from vit_gka.train.preemption import check_free
         try:
             check_free(folders[-1])
         except UserError as e:
@@ -74,6 +81,9 @@ def main() -> None:
     check_overrides(CONF_DIR, 'config', validate=validate)
     check_run_folder_free()
     _hydra_main()
+    status = exit_status()
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == '__main__':

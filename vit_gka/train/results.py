@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import socket
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -245,6 +246,7 @@ class RunRecords:
             'peak_gpu_mem_mb': torch.cuda.max_memory_allocated() / 2 ** 20
             if parts.accelerator.device.type == 'cuda' else None,
             'wall_time_s': state.wall_time(),
+            'host': socket.gethostname(),  # where the job ran: the report measures speeds only on that machine
             'sigma_init': _sigma_init(raw_model),
             'sigma': {str(k): v for k, v in sigma_stats(final).items()},
             # of the model/ weights on the first test images (job.SPARSITY_IMAGES); None without kernel attention
