@@ -105,10 +105,9 @@ def _sdpa_handle(inputs: List, outputs: List) -> Counter:
 
 def _gka_op_handle(inputs: List, outputs: List) -> Counter:
     """vit_gka::gka_fwd(x (B, N, H, d), ...), the Triton GKA: as SDPA with q = s x, k = v = x, B*H*N*N*2d MACs, and
-    the key norms and query scaling, 2*B*N*H*d."""
-    from fvcore.nn.jit_handles import get_shape
+    the key norms and query scaling as 2*B*N*H*d element-wise operations."""
     B, N, H, d = get_shape(inputs[0])
-    return Counter({'scaled_dot_product_attention': B * H * N * N * 2 * d + 2 * B * N * H * d})
+    return Counter({'scaled_dot_product_attention': B * H * N * N * 2 * d, 'elementwise': 2 * B * N * H * d})
 
 
 def _handles() -> Dict[str, object]:

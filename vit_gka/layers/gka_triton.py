@@ -17,6 +17,7 @@ Masks: causal, the paper's 1-D window and the 2-D patch-grid window are evaluate
 Attention dropout is not implemented in the kernels (``check_impl`` refuses ``attn_drop > 0``).
 """
 import functools
+import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -25,22 +26,26 @@ import torch
 __all__ = ['gka_bwd', 'gka_fwd', 'gka_triton', 'triton_runs']
 
 
+# The interpreter runs programs one after another through numpy: 32-token tiles keep ViT-length tests within
+# seconds and still give several blocks per sequence.
+INTERPRETER_TILES = {'BLOCK_M': 32, 'BLOCK_N': 32, 'BLOCK': 32}
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the operators allocate (each element is then written by a kernel)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _interpreting() -> bool:
     return os.environ.get('TRITON_INTERPRET') == '1'
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+HAS_TRITON = importlib.util.find_spec('triton') is not None
 
 
 def triton_runs(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``'s device: CUDA, or any device under the interpreter."""
-    return (x.is_cuda or _interpreting()) and _triton_importable()
+    return (x.is_cuda or _interpreting()) and HAS_TRITON
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +56,9 @@ def _kernels():
     from vit_gka.layers import gka_triton_kernels as k
     keys = ['N', 'HEAD_DIM', 'CAUSAL', 'WINDOW', 'GRID', 'DOT_F32']
     if _interpreting():
-        return k.gka_fwd_kernel, k.gka_bwd_kernel, k.gka_delta_kernel, {'BLOCK_M': 16, 'BLOCK_N': 16}, {'BLOCK': 16}
+        tiles = INTERPRETER_TILES
+        return (k.gka_fwd_kernel, k.gka_bwd_kernel, k.gka_delta_kernel,
+                {'BLOCK_M': tiles['BLOCK_M'], 'BLOCK_N': tiles['BLOCK_N']}, {'BLOCK': tiles['BLOCK']})
     fwd_configs = [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=s)
                    for m, n, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2),
                                       (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 3)]]
@@ -89,8 +96,8 @@ def gka_fwd(x: torch.Tensor, inv_var: torch.Tensor, causal: bool, window: int, r
     row log-sum-exp (B, H, N) in float32, base 2). ``window`` 0 = none; ``radius`` -1 = no 2-D window."""
     _check(x, inv_var)
     B, N, H, d = x.shape
-    out = torch.empty((B, N, H, d), dtype=x.dtype, device=x.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=x.device)
+    out = _empty((B, N, H, d), x.dtype, x.device)
+    lse = _empty((B, H, N), torch.float32, x.device)
     if out.numel() == 0:
         return out, lse
     fwd, _, _, tiles, _ = _kernels()
@@ -111,16 +118,16 @@ def gka_bwd(grad: torch.Tensor, x: torch.Tensor, inv_var: torch.Tensor, out: tor
             causal: bool, window: int, radius: int, prefix: int, grid_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dx (B, N, H, d) in x's dtype, d loss / d inv_var (H,) in float32) from ``gka_fwd``'s output and grad."""
     B, N, H, d = x.shape
-    dx = torch.empty((B, N, H, d), dtype=x.dtype, device=x.device)
+    dx = _empty((B, N, H, d), x.dtype, x.device)
     if dx.numel() == 0:
         return dx, torch.zeros((H,), dtype=torch.float32, device=x.device)
     _, bwd, delta_kernel, _, tiles = _kernels()
     d_pad = _head_pad(d)
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=x.device)
+    delta = _empty((B, H, N), torch.float32, x.device)
     delta_kernel[(-(-N // 64), B * H)](out, grad, delta, N, H, *out.stride(), *grad.stride(),
                                        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=64)
     # One partial of dL/ds per token (every tile configuration writes each of them: the sum is deterministic)
-    ds_tokens = torch.empty((B, H, N), dtype=torch.float32, device=x.device)
+    ds_tokens = _empty((B, H, N), torch.float32, x.device)
     bwd[lambda meta: (-(-N // meta['BLOCK']), B * H)](
         x, grad, lse, delta, dx, ds_tokens, inv_var.float().contiguous(), N, H, *x.stride(), *grad.stride(),
         *dx.stride(), window, radius, prefix, grid_w, HEAD_DIM=d, D_PAD=d_pad, **_flags(causal, window, radius, x), **tiles)
