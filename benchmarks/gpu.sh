@@ -9,6 +9,9 @@
 #           3 epochs (234 optimizer steps each; EPOCHS=n); then eval.py reloads each run's model/ and reports its top-1
 #   core    attention core and layer: N = 197, 577, 4097, 16385, full and with a 2-D window of radius 7,
 #           inference and training, time and peak memory, each SDPA kernel pinned, the kernels each call runs
+#   kernel  the Triton GKA operator (impl=triton): core forward / backward vs sdpa_pad and the no-bias SDPA ceiling at
+#           N = 197 ... 16385 (+ 2-D window r = 7), models GKA-Ti/S/B vs DeiT eager (S also compiled), pytest -m gpu
+#           of its tests (python -m benchmarks.gka_triton --help)
 #   models  whole models Ti / S / B, GKA vs DeiT interleaved: inference images/s at batch 128 ... 1024, training
 #           images/s and peak memory at batch 128 (eval.py bench=true), eager and torch.compile'd
 #           (environment, empty for none: SIZES="tiny small base", INFER_BATCHES="128 256 512 1024",
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 shift || true
-STEPS=${*:-env check tests train core models}
+STEPS=${*:-env check tests train core kernel models}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "error: no CUDA device; this script measures the GPU numbers (CPU: python -m benchmarks.attention)")'
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -51,6 +54,11 @@ step_core() {
         --core-batch-tokens 32768 --sdpa-kernels --profile --models --out "$OUT/core.json"
 }
 
+step_kernel() {
+    "$PY" -m benchmarks.gka_triton --out "$OUT/kernel.json"
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gka_triton.py
+}
+
 step_models() {
     for size in ${SIZES-tiny small base}; do
         for batch in ${INFER_BATCHES-128 256 512 1024}; do
@@ -65,7 +73,7 @@ step_models() {
 }
 
 for step in $STEPS; do
-    declare -F "step_$step" >/dev/null || { echo "error: unknown step '$step' (env check tests train core models)" >&2; exit 2; }
+    declare -F "step_$step" >/dev/null || { echo "error: unknown step '$step' (env check tests train core kernel models)" >&2; exit 2; }
     echo "=== $step ($(date -u +%H:%M:%S))"
     "step_$step" 2>&1 | tee "$OUT/$step.log"
 done

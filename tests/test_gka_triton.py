@@ -226,3 +226,20 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+def test_gpu_benchmark_script_runs(tmp_path):
+    """benchmarks/gka_triton.py (a step of benchmarks/gpu.sh) end to end on tiny shapes: every contender checked
+    against float64 and timed, the JSON written. On the CPU this is the interpreter: a check, not a measurement."""
+    import json
+
+    from benchmarks import gka_triton as script
+    out = tmp_path / 'kernel.json'
+    script.main(['--device', DEVICE, '--dtype', 'float32', '--seqs', '26', '--batch-tokens', '26', '--heads', '2',
+                 '--head-dim', '16', '--windows', '1', '--window-min-seq', '26', '--sizes', '--reps', '1',
+                 '--warmup', '0', '--out', str(out)])
+    rows = json.loads(out.read_text())['core']
+    assert {(r['impl'], r['window_2d'], r['direction']) for r in rows} == {
+        (impl, radius, direction) for direction in ('fwd', 'fwd+bwd') for impl, radius in
+        [('triton', None), ('sdpa_pad', None), (script.CEILING, None), ('triton', 1), ('sdpa_pad', 1)]}
+    assert all(r['ms'] > 0 for r in rows)
