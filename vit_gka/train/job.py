@@ -125,6 +125,9 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
         save_checkpoint(last_dir, state, parts, previous=f'update {previous}' if previous is not None else None)
         saved_at = state.num_updates
 
+    def last_good() -> Optional[str]:  # the checkpoint a non-finite stop names: written by this job, or resumed
+        return f'{last_dir} (update {saved_at})' if saved_at is not None else chk.folder if chk is not None else None
+
     def stopped(signal_name: str, where: str) -> None:  # preemption.py: after the checkpoint of that update
         records.close()
         message = (f'stopped by {signal_name} {where}: checkpoint {last_dir}; to continue, run the same command '
@@ -152,8 +155,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                 stats = train_one_epoch(parts, state, epoch, loader, on_update, records if main else None,
                                         desc=f'epoch {epoch + 1}/{num_epochs}')
             except NonFiniteError as e:
-                raise e.with_checkpoint(f'{last_dir} (update {saved_at})' if saved_at is not None else
-                                        chk.folder if chk is not None else None) from None
+                raise e.with_checkpoint(last_good()) from None
             finally:
                 records.close_steps()
             state.end_epoch(stats)
@@ -174,9 +176,13 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
             records.epoch(done, state.num_updates, stats, raw_model, metrics if evaluated else None, ema_metrics,
                           sparsity)
             records.summary(state.history)
-            if evaluated:
-                _keep_best(state, parts, records, metrics, ema_metrics)
-            checkpoint()
+            best = _keep_best(state, parts, metrics, ema_metrics) if evaluated else None
+            try:  # the checkpoint first: best.safetensors never gets ahead of it
+                checkpoint()
+                if best is not None:
+                    records.best(best, state.num_updates)
+            except NonFiniteError as e:
+                raise e.with_checkpoint(last_good()) from None
             log.info(line)
             accelerator.wait_for_everyone()
             signal_name = parts.stop.agreed(accelerator)
@@ -230,6 +236,7 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     set_seed(int(cfg.seed))
     model_name, model_args = str(cfg.model.name), recipe.model_args(cfg, num_classes)
     model = recipe.create_model(model_name, model_args, cfg.data)
+    _check_patch_grid(model, model_name)
     if cfg.finetune and finetune:  # finetune=: trained weights to start from
         log.info(apply_finetune(model, str(cfg.finetune)))
     data_config = resolve_data_config({}, model=model)
@@ -247,6 +254,7 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
     eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
+    _check_class_maps(cfg.data, dataset_train, eval_loader.dataset)
     shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
     shield_workers(eval_loader)
 
@@ -286,6 +294,45 @@ def _continue_with(run_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f'resume=auto hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}'
     return f'resume=auto hydra.run.dir={run_dir}'
+
+
+def _check_patch_grid(model, name: str) -> None:
+    """A ViT whose image size its patch size divides: timm would silently drop the rows and columns of a partial
+    patch, and fail at the first forward for an image smaller than one patch."""
+    embed = getattr(model, 'patch_embed', None)
+    if embed is None or not hasattr(embed, 'patch_size'):
+        raise UserError(f'{name} is not a vision transformer (no patch embedding); the suite trains timm ViTs: give '
+                        f'model=<gka|deit|...> or model=timm model.name=<a vit_* / deit_* model>')
+    size, patch = tuple(embed.img_size), tuple(embed.patch_size)
+    if getattr(embed, 'dynamic_img_pad', False):
+        return
+    if any(s < p for s, p in zip(size, patch)):
+        raise UserError(f'model.args.img_size={size[0] if size[0] == size[1] else list(size)} is smaller than one '
+                        f'patch ({patch[0]} pixels); give model.args.img_size=<a multiple of {patch[0]}>')
+    if any(s % p for s, p in zip(size, patch)):
+        lost = max(s % p for s, p in zip(size, patch))
+        fits = [size[0] // patch[0] * patch[0], (size[0] // patch[0] + 1) * patch[0]]
+        raise UserError(f'model.args.img_size={size[0] if size[0] == size[1] else list(size)} is not a multiple of '
+                        f'the patch size {patch[0]}: the last {lost} rows and columns would be dropped; give '
+                        f'model.args.img_size={fits[0]} or {fits[1]}')
+
+
+def _check_class_maps(data_cfg, train_set, eval_set) -> None:
+    """The test split's classes are the training split's (a folder missing in val/ would shift every label
+    after it), and ``data.num_classes``, when given, covers them (more is allowed: an ImageNet head trained on a
+    subset of its class folders; fewer would give labels the head does not have)."""
+    train, test = class_names(train_set), class_names(eval_set)
+    if train is not None and test is not None and train != test:
+        only_train = [c for c in train if c not in test]
+        only_test = [c for c in test if c not in train]
+        what = ', '.join(([f'{len(only_train)} only in training (e.g. {only_train[0]})'] if only_train else [])
+                         + ([f'{len(only_test)} only in the test split (e.g. {only_test[0]})'] if only_test else [])
+                         ) or 'the same names in another order'
+        raise UserError(f'the classes of the training and the test split of data {data_cfg.name} differ ({what}); '
+                        f'give both splits the same class folders')
+    if data_cfg.num_classes is not None and train is not None and int(data_cfg.num_classes) < len(train):
+        raise UserError(f'data.num_classes={data_cfg.num_classes}, but data {data_cfg.name} has {len(train)} '
+                        f'classes; set data.num_classes={len(train)} (or null: the number of class folders)')
 
 
 def _wants_compile(cfg: DictConfig, device: torch.device) -> bool:
@@ -329,13 +376,14 @@ def _epoch_summary(done: int, num_epochs: int, stats: Dict[str, Any], evaluated:
     return record, line
 
 
-def _keep_best(state: TrainState, parts: TrainParts, records: RunRecords, metrics, ema_metrics) -> None:
-    """The raw or EMA weights with the best test top-1 so far: in the state and best.safetensors."""
+def _keep_best(state: TrainState, parts: TrainParts, metrics, ema_metrics) -> Optional[Dict[str, torch.Tensor]]:
+    """The raw or EMA weights with the best test top-1 so far: recorded in the state, and returned (to be written
+    as best.safetensors after the checkpoint) when they beat the best before; else None."""
     candidates = [(metrics['top1'], False)]
     if ema_metrics is not None:
         candidates.append((ema_metrics['top1'], True))
     top1, is_ema = max(candidates, key=lambda c: c[0])
     if top1 > state.best['top1']:
         state.best = {'top1': top1, 'epoch': state.epoch, 'ema': is_ema}
-        if records.enabled:
-            records.best((parts.model_ema.module if is_ema else parts.raw_model).state_dict())
+        return (parts.model_ema.module if is_ema else parts.raw_model).state_dict()
+    return None

@@ -20,8 +20,13 @@ Every process reaches the same verdict: the loss is summed over processes (one N
 gradients are already all-reduced. Under fp16 mixed precision the gradient check is left to the loss scaler
 (an inf gradient there is routine: the scaler skips the step and lowers its scale).
 
-Test hook, never for real runs: ``VIT_GKA_TEST_NONFINITE=<update>[:loss|:grad]`` poisons that update (1-based):
-its loss is multiplied by NaN (``loss``, the default) or one gradient is set to inf (``grad``).
+Weights that turn non-finite although the loss and the gradient were finite (an lr so large that the step
+overflows) are caught where they would be kept: no checkpoint, best.safetensors or model/ is written from them
+(state.require_finite), and the run stops as under ``stop``, naming the last good checkpoint.
+
+Test hook, never for real runs: ``VIT_GKA_TEST_NONFINITE=<update>[:loss|:grad|:weight]`` poisons that update
+(1-based): its loss is multiplied by NaN (``loss``, the default), one gradient is set to inf (``grad``), or one
+weight is set to inf after its optimizer step (``weight``).
 """
 import contextlib
 import logging
@@ -100,6 +105,12 @@ class UpdateGuard:
         """After backward, before clipping: poison a gradient when the test hook says so."""
         if self.poison is not None and self.poison == (update, 'grad'):
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float('inf'))
+
+    def weights(self, model, update: int) -> None:
+        """After the optimizer step: poison a weight when the test hook says so."""
+        if self.poison is not None and self.poison == (update, 'weight'):
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float('inf'))
 
     def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Dict[str, Any]:
         """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images',
@@ -205,6 +216,7 @@ def train_one_epoch(parts, state, epoch: int, loader, on_update: Optional[Callab
             verdict = guard.verdict(model, update, f'epoch {epoch + 1}, step {step + 1}', grad_norm)
             if verdict['ok']:
                 optimizer.step()
+                guard.weights(model, update)
                 loss_sum += verdict['loss_sum']
                 n_seen += verdict['images']
             else:

@@ -31,6 +31,7 @@ from vit_gka.analysis.flops import model_stats
 from vit_gka.analysis.attention import model_sparsity
 from vit_gka.train.checkpoint import save_model_folder, save_weights, write_text
 from vit_gka.train.loop import sigma_stats
+from vit_gka.train.state import require_finite
 
 log = logging.getLogger('vit_gka.train')
 
@@ -183,9 +184,10 @@ class RunRecords:
             values['sparsity/mean'] = sparsity['mean']
         self.log(values, update)
 
-    def best(self, weights: Dict[str, Any]) -> None:
-        """best.safetensors."""
+    def best(self, weights: Dict[str, Any], update: int) -> None:
+        """best.safetensors (never from non-finite weights: ``state.require_finite``)."""
         if self.enabled:
+            require_finite(weights, 'best weights', update)
             save_weights(weights, os.path.join(self.run_dir, 'best.safetensors'))
 
     def results(self, parts, state, metrics: Dict[str, Any], ema_metrics: Optional[Dict[str, Any]],
@@ -200,6 +202,7 @@ class RunRecords:
         use_ema = ema_metrics is not None and ema_metrics['top1'] > metrics['top1']
         final = model_ema.module if use_ema else raw_model
         if cfg.save_model:
+            require_finite(final.state_dict(), 'final weights', state.num_updates)
             save_model_folder(final, os.path.join(self.run_dir, 'model'), _architecture_args(state.model_args),
                               label_names)
         stats = _model_stats(raw_model)

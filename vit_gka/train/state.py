@@ -28,14 +28,14 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from vit_gka.errors import UserError
+from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointWriteError, write_checkpoint
-from vit_gka.train.loading import check_weights, first_line, load_state, load_weights
+from vit_gka.train.loading import check_weights, first_line, load_state, load_weights, nonfinite_tensors
 
 log = logging.getLogger('vit_gka.train')
 
 __all__ = ['TrainParts', 'TrainState', 'Checkpoint', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint',
-           'resume_checkpoint', 'RESUME_AUTO', 'resume', 'run_dir_of', 'rng_state', 'set_rng_state',
+           'resume_checkpoint', 'RESUME_AUTO', 'resume', 'run_dir_of', 'require_finite', 'rng_state', 'set_rng_state',
            'gather_process_states']
 
 _LOCAL = {'local': True}  # a field of this process only: not a top-level key of state.pt
@@ -141,11 +141,25 @@ class Checkpoint(NamedTuple):
     record: Dict[str, Any]  # state.pt as loaded (optimizer, scheduler, procs, ...)
 
 
+def require_finite(weights: Dict[str, torch.Tensor], what: str, update: int) -> None:
+    """``NonFiniteError`` when a floating-point tensor of ``weights`` holds a NaN or an infinity: nothing is
+    written from weights that would poison every run resumed or evaluated from them."""
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise NonFiniteError(f'non-finite {what} after update {update} ({len(bad)} tensors, e.g. {bad[0]}); '
+                             f'nothing written from them')
+
+
 def save_checkpoint(folder: str, state: TrainState, parts: TrainParts, previous: Optional[str] = None) -> None:
     """Write ``folder`` (``<run>/checkpoints/last``) atomically from the main process. A collective: every process
     calls it (their RNG states and partial epoch sums go into it), and every process raises the main process's
-    ``CheckpointWriteError`` (``previous``: the last good checkpoint, e.g. ``update 40``, for its message)."""
+    ``CheckpointWriteError`` (``previous``: the last good checkpoint, e.g. ``update 40``, for its message).
+    Weights or EMA weights that are not finite raise ``NonFiniteError`` on every process (they hold the same
+    weights) before anything is written: a checkpoint is always one that resumes."""
     accelerator = parts.accelerator
+    require_finite(parts.raw_model.state_dict(), 'weights', state.num_updates)
+    if parts.model_ema is not None:
+        require_finite(parts.model_ema.module.state_dict(), 'EMA weights', state.num_updates)
     procs = gather_process_states(accelerator, {'totals': state.totals})
     failed = None
     if accelerator.is_main_process:

@@ -2,6 +2,7 @@
 value and what to give instead. ``train.py`` runs ``validate`` on the command line's configuration before
 Hydra creates the run folder (``check_overrides(..., validate=validate)``), and ``run_training`` runs it again.
 """
+import math
 import numbers
 import os
 from typing import Dict, Optional
@@ -25,6 +26,29 @@ _OPTIONAL_INTS = {
     'eval_batch_size': ('images per evaluation step', 1),
     'eval_interval': ('epochs between evaluations', 0),
     'checkpoint_every_steps': ('optimizer updates between mid-epoch checkpoints', 1),
+}
+# float settings with a range: key -> (lowest, highest, highest included, what it is); each also must be finite
+_RANGES = {
+    'drop_path': (0.0, 1.0, False, 'the stochastic depth rate'),
+    'clip_grad': (0.0, math.inf, False, 'the gradient norm to clip to, or null'),
+    'aug.smoothing': (0.0, 1.0, False, 'the label smoothing'),
+    'aug.mixup': (0.0, math.inf, False, "mixup's alpha"),
+    'aug.cutmix': (0.0, math.inf, False, "cutmix's alpha"),
+    'aug.mixup_prob': (0.0, 1.0, True, 'the probability of mixing a batch'),
+    'aug.mixup_switch_prob': (0.0, 1.0, True, 'the probability of cutmix instead of mixup'),
+    'aug.re_prob': (0.0, 1.0, True, 'the probability of random erasing'),
+    'aug.hflip': (0.0, 1.0, True, 'the probability of a horizontal flip'),
+    'aug.vflip': (0.0, 1.0, True, 'the probability of a vertical flip'),
+    'aug.color_jitter': (0.0, math.inf, False, 'the colour jitter strength'),
+    'optim.weight_decay': (0.0, math.inf, False, 'the weight decay'),
+    'ema.decay': (0.0, 1.0, True, 'the EMA decay'),
+    'sched.warmup_lr': (0.0, math.inf, False, 'the warm-up start lr'),
+    'sched.min_lr': (0.0, math.inf, False, 'the lowest lr of the schedule'),
+    'sched.warmup_epochs': (0.0, math.inf, False, 'the warm-up epochs'),
+    'model.args.drop_rate': (0.0, 1.0, False, 'the dropout rate'),
+    'model.args.attn_drop_rate': (0.0, 1.0, False, 'the attention dropout rate'),
+    'model.args.proj_drop_rate': (0.0, 1.0, False, 'the projection dropout rate'),
+    'model.args.pos_drop_rate': (0.0, 1.0, False, 'the position-embedding dropout rate'),
 }
 # model.args keys of the GKA / kernel attention: (test, what it must be, what to give instead)
 _MODEL_ARGS = {
@@ -77,6 +101,8 @@ def validate(cfg) -> None:
     workers = cfg.get('workers')
     if workers != 'auto':
         _int_check(cfg, 'workers', 'data loader processes per training process, or auto', 0, optional=False)
+    _check_finite(cfg)
+    _check_ranges(cfg)
     _check_mixup_batch(cfg)
     lr = cfg.get('lr')
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
@@ -89,6 +115,9 @@ def validate(cfg) -> None:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
     if cfg.mixed_precision == 'fp8':
         _check_fp8(cfg)
+    if cfg.mixed_precision == 'fp16':
+        _check_fp16(cfg)
+    _check_recipe(cfg)
     trackers(cfg.get('log_with'))
     for key in ('step_log', 'progress', 'save_model', 'cpu'):
         if not isinstance(cfg.get(key), bool) and not (key == 'progress' and cfg.get(key) == 'auto'):
@@ -100,8 +129,101 @@ def validate(cfg) -> None:
         value = args.get(key) if args is not None else None
         if value is not None and not ok(value):
             raise UserError(f'model.args.{key} must be {what}, got {value!r}; give model.args.{key}=<{instead}>')
+    img_size = args.get('img_size') if args is not None else None
+    sizes = list(img_size) if isinstance(img_size, (list, tuple)) or _is_list(img_size) else [img_size]
+    if img_size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+        raise UserError(f'model.args.img_size must be a positive number of pixels (or [height, width]), got '
+                        f'{img_size!r}; give model.args.img_size=<integer >= 1>')
     if model is not None:
         check_model(cfg)
+
+
+def _is_list(value) -> bool:
+    from omegaconf import ListConfig
+    return isinstance(value, ListConfig)
+
+
+def _select(cfg, key: str):
+    """The value at dotted ``key`` (None where a node is missing or does not resolve)."""
+    node = cfg
+    for part in key.split('.'):
+        try:
+            node = node.get(part) if node is not None else None
+        except Exception:  # an interpolation that does not resolve here (Hydra's own, before the job)
+            return None
+    return node
+
+
+def _check_finite(cfg) -> None:
+    """Every float setting finite: ``lr=inf``, ``aug.mixup=nan`` would train nothing or poison the weights."""
+    from omegaconf import DictConfig, ListConfig
+
+    def walk(node, prefix):
+        items = enumerate(node) if isinstance(node, ListConfig) else ((k, None) for k in node.keys())
+        for key, value in items:
+            name = f'{prefix}{key}' if isinstance(node, DictConfig) else f'{prefix[:-1]}[{key}]'
+            if name == 'hydra':
+                continue
+            if value is None and isinstance(node, DictConfig):
+                try:
+                    value = node.get(key)
+                except Exception:  # an interpolation that does not resolve here
+                    continue
+            if isinstance(value, (DictConfig, ListConfig)):
+                walk(value, name + '.')
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f'{name} must be a finite number, got {value}; set {name}=<a finite number>')
+
+    walk(cfg, '')
+
+
+def _check_ranges(cfg) -> None:
+    for key, (low, high, high_ok, what) in _RANGES.items():
+        value = _select(cfg, key)
+        if value is None:
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not number or value < low or value > high or (value == high and not high_ok):
+            bound = f'in [{low:g}, {high:g}{"]" if high_ok else ")"}' if high != math.inf else f'>= {low:g}'
+            raise UserError(f'{key} must be a number {bound} ({what}), got {value!r}; set {key}=<a number {bound}>')
+    subset = _select(cfg, 'data.eval_subset')
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+        raise UserError(f'data.eval_subset must be an integer >= 1 (the first n test images), got {subset!r}; set '
+                        f'data.eval_subset=<integer >= 1> or null (the whole test split)')
+
+
+def _check_recipe(cfg) -> None:
+    """The optimizer and the schedule built once on a one-parameter model: an unknown ``optim.opt`` /
+    ``sched.sched`` or an argument timm refuses is one line here, not a traceback after the run folder exists."""
+    if _select(cfg, 'optim.opt') is None or _select(cfg, 'sched.sched') is None:
+        return
+    import torch
+
+    from vit_gka.train import recipe
+    probe = torch.nn.Linear(1, 1)
+    try:
+        optimizer = recipe.create_optimizer(probe, cfg.optim, 1e-3)
+    except Exception as e:  # noqa: BLE001  (timm raises ValueError, AssertionError, TypeError, ...)
+        raise UserError(f'optim: timm cannot create optimizer {cfg.optim.opt!r} ({type(e).__name__}: '
+                        f'{str(e).splitlines()[0] if str(e) else ""}); set optim.opt=adamw (or another timm '
+                        f'optimizer: timm.optim.list_optimizers())') from e
+    try:
+        scheduler, _ = recipe.create_scheduler(optimizer, cfg, 1)
+    except Exception as e:  # noqa: BLE001
+        scheduler, error = None, f' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+    else:
+        error = ''
+    if scheduler is None:
+        raise UserError(f'sched.sched={cfg.sched.sched!r}: timm has no such per-step schedule{error}; set '
+                        f'sched.sched=cosine (or step, multistep, tanh, poly)')
+
+
+def _check_fp16(cfg) -> None:
+    """Accelerate's fp16 autocast needs a CUDA GPU: on the CPU it would train in fp32 and record fp16."""
+    import torch
+    if cfg.cpu or not torch.cuda.is_available():
+        raise UserError('mixed_precision=fp16 needs a CUDA GPU (on the CPU the run would train in fp32); set '
+                        'mixed_precision=bf16 or no')
 
 
 def _check_mixup_batch(cfg) -> None:
