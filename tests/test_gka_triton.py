@@ -179,6 +179,19 @@ def test_training_steps_match_sdpa_pad():
     assert losses['triton'][-1] < losses['triton'][0]
 
 
+def test_any_timm_vit_takes_it():
+    """attn_layer='gka_triton' in any timm ViT: GKA with impl='triton', the same numbers as attn_layer='gka'."""
+    kwargs = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', attn_layer='gka_triton', **kwargs).to(DEVICE).eval()
+    plain = timm.create_model('vit_tiny_patch16_224', attn_layer='gka', **kwargs).to(DEVICE).eval()
+    plain.load_state_dict(model.state_dict())
+    assert all(b.attn.impl == 'triton' and isinstance(b.attn, GaussianKernelAttention) for b in model.blocks)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_has_no_graph_break():
     model = timm.create_model('gka_deit_tiny_patch16_224', impl='triton', window_2d=1, **SMALL).to(DEVICE)
     x = torch.randn(2, 1, 28, 28, device=DEVICE)

@@ -13,7 +13,8 @@ __all__ = ['ATTN_LAYER_NAMES', 'KernelVisionTransformer', 'compact_deit', 'gka_d
 # The names under which any timm VisionTransformer (vit_*, deit3_*, ...) takes these layers as ``attn_layer``:
 # timm resolves a string attn_layer in vision_transformer.ATTN_LAYERS, so a model folder saved with
 # attn_layer='gka' in its config.json reloads (local-dir:, hf-hub:) wherever vit_gka is imported.
-ATTN_LAYER_NAMES = {'gka': GaussianKernelAttention, 'vlt': ValueFreeAttention, 'compact': KernelAttention,
+ATTN_LAYER_NAMES = {'gka': GaussianKernelAttention, 'gka_triton': bind_attn_args(GaussianKernelAttention, impl='triton'),
+                    'vlt': ValueFreeAttention, 'compact': KernelAttention,
                     'gka_q': bind_attn_args(VariableBandwidthAttention, bandwidth='query'),
                     'gka_k': bind_attn_args(VariableBandwidthAttention, bandwidth='key')}
 for _name, _layer in ATTN_LAYER_NAMES.items():
