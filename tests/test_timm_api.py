@@ -71,6 +71,21 @@ def test_fx_feature_extraction(name):
     torch.testing.assert_close(feats['out'], expect, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('attn', [{}, {'window_2d': 1}, {'impl': 'triton'}])
+def test_torchvision_fx_feature_extraction(attn):
+    """torchvision's own create_feature_extractor, which knows none of timm's leaf modules, traces GKA models: the
+    backend call and the mask are graph nodes, the traced graph the portable fused path."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = create('gka_deit_tiny_patch16_224', **attn)
+    extractor = create_feature_extractor(model, return_nodes={'blocks.1.attn': 'attn', 'norm': 'out'})
+    x = images()
+    with torch.no_grad():
+        feats = extractor(x)
+        expect = model.forward_features(x)
+    assert feats['attn'].shape == (2, 17, 64)
+    torch.testing.assert_close(feats['out'], expect, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('name', FAMILIES)
 def test_intermediates_prune_checkpointing_and_classifier(name):
     model = create(name, **attn_args(name))

@@ -24,6 +24,11 @@ from vit_gka.layers.gka_backends import auto_impl, check_impl, gka_flex, gka_sdp
 from vit_gka.layers.gka_triton import gka_triton, triton_runs
 from vit_gka.layers.projection_free import ProjectionFreeAttention
 
+# torch.fx (torchvision's create_feature_extractor, which does not know timm's leaf modules) records calls to these as
+# graph nodes instead of tracing into them: their dtype and shape arithmetic is not symbolically traceable.
+for _backend in ('gka_flex', 'gka_reference', 'gka_sdpa_bias', 'gka_sdpa_pad', 'gka_triton'):
+    torch.fx.wrap(_backend)
+
 __all__ = ['GaussianKernelAttention', 'apply_mask', 'default_sigma', 'gaussian_kernel', 'gka_reference',
            'gka_weights', 'pairwise_sq_dist', 'row_normalise']
 
@@ -135,7 +140,9 @@ class GaussianKernelAttention(ProjectionFreeAttention):
     def backend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> str:
         """This call's backend: ``impl``; for ``auto`` the fastest for the device, masks and grad mode
         (``gka_backends.auto_impl``); ``triton`` where its kernels run and the masks are structural, else the fused
-        ``sdpa_pad``."""
+        ``sdpa_pad``. A graph traced by torch.fx takes ``sdpa_pad``, which runs on every device."""
+        if isinstance(x, torch.fx.Proxy):
+            return 'sdpa_pad'
         if self.impl == 'auto':
             return auto_impl(x, self.masked(attn_mask, is_causal), self.windowed, dropout=self.dropout_p > 0)
         if self.impl == 'triton' and (attn_mask is not None or not triton_runs(x)):

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from vit_gka.layers.masks import build_mask, resolve_grid, structural_mask_mod
 
+torch.fx.wrap('build_mask')  # a node of a traced graph: its grid arithmetic needs the concrete length
+
 __all__ = ['ProjectedHeads', 'ProjectionFreeAttention', 'no_autocast']
 
 
