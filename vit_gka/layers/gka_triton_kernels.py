@@ -102,20 +102,35 @@ def _load_rows(base, offs, limit, offs_d, stride_n, stride_d, HEAD_DIM: tl.const
 
 
 @triton.jit
+def _key_tile(x_base, offs, limit, stride_n, stride_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+              DOT_F32: tl.constexpr):
+    """Rows ``offs`` (< limit) as keys and values, and their bias ||x_j||^2 / 2 in float32 (from the same load)."""
+    k = _load_rows(x_base, offs, limit, tl.arange(0, D_PAD), stride_n, stride_d, HEAD_DIM)
+    kf = k.to(tl.float32)
+    if DOT_F32:
+        k = kf
+    return k, 0.5 * tl.sum(kf * kf, axis=1)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    """a @ b accumulated in float32: IEEE float32 products, or b's 16-bit dtype on the tensor cores."""
+    if DOT_F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
+    else:
+        out = tl.dot(a.to(b.dtype), b)
+    return out
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, offs_m, start, limit, x_base, stride_n, stride_d, scale2,
                window, radius, prefix, grid_w,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, GRID: tl.constexpr, DOT_F32: tl.constexpr):
     """One key tile of the online softmax: keys start .. start + BLOCK_N - 1 (< limit)."""
     offs_n = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    k = _load_rows(x_base, offs_n, limit, offs_d, stride_n, stride_d, HEAD_DIM)
-    kf = k.to(tl.float32)
-    if DOT_F32:
-        k = kf
-    bias = 0.5 * tl.sum(kf * kf, axis=1)
-    qk = tl.dot(q, tl.trans(k), input_precision='ieee') if DOT_F32 else tl.dot(q, tl.trans(k))
-    z = (qk - bias[None, :]) * scale2
+    k, bias = _key_tile(x_base, offs_n, limit, stride_n, stride_d, HEAD_DIM, D_PAD, DOT_F32)
+    z = (_dot(q, tl.trans(k), DOT_F32) - bias[None, :]) * scale2
     keep = (offs_n[None, :] < limit) & _allowed(offs_m[:, None], offs_n[None, :], window, radius, prefix, grid_w,
                                                 CAUSAL, WINDOW, GRID)
     z = tl.where(keep, z, float('-inf'))
@@ -124,8 +139,7 @@ def _fwd_block(acc, m_i, l_i, q, offs_m, start, limit, x_base, stride_n, stride_
     p = tl.exp2(z - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = tl.dot(p, k, input_precision='ieee') if DOT_F32 else tl.dot(p.to(k.dtype), k)
-    acc = acc * alpha[:, None] + pv
+    acc = acc * alpha[:, None] + _dot(p, k, DOT_F32)
     return acc, m_new, l_i
 
 
@@ -146,8 +160,6 @@ def gka_fwd_kernel(X, O, LSE, S_INV, N, H,
     offs_d = tl.arange(0, D_PAD)
     x_base = X + b * stride_xb + h * stride_xh
     q = _load_rows(x_base, offs_m, N, offs_d, stride_xn, stride_xd, HEAD_DIM)
-    if DOT_F32:
-        q = q.to(tl.float32)
     m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
@@ -195,27 +207,16 @@ def _bwd_kv_block(dk, dv, dbias, k, bias_k, offs_k, start, q_limit, N, x_base, g
     offs_d = tl.arange(0, D_PAD)
     q = _load_rows(x_base, offs_q, q_limit, offs_d, stride_xn, stride_xd, HEAD_DIM)
     g = _load_rows(g_base, offs_q, q_limit, offs_d, stride_gn, stride_gd, HEAD_DIM)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        g = g.to(tl.float32)
     lse = tl.load(LSE_BH + offs_q, mask=offs_q < q_limit, other=0.0)
     delta = tl.load(DELTA_BH + offs_q, mask=offs_q < q_limit, other=0.0)
-    if DOT_F32:
-        qk_t = tl.dot(k, tl.trans(q), input_precision='ieee')
-        dp_t = tl.dot(k, tl.trans(g), input_precision='ieee')
-    else:
-        qk_t = tl.dot(k, tl.trans(q))
-        dp_t = tl.dot(k, tl.trans(g))
+    qk_t = _dot(k, tl.trans(q), DOT_F32)
+    dp_t = _dot(k, tl.trans(g), DOT_F32)
     keep = ((offs_q[None, :] < q_limit) & (offs_k[:, None] < N)
             & _allowed(offs_q[None, :], offs_k[:, None], window, radius, prefix, grid_w, CAUSAL, WINDOW, GRID))
     p_t = tl.where(keep, tl.exp2((qk_t - bias_k[:, None]) * scale2 - lse[None, :]), 0.0)
     ds_t = p_t * (dp_t - delta[None, :])
-    if DOT_F32:
-        dv += tl.dot(p_t, g, input_precision='ieee')
-        dk += tl.dot(ds_t, q, input_precision='ieee')
-    else:
-        dv += tl.dot(p_t.to(g.dtype), g)
-        dk += tl.dot(ds_t.to(q.dtype), q)
+    dv += _dot(p_t, g, DOT_F32)
+    dk += _dot(ds_t, q, DOT_F32)
     dbias += tl.sum(ds_t, axis=1)
     return dk, dv, dbias
 
@@ -227,23 +228,14 @@ def _bwd_q_block(dq, q, g, lse, delta, offs_q, start, k_limit, x_base, stride_xn
                  WINDOW: tl.constexpr, GRID: tl.constexpr, DOT_F32: tl.constexpr):
     """Queries' dq (= dS X) from one block of keys start .. (< k_limit)."""
     offs_k = start + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    k = _load_rows(x_base, offs_k, k_limit, offs_d, stride_xn, stride_xd, HEAD_DIM)
-    kf = k.to(tl.float32)
-    if DOT_F32:
-        k = kf
-    bias = 0.5 * tl.sum(kf * kf, axis=1)
-    if DOT_F32:
-        qk = tl.dot(q, tl.trans(k), input_precision='ieee')
-        dp = tl.dot(g, tl.trans(k), input_precision='ieee')
-    else:
-        qk = tl.dot(q, tl.trans(k))
-        dp = tl.dot(g, tl.trans(k))
+    k, bias = _key_tile(x_base, offs_k, k_limit, stride_xn, stride_xd, HEAD_DIM, D_PAD, DOT_F32)
+    qk = _dot(q, tl.trans(k), DOT_F32)
+    dp = _dot(g, tl.trans(k), DOT_F32)
     keep = (offs_k[None, :] < k_limit) & _allowed(offs_q[:, None], offs_k[None, :], window, radius, prefix, grid_w,
                                                   CAUSAL, WINDOW, GRID)
     p = tl.where(keep, tl.exp2((qk - bias[None, :]) * scale2 - lse[:, None]), 0.0)
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds, k, input_precision='ieee') if DOT_F32 else tl.dot(ds.to(k.dtype), k)
+    dq += _dot(ds, k, DOT_F32)
     return dq
 
 
@@ -270,11 +262,8 @@ def gka_bwd_kernel(X, DO, LSE, DELTA, DX, DS_TOK, S_INV, N, H,
     LSE_BH = LSE + bh * N
     DELTA_BH = DELTA + bh * N
 
-    x = _load_rows(x_base, offs, N, offs_d, stride_xn, stride_xd, HEAD_DIM)
+    x, bias = _key_tile(x_base, offs, N, stride_xn, stride_xd, HEAD_DIM, D_PAD, DOT_F32)
     xf = x.to(tl.float32)
-    if DOT_F32:
-        x = xf
-    bias = 0.5 * tl.sum(xf * xf, axis=1)
 
     # These tokens as keys and values: loop over the queries that see them.
     dk = tl.zeros((BLOCK, D_PAD), tl.float32)
@@ -294,8 +283,6 @@ def gka_bwd_kernel(X, DO, LSE, DELTA, DX, DS_TOK, S_INV, N, H,
 
     # The same tokens as queries: loop over the keys they see.
     g = _load_rows(g_base, offs, N, offs_d, stride_gn, stride_gd, HEAD_DIM)
-    if DOT_F32:
-        g = g.to(tl.float32)
     lse = tl.load(LSE_BH + offs, mask=offs < N, other=0.0)
     delta = tl.load(DELTA_BH + offs, mask=offs < N, other=0.0)
     dq = tl.zeros((BLOCK, D_PAD), tl.float32)
