@@ -19,7 +19,8 @@ the yaml files for the keys.
 
 The training order and every sample's augmentation are functions of (seed, epoch): see sampling.py.
 
-Unreadable images in an ImageFolder (corrupt, truncated, not an image): skipped, not fatal. The next image of
+Unreadable images in an ImageFolder (corrupt, truncated, not an image, not a regular file such as a FIFO, which
+would block the reader): skipped, not fatal. The next image of
 the folder stands in for it, a warning names the file (once), and the number of such files (over all loader
 workers) is reported per epoch and in results.json (``unreadable_images``); ``MAX_UNREADABLE_IN_A_ROW`` in a
 row stop the run.
@@ -29,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import stat
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
@@ -120,6 +122,12 @@ def fashion_mnist_root(data_cfg) -> Tuple[str, bool]:
         'folder holding FashionMNIST/raw/, or set data.download=true')
 
 
+def printable(text: str) -> str:
+    """``text`` (a file name) as valid UTF-8: the bytes of a name that is not UTF-8 (which Python keeps as lone
+    surrogates, and a log handler could not encode) as ``\\xNN`` escapes."""
+    return os.fsencode(text).decode('utf-8', 'backslashreplace') if isinstance(text, str) else str(text)
+
+
 class CheckedImageFolder(Dataset):
     """An ImageFolder (timm's folder reader) whose unreadable files are skipped and counted (module docstring)."""
 
@@ -139,6 +147,9 @@ class CheckedImageFolder(Dataset):
 
     def _read(self, index: int):
         from PIL import Image
+        path = self.reader.filename(index, absolute=True)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device: opening it could block for ever
+            raise OSError('not a regular file')
         file, target = self.reader[index][:2]
         try:
             with Image.open(file) as img:
@@ -153,11 +164,11 @@ class CheckedImageFolder(Dataset):
                 img, target = self._read(index)
                 break
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                bad = self.reader.filename(index, absolute=True)
+                bad = printable(self.reader.filename(index, absolute=True))
                 if not self.unreadable[index]:
                     self.unreadable[index] = 1
                     log.warning('unreadable image %s (%s): the next image stands in for it', bad,
-                                ' '.join(str(e).split()))
+                                printable(' '.join(str(e).split())))
                 index = (index + 1) % len(self)
         else:
             raise UserError(f'{MAX_UNREADABLE_IN_A_ROW} unreadable images in a row, the last {bad}; check the '

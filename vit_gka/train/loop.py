@@ -26,7 +26,8 @@ overflows) are caught where they would be kept: no checkpoint, best.safetensors 
 
 Test hook, never for real runs: ``VIT_GKA_TEST_NONFINITE=<update>[:loss|:grad|:weight]`` poisons that update
 (1-based): its loss is multiplied by NaN (``loss``, the default), one gradient is set to inf (``grad``), or one
-weight is set to inf after its optimizer step (``weight``).
+weight is set to inf after its optimizer step (``weight``). ``VIT_GKA_TEST_RAISE=<update>`` raises a
+``RuntimeError`` (a bug, not a user error) at that update, to test that every exit path ends the loader workers.
 """
 import contextlib
 import logging
@@ -48,6 +49,7 @@ log = logging.getLogger('vit_gka.train')
 
 NONFINITE_POLICIES = ('stop', 'skip')
 POISON_ENV = 'VIT_GKA_TEST_NONFINITE'
+RAISE_ENV = 'VIT_GKA_TEST_RAISE'
 
 
 def sigma_stats(model: nn.Module) -> Dict[int, Dict[str, float]]:
@@ -107,7 +109,9 @@ class UpdateGuard:
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float('inf'))
 
     def weights(self, model, update: int) -> None:
-        """After the optimizer step: poison a weight when the test hook says so."""
+        """After the optimizer step: poison a weight, or fail, when a test hook says so."""
+        if os.environ.get(RAISE_ENV) == str(update):
+            raise RuntimeError(f'{RAISE_ENV}: a failure injected at update {update}')
         if self.poison is not None and self.poison == (update, 'weight'):
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float('inf'))

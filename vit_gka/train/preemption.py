@@ -13,7 +13,8 @@ that every update already makes (loop.UpdateGuard sums the update's loss over pr
 stops after the same update; at an epoch's end one tiny all-reduce (``agreed``) does the same.
 DataLoader worker processes get the signal too (Slurm signals every process of the job) and would die of it,
 failing the run before it can checkpoint: ``shield_workers`` makes them ignore these signals (the training
-process shuts its workers down itself).
+process shuts its workers down itself) until the training process exits, on any path (an error included):
+then they end on the SIGTERM that multiprocessing's exit handler sends them, instead of hanging the exit.
 
 **One writer per run folder** (``RunLock``). The main process holds an exclusive ``fcntl.flock`` on
 ``<run>/run.lock`` (pid, host and start time written in it) while it writes the folder. A second run on the
@@ -35,6 +36,7 @@ import errno
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -127,23 +129,54 @@ class StopSignals:
 
 
 class _IgnoreStopSignals:
-    """A DataLoader ``worker_init_fn`` that makes the worker ignore the stop signals, then calls ``init``."""
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore the stop signals (and Ctrl-C's SIGINT, which
+    reaches the whole process group), then calls ``init``. Ignored until the training process is on its way out
+    (``release_workers``): then SIGTERM ends the worker, as multiprocessing's exit handler sends it to every
+    loader worker still alive, and waits for it; a worker that ignored it would keep the process from ever
+    exiting after an error."""
 
     def __init__(self, init=None):
         self.init = init
+        self.releasing = _RELEASING
+
+    def _signal(self, signum, frame) -> None:
+        if signum == signal.SIGTERM and self.releasing.value:
+            os._exit(0)
 
     def __call__(self, worker_id: int) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in STOP_SIGNALS + (signal.SIGINT,):
+            signal.signal(sig, self._signal)
         if self.init is not None:
             self.init(worker_id)
 
 
+# Set when this process exits: its loader workers then end on SIGTERM (shared memory, inherited by the workers).
+_RELEASING = multiprocessing.RawValue('b', 0)
+
+
+def release_workers() -> None:
+    """Let this process's loader workers end on SIGTERM (at exit: atexit, before multiprocessing's own handler,
+    which terminates and joins them)."""
+    _RELEASING.value = 1
+
+
 def shield_workers(loader) -> Any:
-    """Make ``loader``'s worker processes ignore SIGTERM / SIGUSR1 / SIGUSR2 (module docstring); returns it."""
+    """Make ``loader``'s worker processes ignore SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT while the run goes on, and
+    end on SIGTERM once it exits, whatever the exit path (module docstring); returns ``loader``."""
     if not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
         loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
+    if not _atexit_registered:
+        _register_release()
     return loader
+
+
+_atexit_registered: List[bool] = []
+
+
+def _register_release() -> None:
+    # atexit runs its handlers last-registered first: this one before multiprocessing's (registered on import)
+    atexit.register(release_workers)
+    _atexit_registered.append(True)
 
 
 # --------------------------------------------------------------------------------------------- run lock
