@@ -32,9 +32,13 @@ def test_info_defaults_is_hydras(tmp_path):
 def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
     """interval() is for a sweeper plugin (Optuna): the check leaves it to the sweeper, and with Hydra's basic
     sweeper, which cannot sample it, says so in one line instead of Hydra's traceback."""
-    from vit_gka.train.cli import _variants
+    from hydra import initialize_config_dir
+
+    from vit_gka.train.cli import ConfigGroups, _variants
     from vit_gka.train.main import CONF_DIR
-    variants, sampled = _variants(CONF_DIR, ['lr=interval(1e-4,1e-3)', 'seed=0,1'], multirun=True)
+    with initialize_config_dir(CONF_DIR, version_base='1.3'):
+        variants, sampled = _variants(ConfigGroups('config', []), ['lr=interval(1e-4,1e-3)', 'seed=0,1'],
+                                      multirun=True, base_choices=['model', 'shape'])
     assert sampled == ['lr=interval(1e-4,1e-3)'] and variants == [['seed=0'], ['seed=1']]
     proc = run(['-m', 'lr=interval(1e-4,1e-3)', f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path, timeout=120)
     one_line_error(proc, "lr=interval(1e-4,1e-3) needs a sweeper that samples it (pip install '.[sweep]'")

@@ -119,3 +119,19 @@ def test_optuna_study_goes_on_after_a_diverging_trial(tmp_path):
     best = OmegaConf.load(os.path.join(folder, 'optimization_results.yaml'))
     assert best.best_params.lr == 8e-3 and best.best_value > 0
     assert os.path.isfile(os.path.join(folder, 'report', 'report.md'))
+
+
+@needs_data
+def test_eval_py_on_the_sweep_folder_writes_one_results_file(sweep, tmp_path):
+    folder, _ = sweep
+    copy = tmp_path / 'sweep'
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns('report'))
+    proc = subprocess.run([sys.executable, 'eval.py', f'run={copy}', 'workers=0', 'progress=false',
+                           f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(copy / 'results.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['run'] for r in rows] == ['0_gka_fmnist', '2_gka_fmnist']  # the failed job has no model to evaluate
+    recorded = {r['run']: float(r['top-1']) for r in _rows(copy) if r['status'] == 'done'}
+    assert all(abs(float(r['top1']) - recorded[r['run']]) < 1e-6 for r in rows)  # eager fp32 runs: the same top-1
+    assert (copy / '0_gka_fmnist' / 'eval.json').is_file() and (copy / 'results.md').is_file()

@@ -13,26 +13,24 @@ registry gets) -> the data set's test split with the model's own preprocessing (
 top-1 / top-5 / loss / images/s, under the autocast the run used (a bf16 run: bf16; ``mixed_precision``) ->
 ``eval.json`` (``bench.json`` with ``bench=true``) in ``out`` (default: the run folder, else Hydra's output
 folder). See conf/eval.yaml for every option and analysis/benchmark.py for the benchmark. Mistakes end in one
-line ``error: ...``, exit status 2 (vit_gka/train/cli.py).
+line ``error: ...``, exit status 2 (vit_gka/train/cli.py). The command itself (Hydra, several models in one call,
+the results file, progress) is ``vit_gka/eval_main.py``.
 """
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import hydra
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.analysis.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
-from vit_gka.train.cli import check_overrides, exit_on_user_error
 from vit_gka.train.loading import describe_load_error, load_model_folder, load_weights
 
 __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
-           'compare_to_run', 'benchmark', 'summary_line', 'main', 'cli']
+           'compare_to_run', 'benchmark', 'summary_line', 'write_json']
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
 # mixed_precision= -> autocast dtype (fp8 runs were evaluated under Accelerate's bf16 autocast)
 # top-1 points by which eval.py may differ from a bf16 / fp16 / compiled run's own evaluation (rounding)
@@ -189,9 +187,12 @@ def eval_autocast(cfg: DictConfig, run_dir: Optional[str], device: torch.device)
 # ----------------------------------------------------------------------------------- evaluate / benchmark
 
 
-def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[str, Any]:
-    """Top-1 / top-5 / loss / images per second of the model ``cfg`` names, on ``data_cfg``'s test split; for a
-    run's own model/ also the top-1 the run recorded and whether this matches it."""
+def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg, count_flops: bool = False,
+                   batches: Optional[Callable] = None) -> Dict[str, Any]:
+    """Top-1 / top-5 / loss / images per second of the model ``cfg`` names, on ``data_cfg``'s test split, with its
+    parameter count, crop and interpolation (and GMACs with ``count_flops``); for a run's own model/ also the top-1
+    the run recorded and whether this matches it. ``batches(loader, desc)``: the loader's batches as the caller
+    shows progress (eval_main.progress_loader)."""
     from timm.data import resolve_data_config
 
     from vit_gka.data.loaders import create_eval_loader
@@ -205,10 +206,16 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Dict[st
                                              on_cpu=device.type == 'cpu')
     if num_classes != model.num_classes:
         raise UserError(f'the model has {model.num_classes} classes, data {data_cfg.name} has {num_classes}')
-    metrics = evaluate(model, loader, autocast=autocast)
-    result = {'model': model.pretrained_cfg.get('architecture') or type(model).__name__, 'weights': source,
+    label = model.pretrained_cfg.get('architecture') or type(model).__name__
+    metrics = evaluate(model, batches(loader, label) if batches is not None else loader, autocast=autocast)
+    result = {'model': label, 'weights': source,
               'run': run_dir, 'data': str(data_cfg.name), 'device': str(device), 'mixed_precision': precision,
-              'input_size': list(data_config['input_size']), **metrics}
+              'input_size': list(data_config['input_size']), 'crop_pct': data_config.get('crop_pct'),
+              'interpolation': data_config.get('interpolation'), 'params': sum(p.numel() for p in model.parameters()),
+              **metrics}
+    if count_flops:
+        from vit_gka.analysis.flops import model_stats
+        result['gmacs'] = model_stats(model)['gmacs']
     if run_dir is not None and cfg.ckpt is None:
         res = run_results(run_dir)
         result['model'] = res['model']
@@ -249,15 +256,10 @@ def summary_line(result: Dict[str, Any]) -> str:
         line += f"  (run recorded top-1 {result['recorded_top1']:.2f}%: {same if result['matches_recorded'] else 'DIFFERENT'})"
     return line
 
-# ------------------------------------------------------------------------------------------ the command
+# ------------------------------------------------------------------------------------------ the record
 
 
-def _data_overridden() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    return any(o.lstrip('+~').split('=')[0].split('.')[0] == 'data' for o in HydraConfig.get().overrides.task)
-
-
-def _write_json(cfg: DictConfig, run_dir: Optional[str], name: str, obj: Any) -> str:
+def write_json(cfg: DictConfig, run_dir: Optional[str], name: str, obj: Any) -> str:
     """``obj`` as ``<out>/<name>`` (``out``: ``cfg.out``, else the run folder, else Hydra's output folder)."""
     from hydra.core.hydra_config import HydraConfig
     out = cfg.out or run_dir or HydraConfig.get().runtime.output_dir
@@ -266,31 +268,3 @@ def _write_json(cfg: DictConfig, run_dir: Optional[str], name: str, obj: Any) ->
     with open(path, 'w') as f:
         json.dump(obj, f, indent=2)
     return path
-
-
-@hydra.main(version_base='1.3', config_path='conf', config_name='eval')
-@exit_on_user_error
-def main(cfg: DictConfig) -> float:
-    """The model (and data: the run's own unless ``data=`` is given) -> eval.json, or bench.json."""
-    run_dir = require_path(cfg.run, 'run') if cfg.run else None
-    if run_dir is None and cfg.model_name is None:
-        raise UserError('give run=<run dir>, or model_name=<timm name> (with ckpt=<weights file> unless it has published weights)')
-    if cfg.bench:
-        rows = benchmark(cfg, run_dir)
-        print(f"-> {_write_json(cfg, run_dir, 'bench.json', {'results': rows})}")
-        return float(rows[0]['infer_images_per_s'])
-    data_cfg = run_config(run_dir).data if run_dir is not None and not _data_overridden() else cfg.data
-    result = evaluate_model(cfg, run_dir, data_cfg)
-    path = _write_json(cfg, run_dir, 'eval.json', result)
-    print(summary_line(result) + f' -> {path}', flush=True)
-    return float(result['top1'])
-
-
-def cli() -> None:
-    """``vit-gka-eval`` / ``python eval.py``: the command line's overrides checked (one-line errors), then main."""
-    check_overrides(CONF_DIR, 'eval')
-    main()
-
-
-if __name__ == '__main__':
-    cli()

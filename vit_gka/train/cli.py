@@ -37,66 +37,13 @@ import difflib
 import functools
 import itertools
 import os
-import shutil
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vit_gka.errors import EXIT_USER_ERROR, UserError, fail
+from vit_gka.train import hydra_folders as folders
 
 __all__ = ['exit_on_user_error', 'check_overrides']
-
-_HYDRA_FILES: Dict[str, Dict[str, Any]] = {}  # output folder -> what Hydra will touch, as it was
-_EXISTING: List[str] = []  # the nearest existing ancestor of the output folder, before Hydra ran
-
-
-def _snapshot(folder: str) -> Dict[str, Any]:
-    """What Hydra will touch in an existing output folder: ``.hydra/*`` contents (None: no .hydra/) and the
-    sizes of the ``*.log`` files."""
-    hydra_dir = os.path.join(folder, '.hydra')
-    hydra = None
-    if os.path.isdir(hydra_dir):
-        hydra = {}
-        for name in os.listdir(hydra_dir):
-            with open(os.path.join(hydra_dir, name), 'rb') as f:
-                hydra[name] = f.read()
-    logs = {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)
-            if n.endswith('.log') and os.path.isfile(os.path.join(folder, n))}
-    return {'hydra': hydra, 'logs': logs}
-
-
-def _put_back(folder: str) -> None:
-    """Undo what Hydra wrote into ``folder`` for a job that failed on its input."""
-    folder = os.path.abspath(folder)
-    before = _HYDRA_FILES.get(folder)
-    if before is None:  # a folder Hydra made for this job: remove it (and the parents it made) if it holds nothing else
-        names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        if names and all(n == '.hydra' or n.endswith('.log') for n in names):
-            shutil.rmtree(folder, ignore_errors=True)
-            parent = os.path.dirname(folder)
-            while _EXISTING and parent.startswith(_EXISTING[0] + os.sep) and not os.listdir(parent):
-                os.rmdir(parent)
-                parent = os.path.dirname(parent)
-        return
-    hydra_dir = os.path.join(folder, '.hydra')
-    if before['hydra'] is None:
-        shutil.rmtree(hydra_dir, ignore_errors=True)
-    else:
-        for name in os.listdir(hydra_dir) if os.path.isdir(hydra_dir) else []:
-            if name not in before['hydra']:
-                os.remove(os.path.join(hydra_dir, name))
-        for name, data in before['hydra'].items():
-            path = os.path.join(hydra_dir, name)
-            if not os.path.isfile(path) or open(path, 'rb').read() != data:
-                with open(path, 'wb') as f:
-                    f.write(data)
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.endswith('.log') and os.path.isfile(path):
-            if name in before['logs']:
-                os.truncate(path, before['logs'][name])
-            else:
-                os.remove(path)
-
 
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate a Hydra task so that a ``UserError`` it raises becomes one line and exit status 2 (or the
@@ -110,7 +57,7 @@ def exit_on_user_error(fn: Callable) -> Callable:
             if e.input_error and os.environ.get('RANK', '0') == '0':
                 from hydra.core.hydra_config import HydraConfig
                 with contextlib.suppress(ValueError, OSError):  # no Hydra context, or nothing to put back
-                    _put_back(HydraConfig.get().runtime.output_dir)
+                    folders.put_back(HydraConfig.get().runtime.output_dir)
             fail(str(e), getattr(e, 'exit_code', EXIT_USER_ERROR))
 
     return wrapper
@@ -146,16 +93,28 @@ def _old_presets() -> Dict[str, Tuple[str, str]]:
 OLD_PRESETS = _old_presets()
 
 
-def _options(config_dir: str, group: str) -> List[str]:
-    folder = os.path.join(config_dir, *group.split('/'))
-    if not os.path.isdir(folder):
-        return []
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith('.yaml'))
+class ConfigGroups:
+    """The config groups and their options as Hydra's own config loader sees them: the package's
+    (``vit_gka/conf``) and a user's, added with ``hydra.searchpath=[file://my_conf]`` or ``--config-dir``."""
 
+    def __init__(self, config_name: str, searchpath: List[str]):
+        from hydra.core.global_hydra import GlobalHydra
+        self.loader, self.config_name = GlobalHydra.instance().config_loader(), config_name
+        self.overrides = [f"hydra.searchpath=[{','.join(searchpath)}]"] if searchpath else []
+        self._cache: Dict[str, List[str]] = {}
 
-def _group_names(config_dir: str) -> List[str]:
-    return sorted(d for d in os.listdir(config_dir)
-                  if os.path.isdir(os.path.join(config_dir, d)) and not d.startswith(('.', '_')))
+    def options(self, group: str) -> List[str]:
+        if group not in self._cache:
+            from hydra.core.object_type import ObjectType
+            self._cache[group] = sorted(self.loader.get_group_options(
+                group, ObjectType.CONFIG, config_name=self.config_name, overrides=self.overrides))
+        return self._cache[group]
+
+    def names(self) -> List[str]:
+        from hydra.core.object_type import ObjectType
+        return sorted(g for g in self.loader.get_group_options('', ObjectType.GROUP, config_name=self.config_name,
+                                                               overrides=self.overrides)
+                      if not g.startswith(('.', '_')) and g != 'hydra')
 
 
 def _config_keys(cfg, prefix: str = '') -> Iterable[str]:
@@ -185,10 +144,10 @@ def _override_in(message: str, overrides: Sequence[str]) -> Optional[str]:
     return quoted[0] if quoted else inside[0][1] if inside else None
 
 
-def _unknown_option(config_dir: str, group: str, key: str, values: List[str]) -> str:
+def _unknown_option(groups: ConfigGroups, group: str, key: str, values: List[str]) -> str:
     """The one-line message for group options that do not exist: the new spelling of an old model preset,
     a pointer for a timm name or a name of another group, else the options and the closest one."""
-    options = _options(config_dir, group)
+    options = groups.options(group)
     bad = [v for v in values if v not in options and v != 'null']
     if group == 'model' and bad and all(v in OLD_PRESETS for v in values):
         models = ','.join(dict.fromkeys(OLD_PRESETS[v][0] for v in values))
@@ -201,7 +160,7 @@ def _unknown_option(config_dir: str, group: str, key: str, values: List[str]) ->
         return ('hydra/callbacks=report is not needed any more: every -m sweep ends with the report '
                 '(hydra.callbacks.report.num_images=<n> sets its test images); leave it out')
     what = _GROUP_WORDS.get(group, group)
-    others = [g for g in _group_names(config_dir) if g != group and value in _options(config_dir, g)]
+    others = [g for g in groups.names() if g != group and value in groups.options(g)]
     if others:
         return f"unknown {what} '{value}': it is a {_GROUP_WORDS.get(others[0], others[0])}, give {others[0]}={value}"
     if group == 'model':
@@ -215,14 +174,41 @@ def _flag(arg: str) -> str:
     return arg.split('=', 1)[0] if arg.startswith('--') else arg
 
 
-def _split_argv(argv: Sequence[str]) -> Optional[Tuple[bool, List[str]]]:
-    """(multirun, overrides) of a train.py / eval.py command line, or None when Hydra alone handles it."""
-    if any(_flag(a) in PASS_THROUGH_FLAGS for a in argv):
+CONFIG_DIR_FLAGS = ('-cd', '--config-dir')  # a user's config folder: its groups join the package's
+
+
+def _split_argv(argv: Sequence[str]) -> Optional[Tuple[bool, List[str], List[str]]]:
+    """(multirun, overrides, the folders of --config-dir) of a train.py / eval.py command line, or None when Hydra
+    alone handles it."""
+    dirs, rest, argv = [], [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if _flag(arg) in CONFIG_DIR_FLAGS:
+            dirs.append(arg.split('=', 1)[1] if '=' in arg else argv.pop(0) if argv else '')
+        else:
+            rest.append(arg)
+    if any(_flag(a) in PASS_THROUGH_FLAGS for a in rest):
         return None
-    return any(a in ('-m', '--multirun') for a in argv), [a for a in argv if not a.startswith('-')]
+    return any(a in ('-m', '--multirun') for a in rest), [a for a in rest if not a.startswith('-')], dirs
 
 
-def _variants(config_dir: str, overrides: List[str], multirun: bool) -> Tuple[List[List[str]], List[str]]:
+def _searchpath(overrides: List[str], config_dirs: List[str]) -> List[str]:
+    """The user's config folders: those of --config-dir and of a ``hydra.searchpath=[...]`` override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    paths = [f'file://{os.path.abspath(d)}' for d in config_dirs]
+    for text in overrides:
+        if text.split('=', 1)[0] == 'hydra.searchpath':
+            try:
+                value = OverridesParser.create().parse_override(text).value()
+            except HydraException as e:
+                fail(f'cannot parse the command line: {str(e).splitlines()[0]}')
+            paths += [str(v) for v in (value if isinstance(value, list) else [value])]
+    return paths
+
+
+def _variants(groups: ConfigGroups, overrides: List[str], multirun: bool,
+              base_choices: Sequence[str]) -> Tuple[List[List[str]], List[str]]:
     """The plain override lists to compose for this command line: every combination of the config-group
     sweeps (``model=gka,deit shape=fmnist,tiny_fmnist``; ``glob()`` expanded against the group's options), each
     value of every other enumerable sweep once; a sweep that cannot be enumerated (``interval()``, a ``glob()``
@@ -235,21 +221,25 @@ def _variants(config_dir: str, overrides: List[str], multirun: bool) -> Tuple[Li
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(f'cannot parse the command line: {str(e).splitlines()[0]}')
-    groups = _group_names(config_dir)
+    names = groups.names()
     fixed, group_sweeps, value_sweeps, sampled = [], [], [], []
     for text, ov in zip(overrides, parsed):
         key, group = ov.get_key_element(), ov.key_or_group
-        is_group = (group in groups or '/' in group) and not ov.is_delete()
+        is_group = (group in names or '/' in group) and not ov.is_delete()
+        if is_group and '/' not in group and group not in base_choices and not ov.is_add():
+            fail(f'{key}= is a training option, not one of eval.py: eval.py takes the model (and its shape) from '
+                 f'run=<run dir>, or model_name= with model_args= (its options: python eval.py --help)'
+                 if groups.config_name == 'eval' else f'{key}= is not an option of this command (see --help)')
         if ov.is_sweep_override() and not multirun:
             fail(f'{text} is a sweep: add -m to run one job per value (a list value: {key}=[a,b]; '
                  f"a string with a comma: {key}='a,b')")
         if not ov.is_sweep_override():
             values, texts = ['null' if ov.value() is None else str(ov.value())], [text]
         elif isinstance(ov.value(), Glob) and is_group:
-            values = ov.value().filter(_options(config_dir, group))
+            values = ov.value().filter(groups.options(group))
             if not values:
                 fail(f"{text} matches no {_GROUP_WORDS.get(group, group)}; choose among: "
-                     f"{', '.join(_options(config_dir, group))}")
+                     f"{', '.join(groups.options(group))}")
             texts = [f'{key}={v}' for v in values]
         elif ov.is_discrete_sweep() and not isinstance(ov.value(), Glob):
             values = list(ov.sweep_string_iterator())
@@ -257,12 +247,12 @@ def _variants(config_dir: str, overrides: List[str], multirun: bool) -> Tuple[Li
         else:  # interval(), glob() of a value: the sweeper's business
             sampled.append(text)
             continue
-        if group == 'hydra/callbacks' and 'report' in values and not _options(config_dir, group):
-            fail(_unknown_option(config_dir, group, key, ['report']))
+        if group == 'hydra/callbacks' and 'report' in values and not groups.options(group):
+            fail(_unknown_option(groups, group, key, ['report']))
         if is_group and not group.startswith('hydra/'):
-            options = _options(config_dir, group)
+            options = groups.options(group)
             if any(v not in options and v != 'null' for v in values):
-                fail(_unknown_option(config_dir, group, key, values))
+                fail(_unknown_option(groups, group, key, values))
         if len(texts) == 1:
             fixed.append(texts[0])
         else:
@@ -295,20 +285,26 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
     split = _split_argv(sys.argv[1:] if argv is None else argv)
     if split is None:
         return
-    multirun, overrides = split
+    multirun, overrides, config_dirs = split
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
-    variants, sampled = _variants(config_dir, overrides, multirun)
+    searchpath = _searchpath(overrides, config_dirs)
+    extra = [f"hydra.searchpath=[{','.join(searchpath)}]"] if config_dirs else []  # --config-dir, as Hydra adds it
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base='1.3'):
-            base = compose(config_name=config_name)
-            known = list(_config_keys(base))
+            searchpath_override = extra or [o for o in overrides if o.startswith('hydra.searchpath=')]
+            base = compose(config_name=config_name, overrides=searchpath_override, return_hydra_config=True)
+            known = [k for k in _config_keys(base) if k != 'hydra' and not k.startswith('hydra.')]
+            groups = ConfigGroups(config_name, searchpath)
+            variants, sampled = _variants(groups, overrides, multirun, list(base.hydra.runtime.choices))
             for variant in variants:
+                if extra:  # one hydra.searchpath: the --config-dir folders with the user's own
+                    variant = extra + [o for o in variant if not o.startswith('hydra.searchpath=')]
                 try:
                     cfg = compose(config_name=config_name, overrides=variant, return_hydra_config=True)
                 except MissingConfigException as e:
@@ -350,9 +346,9 @@ def _check_values(cfg, multirun: bool, validate: Optional[Callable[[Any], None]]
     try:
         if validate is not None:
             validate(cfg)
-        _EXISTING[:] = [check_output_dir(raw.split('${')[0] or '.', key)]
+        folders.EXISTING[:] = [check_output_dir(raw.split('${')[0] or '.', key)]
     except UserError as e:
         fail(str(e))
     folder = os.path.abspath(os.path.expanduser(raw))
     if not multirun and '${' not in raw and os.path.isdir(folder):
-        _HYDRA_FILES[folder] = _snapshot(folder)
+        folders.HYDRA_FILES[folder] = folders.snapshot(folder)
