@@ -13,7 +13,8 @@ removed. At every instant ``last`` or, between the two renames, ``last.prev`` is
 Test hook: ``VIT_GKA_TEST_PAUSE_IN_CHECKPOINT=<write|swap>[@n][:<file>]`` makes the n-th (default 2nd: the first
 that replaces one) ``write_checkpoint`` of the process sleep (10 minutes, or until ``<file>`` exists), either after
 ``model.safetensors`` is written into the temporary folder (``write``) or between the two renames (``swap``), so
-that a test can ``kill -9`` it there, or do something while it is surely running.
+that a test can ``kill -9`` it there, or do something while it is surely running; ``model[:<file>]`` pauses the
+model/ folder's write (``save_model_folder``) the same way, before its folder is swapped in.
 
 A full disk or an I/O error while a checkpoint is written (torch's and safetensors' writers raise RuntimeError and
 SafetensorError for it, not OSError) ends in ``CheckpointWriteError``: one line naming the checkpoint that failed,
@@ -74,7 +75,7 @@ def _test_pause(stage: str) -> None:
     if spec:
         spec, _, until = spec.partition(':')
         where, _, nth = spec.partition('@')
-        if where == stage and _saved == int(nth or 2):
+        if where == stage and (stage == 'model' or _saved == int(nth or 2)):
             deadline = time.time() + 600
             while time.time() < deadline and not (until and os.path.exists(until)):
                 time.sleep(0.05)
@@ -261,4 +262,5 @@ def save_model_folder(model: torch.nn.Module, folder: str, model_args: Optional[
     with atomic_dir(folder) as tmp:
         save_for_hf(model, tmp, model_config={'label_names': list(label_names)} if label_names else None,
                     model_args=model_args, safe_serialization=True)
+        _test_pause('model')
     return folder

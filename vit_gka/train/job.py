@@ -31,6 +31,7 @@ repeated augmentation, else DistributedSampler) and the test set.
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -96,6 +97,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     eval_interval = int(cfg.eval_interval or 0)
 
     # Every input has been checked: take the run folder (one writer per folder), start writing.
+    if chk is None:
+        _refuse_finished(run_dir, cfg.resume)
     lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
@@ -189,13 +192,18 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
             if signal_name and state.epoch < stop_epoch:
                 stopped(signal_name, f'after epoch {state.epoch} (update {state.num_updates})')
 
-    # Results: results.json, the model folder and the summary line (main process), on every process.
-    if metrics is None:  # resumed at (or past) the last epoch: evaluate what was loaded
-        metrics, ema_metrics = _test(parts)
-    labels = class_names(dataset_train)
-    results = records.results(parts, state, metrics, ema_metrics, sparsity_images, bad_images,
-                              labels if labels is not None and len(labels) == num_classes else None)
-    records.close()
+    # Results: results.json, the model folder and the summary line (main process), on every process. A stop
+    # signal now only waits for them: the run is done, and a half-written model/ would help nobody.
+    with parts.stop:
+        if metrics is None:  # resumed at (or past) the last epoch: evaluate what was loaded
+            metrics, ema_metrics = _test(parts)
+        labels = class_names(dataset_train)
+        results = records.results(parts, state, metrics, ema_metrics, sparsity_images, bad_images,
+                                  labels if labels is not None and len(labels) == num_classes else None)
+        records.close()
+    if parts.stop.received:
+        log.info('%s came while the run wrote its results: it finished first',
+                 ', '.join(signal.Signals(s).name for s in parts.stop.received))
     if lock is not None:
         lock.release()
     if main:
@@ -294,6 +302,16 @@ def _continue_with(run_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f'resume=auto hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}'
     return f'resume=auto hydra.run.dir={run_dir}'
+
+
+def _refuse_finished(run_dir: str, resume_setting) -> None:
+    """A fresh start never writes over another run: a run folder with results or a checkpoint is continued
+    with ``resume=auto`` or left alone."""
+    found = [name for name in ('results.json', 'checkpoints/last', 'checkpoints/last.prev', 'model')
+             if os.path.exists(os.path.join(run_dir, name))]
+    if found:
+        raise UserError(f'run folder {run_dir} already holds a run ({found[0]}); continue it with resume=auto '
+                        f'hydra.run.dir={run_dir}, or give another hydra.run.dir=<folder> (or delete it first)')
 
 
 def _check_patch_grid(model, name: str) -> None:

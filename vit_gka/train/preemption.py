@@ -1,6 +1,7 @@
 """What a cluster does to a job, and what the run does about it: preemption signals and requeued jobs.
 
-**Stop signals** (``StopSignals``). Slurm sends SIGTERM to every process of a job before it kills it (preemption,
+**Stop signals** (``StopSignals``: SIGTERM, SIGUSR2, SIGUSR1 and Ctrl-C's SIGINT, a second SIGINT stopping at
+once). Slurm sends SIGTERM to every process of a job before it kills it (preemption,
 ``scancel``, the time limit; SIGKILL follows after its grace period, ``KillWait``), and submitit asks for SIGUSR2
 (or SIGUSR1) ahead of the time limit. While the epochs run, these signals only latch a flag; the run checks it
 at the next optimizer-update boundary, writes ``checkpoints/last`` there and ends with one line
@@ -53,7 +54,9 @@ log = logging.getLogger('vit_gka.train')
 
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL
 LOCK_FILE = 'run.lock'
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR2', 'SIGUSR1') if hasattr(signal, name))
+# SIGINT (Ctrl-C) too: the first one stops the run as SIGTERM does, with a checkpoint; a second one at once
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR2', 'SIGUSR1', 'SIGINT')
+                     if hasattr(signal, name))
 
 
 class Stopped(UserError):
@@ -106,6 +109,9 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:  # no I/O here: it interrupts whatever runs
+        if signum == signal.SIGINT and signum in self.received:  # a second Ctrl-C: stop now, no checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if signum not in self.received:
             self.received.append(signum)
 
@@ -129,8 +135,8 @@ class StopSignals:
 
 
 class _IgnoreStopSignals:
-    """A DataLoader ``worker_init_fn`` that makes the worker ignore the stop signals (and Ctrl-C's SIGINT, which
-    reaches the whole process group), then calls ``init``. Ignored until the training process is on its way out
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore the stop signals (Ctrl-C's SIGINT among them:
+    a terminal sends it to the whole process group), then calls ``init``. Ignored until the training process is on its way out
     (``release_workers``): then SIGTERM ends the worker, as multiprocessing's exit handler sends it to every
     loader worker still alive, and waits for it; a worker that ignored it would keep the process from ever
     exiting after an error."""
@@ -144,7 +150,7 @@ class _IgnoreStopSignals:
             os._exit(0)
 
     def __call__(self, worker_id: int) -> None:
-        for sig in STOP_SIGNALS + (signal.SIGINT,):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._signal)
         if self.init is not None:
             self.init(worker_id)
