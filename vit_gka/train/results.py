@@ -31,6 +31,7 @@ from vit_gka.analysis.flops import model_stats
 from vit_gka.analysis.attention import model_sparsity
 from vit_gka.train.checkpoint import save_model_folder, save_weights, write_text
 from vit_gka.train.loop import sigma_stats
+from vit_gka.train.trackers import finish_trackers, start_trackers
 from vit_gka.train.state import require_finite
 
 log = logging.getLogger('vit_gka.train')
@@ -126,9 +127,8 @@ class RunRecords:
         write_text(os.path.join(self.run_dir, 'config.yaml'), OmegaConf.to_yaml(self.cfg, resolve=True))
         if self._step_log:
             write_text(os.path.join(self.run_dir, STEP_LOG), _carried_steps(resumed_from, upto_update))
-        if self.accelerator is not None and self.accelerator.log_with:
-            self.accelerator.project_configuration.set_directories(self.run_dir)
-            self.accelerator.init_trackers('tb', config=hyperparameters(self.cfg))
+        if self.accelerator is not None and self.accelerator.log_with:  # named for the sweep and the job
+            start_trackers(self.accelerator, self.cfg, self.run_dir, hyperparameters(self.cfg))
             self.tracking = True
 
     def log(self, values: Dict[str, float], update: int) -> None:
@@ -260,6 +260,8 @@ class RunRecords:
             'history': state.history,
         }
         write_text(os.path.join(self.run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+        if self.tracking:  # TensorBoard's hparams view: the configuration with the final top-1
+            finish_trackers(self.accelerator, results)
         return results
 
     def close(self) -> None:
