@@ -49,6 +49,7 @@ from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
 from vit_gka.train.finetune import apply_finetune
+from vit_gka.train.guards import check_class_maps, check_patch_grid, refuse_finished
 from vit_gka.train.loop import evaluate, train_one_epoch
 from vit_gka.train.preemption import StopSignals, Stopped, shield_workers
 from vit_gka.train.results import RunRecords, summary_line
@@ -88,7 +89,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
     # Resume (every check before anything is loaded), or start: drop path etc. then differ per process.
     state = TrainState(model_name, model_args, epochs=num_epochs, global_batch_size=global_batch,
-                       seed=int(cfg.seed), started=started)
+                       seed=int(cfg.seed), data=str(cfg.data.name), train_subset=cfg.train_subset, started=started)
     if chk is not None:
         state = resume(chk, state, parts)
     else:
@@ -98,7 +99,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
 
     # Every input has been checked: take the run folder (one writer per folder), start writing.
     if chk is None:
-        _refuse_finished(run_dir, cfg.resume)
+        refuse_finished(run_dir)
     lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
@@ -244,7 +245,7 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     set_seed(int(cfg.seed))
     model_name, model_args = str(cfg.model.name), recipe.model_args(cfg, num_classes)
     model = recipe.create_model(model_name, model_args, cfg.data)
-    _check_patch_grid(model, model_name)
+    check_patch_grid(model, model_name)
     if cfg.finetune and finetune:  # finetune=: trained weights to start from
         log.info(apply_finetune(model, str(cfg.finetune)))
     data_config = resolve_data_config({}, model=model)
@@ -262,7 +263,7 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
     eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
-    _check_class_maps(cfg.data, dataset_train, eval_loader.dataset)
+    check_class_maps(cfg.data, dataset_train, eval_loader.dataset)
     shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
     shield_workers(eval_loader)
 
@@ -302,55 +303,6 @@ def _continue_with(run_dir: str) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return f'resume=auto hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}'
     return f'resume=auto hydra.run.dir={run_dir}'
-
-
-def _refuse_finished(run_dir: str, resume_setting) -> None:
-    """A fresh start never writes over another run: a run folder with results or a checkpoint is continued
-    with ``resume=auto`` or left alone."""
-    found = [name for name in ('results.json', 'checkpoints/last', 'checkpoints/last.prev', 'model')
-             if os.path.exists(os.path.join(run_dir, name))]
-    if found:
-        raise UserError(f'run folder {run_dir} already holds a run ({found[0]}); continue it with resume=auto '
-                        f'hydra.run.dir={run_dir}, or give another hydra.run.dir=<folder> (or delete it first)')
-
-
-def _check_patch_grid(model, name: str) -> None:
-    """A ViT whose image size its patch size divides: timm would silently drop the rows and columns of a partial
-    patch, and fail at the first forward for an image smaller than one patch."""
-    embed = getattr(model, 'patch_embed', None)
-    if embed is None or not hasattr(embed, 'patch_size'):
-        raise UserError(f'{name} is not a vision transformer (no patch embedding); the suite trains timm ViTs: give '
-                        f'model=<gka|deit|...> or model=timm model.name=<a vit_* / deit_* model>')
-    size, patch = tuple(embed.img_size), tuple(embed.patch_size)
-    if getattr(embed, 'dynamic_img_pad', False):
-        return
-    if any(s < p for s, p in zip(size, patch)):
-        raise UserError(f'model.args.img_size={size[0] if size[0] == size[1] else list(size)} is smaller than one '
-                        f'patch ({patch[0]} pixels); give model.args.img_size=<a multiple of {patch[0]}>')
-    if any(s % p for s, p in zip(size, patch)):
-        lost = max(s % p for s, p in zip(size, patch))
-        fits = [size[0] // patch[0] * patch[0], (size[0] // patch[0] + 1) * patch[0]]
-        raise UserError(f'model.args.img_size={size[0] if size[0] == size[1] else list(size)} is not a multiple of '
-                        f'the patch size {patch[0]}: the last {lost} rows and columns would be dropped; give '
-                        f'model.args.img_size={fits[0]} or {fits[1]}')
-
-
-def _check_class_maps(data_cfg, train_set, eval_set) -> None:
-    """The test split's classes are the training split's (a folder missing in val/ would shift every label
-    after it), and ``data.num_classes``, when given, covers them (more is allowed: an ImageNet head trained on a
-    subset of its class folders; fewer would give labels the head does not have)."""
-    train, test = class_names(train_set), class_names(eval_set)
-    if train is not None and test is not None and train != test:
-        only_train = [c for c in train if c not in test]
-        only_test = [c for c in test if c not in train]
-        what = ', '.join(([f'{len(only_train)} only in training (e.g. {only_train[0]})'] if only_train else [])
-                         + ([f'{len(only_test)} only in the test split (e.g. {only_test[0]})'] if only_test else [])
-                         ) or 'the same names in another order'
-        raise UserError(f'the classes of the training and the test split of data {data_cfg.name} differ ({what}); '
-                        f'give both splits the same class folders')
-    if data_cfg.num_classes is not None and train is not None and int(data_cfg.num_classes) < len(train):
-        raise UserError(f'data.num_classes={data_cfg.num_classes}, but data {data_cfg.name} has {len(train)} '
-                        f'classes; set data.num_classes={len(train)} (or null: the number of class folders)')
 
 
 def _wants_compile(cfg: DictConfig, device: torch.device) -> bool:

@@ -76,6 +76,8 @@ class TrainState:
     epochs: Optional[int] = None
     global_batch_size: Optional[int] = None
     seed: Optional[int] = None
+    data: Optional[str] = None          # data.name: a resume onto another data set would mix two trainings
+    train_subset: Optional[int] = None  # the training images used (None: all)
     # Where it is: ``epoch`` epochs done, then ``step`` micro-batches of the next one (a mid-epoch checkpoint),
     # ``num_updates`` optimizer updates in all.
     epoch: int = 0
@@ -112,6 +114,7 @@ class TrainState:
         """The content of state.pt (``procs``: ``gather_process_states``)."""
         ema = parts.model_ema
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get('local')}
+        out['format'] = FORMAT
         out['wall_time_s'] = self.wall_time()
         out.update(
             optimizer=parts.optimizer.state_dict(), scheduler=parts.lr_scheduler.state_dict(),
@@ -126,11 +129,17 @@ class TrainState:
         saved = {f.name for f in dataclasses.fields(cls) if not f.metadata.get('local')}
         state = cls(**{k: v for k, v in record.items() if k in saved})
         state.epoch, state.step, state.num_updates = int(state.epoch), int(state.step), int(state.num_updates)
+        if min(state.epoch, state.step, state.num_updates) < 0 or not isinstance(state.model_args, dict) or \
+                not isinstance(state.best, dict) or not isinstance(state.history, list):
+            raise ValueError('a field out of its range or of another type')
         return state
 
 
 # The keys without which a state.pt is no vit-gka training state.
 REQUIRED = ('epoch', 'num_updates', 'optimizer', 'scheduler', 'rng', 'model_name', 'model_args')
+# state.pt's format: 2 records it (and data, train_subset); a state.pt without one is of format 1, read with the
+# defaults of the fields it lacks; a newer one is refused rather than misread.
+FORMAT = 2
 
 
 class Checkpoint(NamedTuple):
@@ -237,11 +246,22 @@ def load_checkpoint(path: str) -> Checkpoint:
     model = _uncompiled(load_weights(os.path.join(folder, MODEL_FILE)))
     ema_path = os.path.join(folder, EMA_FILE)
     ema = _uncompiled(load_weights(ema_path)) if os.path.isfile(ema_path) else None
-    record = load_state(os.path.join(folder, STATE_FILE))
+    path = os.path.join(folder, STATE_FILE)
+    record = load_state(path)
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
-        raise UserError(f'{os.path.join(folder, STATE_FILE)} is not a vit-gka training state (keys '
-                        f'{", ".join(REQUIRED)} expected)')
-    return Checkpoint(folder, model, ema, TrainState.from_record(record), record)
+        raise UserError(f'{path} is not a vit-gka training state (keys {", ".join(REQUIRED)} expected)')
+    version = record.get('format', 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError(f'{path} is not a vit-gka training state (format {version!r}); use another checkpoint')
+    if version > FORMAT:
+        raise UserError(f'{path} is of format {version}, written by a newer vit-gka (this one reads up to {FORMAT}); '
+                        f'update vit-gka to resume it')
+    try:
+        state = TrainState.from_record(record)
+    except (TypeError, ValueError) as e:
+        raise UserError(f'{path} is damaged ({type(e).__name__}: {first_line(e)}); use another checkpoint '
+                        f'(checkpoints/last.prev, or a run folder)') from e
+    return Checkpoint(folder, model, ema, state, record)
 
 
 def resume(chk: Checkpoint, this_run: TrainState, parts: TrainParts) -> TrainState:
@@ -261,6 +281,13 @@ def resume(chk: Checkpoint, this_run: TrainState, parts: TrainParts) -> TrainSta
     if saved.epochs is not None and int(saved.epochs) != this_run.epochs:
         raise UserError(f'{where} follows a {saved.epochs}-epoch schedule; pass epochs={saved.epochs} '
                         f'(the schedule cannot be stretched on resume)')
+    for key, what in (('data', 'data'), ('seed', 'seed'), ('train_subset', 'train_subset')):
+        theirs, ours = getattr(saved, key), getattr(this_run, key)
+        # data and train_subset are recorded since format 2: an older checkpoint is trusted on them
+        if theirs != ours and (key == 'seed' and theirs is not None or chk.record.get('format', 1) >= 2):
+            raise UserError(f'{where} trained with {what}={theirs}, this run has {what}={ours}; resume with '
+                            f'{what}={theirs if theirs is not None else "null"} (a resumed run keeps its data and '
+                            f'order), or start a new run')
     if saved.step and saved.global_batch_size != this_run.global_batch_size:
         raise UserError(f'{where} was written mid-epoch with global batch {saved.global_batch_size}, this '
                         f"run's is {this_run.global_batch_size}; resume with the same batch_size, grad_accum and "
@@ -279,14 +306,19 @@ def resume(chk: Checkpoint, this_run: TrainState, parts: TrainParts) -> TrainSta
     parts.raw_model.load_state_dict(chk.model)
     if parts.model_ema is not None:
         parts.model_ema.module.load_state_dict(chk.ema)
-    procs = chk.record.get('procs') or [{'rng': r} for r in chk.record['rng']]
     accelerator = parts.accelerator
-    mine = procs[accelerator.process_index] if len(procs) == accelerator.num_processes else procs[0]
-    set_rng_state(mine['rng'])
+    try:
+        procs = chk.record.get('procs') or [{'rng': r} for r in chk.record['rng']]
+        mine = procs[accelerator.process_index] if len(procs) == accelerator.num_processes else procs[0]
+        set_rng_state(mine['rng'])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise UserError(f'{where}: its RNG states are damaged ({type(e).__name__}: {first_line(e)}); use another '
+                        f'checkpoint (checkpoints/last.prev, or a run folder)') from e
     log.info('resumed from %s at epoch %d, step %d (after %d updates)', chk.folder, saved.epoch + 1, saved.step,
              saved.num_updates)
     return dataclasses.replace(
-        saved, model_name=name, model_args=args, epochs=this_run.epochs, seed=this_run.seed,
+        saved, model_name=name, model_args=args, epochs=this_run.epochs, seed=this_run.seed, data=this_run.data,
+        train_subset=this_run.train_subset,
         global_batch_size=this_run.global_batch_size, totals=mine.get('totals') if saved.step else None,
         started=this_run.started)
 
