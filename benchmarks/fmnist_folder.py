@@ -4,8 +4,9 @@ ImageNet is at hand (a GPU machine with no network, a cluster smoke test):
     python -m benchmarks.fmnist_folder /tmp/fmnist224 --size 224 --train-per-class 1000 --val-per-class 100
     python train.py recipe=deit model=gka shape=small data=folder data.root=/tmp/fmnist224
 
-``<out>/train/<class>/<n>.JPEG`` and ``<out>/val/<class>/<n>.JPEG`` (class folders named as torchvision names the
-classes, e.g. ``Ankle boot``; ``T-shirt/top`` as ``T-shirt_top``), each image resized with bicubic interpolation and repeated to 3 channels, the first
+``<out>/train/<class>/<n>.JPEG`` and ``<out>/val/<class>/<n>.JPEG`` (class folders named by the label and the name
+torchvision gives the class, ``0_T-shirt_top`` ... ``9_Ankle boot``, so that their sorted order is the label order
+and any ImageFolder reader, timm's ``validate.py`` included, maps them to Fashion-MNIST's labels), each image resized with bicubic interpolation and repeated to 3 channels, the first
 n images of each class of the training and test splits. Fashion-MNIST is found as ``data=fashion_mnist`` finds it
 (the Debian package, or ``--root``). JPEG encoding runs in a process pool (PIL's encoder holds the GIL).
 """
@@ -36,6 +37,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def class_folder(label: int, name: str) -> str:
+    """``<label>_<name>`` ('T-shirt/top' as 'T-shirt_top'): sorted, the folders come in label order (10 classes,
+    one digit each)."""
+    return f"{label}_{name.replace('/', '_')}"
+
+
 def _write(job) -> None:
     from PIL import Image
     pixels, path, size, quality = job
@@ -49,7 +56,7 @@ def jobs(split: str, dataset, per_class: int, out: str, size: int, quality: int)
         if counts.get(label, 0) >= per_class:
             continue
         counts[label] = counts.get(label, 0) + 1
-        folder = os.path.join(out, split, dataset.classes[label].replace('/', '_'))  # 'T-shirt/top'
+        folder = os.path.join(out, split, class_folder(label, dataset.classes[label]))
         os.makedirs(folder, exist_ok=True)
         yield dataset.data[index].numpy(), os.path.join(folder, f'{index:05d}.JPEG'), size, quality
 

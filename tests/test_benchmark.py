@@ -149,15 +149,24 @@ def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
 
 @needs_data
 def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
+    from omegaconf import OmegaConf
     from PIL import Image
+    from torchvision.datasets import FashionMNIST, ImageFolder
+
     from benchmarks import fmnist_folder
+    from vit_gka.data.datasets import fashion_mnist_root
     out = tmp_path / 'fmnist'
+    FMNIST_CONF = fmnist_folder.CONF
     fmnist_folder.main([str(out), '--size', '32', '--train-per-class', '2', '--val-per-class', '1', '--workers', '2'])
     for split, per_class in (('train', 2), ('val', 1)):
         classes = sorted(os.listdir(out / split))
-        assert len(classes) == 10 and 'T-shirt_top' in classes and 'Ankle boot' in classes
+        assert len(classes) == 10 and classes[0] == '0_T-shirt_top' and classes[9] == '9_Ankle boot'
         assert all(len(os.listdir(out / split / c)) == per_class for c in classes)
-    image = Image.open(next((out / 'train' / 'Bag').iterdir()))
+        # any ImageFolder reader's labels (sorted folders) are Fashion-MNIST's: the file names are test indices
+        targets = FashionMNIST(fashion_mnist_root(OmegaConf.load(FMNIST_CONF))[0], train=split == 'train').targets
+        for label, c in enumerate(ImageFolder(str(out / split)).classes):
+            assert all(targets[int(f.split('.')[0])] == label for f in os.listdir(out / split / c)), c
+    image = Image.open(next((out / 'train' / '8_Bag').iterdir()))
     assert image.size == (32, 32) and image.mode == 'RGB' and image.format == 'JPEG'
     assert 'train: 20 images of 10 classes' in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # never writes into a folder that holds something
