@@ -262,9 +262,13 @@ def summary_line(result: Dict[str, Any]) -> str:
 def write_json(cfg: DictConfig, run_dir: Optional[str], name: str, obj: Any) -> str:
     """``obj`` as ``<out>/<name>`` (``out``: ``cfg.out``, else the run folder, else Hydra's output folder)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from vit_gka.train.checkpoint import write_failed, write_text
     out = cfg.out or run_dir or HydraConfig.get().runtime.output_dir
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
-    with open(path, 'w') as f:
-        json.dump(obj, f, indent=2)
+    try:  # atomic: a full or read-only disk leaves the old file (or none), and one line, exit 74
+        os.makedirs(out, exist_ok=True)
+        write_text(path, json.dumps(obj, indent=2))
+    except OSError as e:
+        raise write_failed(path, e, 'make room (or fix the disk), then run the same command again') from e
     return path

@@ -46,8 +46,8 @@ def export_onnx(model: torch.nn.Module, path: str, batch_size: int = 2, atol: fl
     """``model`` as ONNX in ``path`` (dynamic batch), checked with onnxruntime on a batch of ``batch_size + 1``
     against PyTorch: returns the largest absolute logit difference (``UserError`` when above ``atol``)."""
     try:
-        import onnxruntime
-        from timm.utils.onnx import onnx_export
+        import onnxruntime  # noqa: F401  (both needed by _export_checked: a missing one is one line here)
+        from timm.utils.onnx import onnx_export  # noqa: F401
     except ImportError as e:
         raise UserError(f"ONNX export needs onnx and onnxruntime: pip install '.[onnx]' ({e})") from e
     model = model.eval()
@@ -57,16 +57,39 @@ def export_onnx(model: torch.nn.Module, path: str, batch_size: int = 2, atol: fl
         input_size = (embed.proj.in_channels, *embed.img_size)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, *input_size, generator=generator)
-    onnx_export(model, path, example_input=example, check=True, use_dynamo=False,
-                input_names=['input0'], output_names=['output0'])
-    other = torch.randn(batch_size + 1, *input_size, generator=generator)
-    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f'cannot write {path}: {folder} is not a folder; give an existing folder')
+    # written beside it and renamed once checked: a full disk or a failed check leaves no partial .onnx
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        return _export_checked(model, path, tmp, example, input_size, generator, atol)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _export_checked(model, path, tmp, example, input_size, generator, atol) -> float:
+    """Export into ``tmp``, compare onnxruntime with PyTorch, rename ``tmp`` to ``path``; the largest difference."""
+    import onnxruntime
+    from timm.utils.onnx import onnx_export
+
+    from vit_gka.train.checkpoint import test_fail_write, write_failed
+    try:
+        onnx_export(model, tmp, example_input=example, check=True, use_dynamo=False,
+                    input_names=['input0'], output_names=['output0'])
+        test_fail_write(path)
+    except OSError as e:
+        raise write_failed(path, e, 'make room (or fix the disk), then run the same command again') from e
+    other = torch.randn(example.shape[0] + 1, *input_size, generator=generator)
+    session = onnxruntime.InferenceSession(tmp, providers=['CPUExecutionProvider'])
     got = torch.from_numpy(session.run(None, {'input0': other.numpy()})[0])
     with torch.no_grad():
         expect = model(other)
     diff = (got - expect).abs().max().item()
     if not diff <= atol:
         raise UserError(f'{path}: onnxruntime logits differ from PyTorch by {diff:.3g} (> --atol {atol})')
+    os.replace(tmp, path)
     return diff
 
 
@@ -88,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> None:
             raise UserError('--batch-size must be at least 1')
         diff = export_onnx(load_for_export(args.source), args.out, args.batch_size, args.atol)
     except UserError as e:
-        fail(str(e))
+        fail(str(e), getattr(e, 'exit_code', 2))
     print(f'{args.out}: checked with onnxruntime, largest logit difference to PyTorch {diff:.2g}')
 
 

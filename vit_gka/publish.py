@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 from omegaconf import OmegaConf
 
 from vit_gka.errors import UserError, fail
-from vit_gka.train.checkpoint import EXIT_IO_ERROR
+from vit_gka.train.checkpoint import EXIT_IO_ERROR, write_failed
 
 __all__ = ['model_card', 'write_folder', 'upload', 'main', 'cli']
 
@@ -137,8 +137,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> None:
     except UserError as e:
         fail(str(e))
     except OSError as e:  # a full or read-only disk: nothing half-written is left (write_folder)
-        fail(f'cannot write {args.out}: {e.strerror or e}; make room (or fix the disk), then run the same command '
-             f'again', EXIT_IO_ERROR)
+        fail(str(write_failed(args.out, e, 'make room (or fix the disk), then run the same command again')),
+             EXIT_IO_ERROR)
 
 
 def cli() -> None:

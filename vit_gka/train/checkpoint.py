@@ -20,7 +20,10 @@ A full disk or an I/O error while a checkpoint is written (torch's and safetenso
 SafetensorError for it, not OSError) ends in ``CheckpointWriteError``: one line naming the checkpoint that failed,
 why, and the last good one, which is left as it was (exit status 74, EX_IOERR of sysexits.h); the temporary
 folder is removed. Test hook: ``VIT_GKA_TEST_FAIL_CHECKPOINT=<n>`` makes the n-th ``write_checkpoint`` of the
-process raise ``OSError(ENOSPC)`` after its ``model.safetensors`` is written.
+process raise ``OSError(ENOSPC)`` after its ``model.safetensors`` is written. Every other file of a run and of the
+tools is written by ``write_text`` / ``save_weights`` / ``atomic_dir`` too: a failure leaves the old file (or
+none), never a half-written one, and ends in ``WriteError``, one line, exit 74 (``VIT_GKA_TEST_FAIL_WRITE=<name>``
+injects ENOSPC into the write of that file).
 """
 import contextlib
 import errno
@@ -39,13 +42,14 @@ from safetensors.torch import save_file
 from vit_gka.errors import UserError
 
 __all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text', 'atomic_dir',
-           'CheckpointWriteError', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV', 'FAIL_ENV', 'EXIT_IO_ERROR']
+           'CheckpointWriteError', 'WriteError', 'write_failed', 'test_fail_write', 'FAIL_WRITE_ENV', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV', 'FAIL_ENV', 'EXIT_IO_ERROR']
 
 MODEL_FILE = 'model.safetensors'
 EMA_FILE = 'model_ema.safetensors'
 STATE_FILE = 'state.pt'
 PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT'
 FAIL_ENV = 'VIT_GKA_TEST_FAIL_CHECKPOINT'
+FAIL_WRITE_ENV = 'VIT_GKA_TEST_FAIL_WRITE'
 EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
 _saved = 0  # write_checkpoint calls of this process (for the test pause)
 
@@ -81,16 +85,34 @@ def _test_pause(stage: str) -> None:
                 time.sleep(0.05)
 
 
+def test_fail_write(path: str) -> None:
+    """Test hook ``VIT_GKA_TEST_FAIL_WRITE=<name>``: ENOSPC for the write of the file or folder called ``name``
+    (best.safetensors, model, results.json, steps.jsonl, eval.json, ...), after its bytes went to a temporary."""
+    name = os.environ.get(FAIL_WRITE_ENV)
+    if name and os.path.basename(os.path.normpath(path)) == name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
 def _test_fail(path: str) -> None:
     nth = os.environ.get(FAIL_ENV)
     if nth and _saved == int(nth):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (full disk, I/O error); the last good one is left as it was."""
+class WriteError(UserError):
+    """A file or folder could not be written (full disk, read-only disk, I/O error); what was there before is left
+    as it was (exit status 74)."""
     exit_code = EXIT_IO_ERROR
     input_error = False
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint could not be written (full disk, I/O error); the last good one is left as it was."""
+
+
+def write_failed(path: str, error: BaseException, then: str) -> WriteError:
+    """The one-line error of a failed write: what, why (the OS's words), and ``then`` (what to do)."""
+    return WriteError(f'cannot write {path}: {_reason(error, os.path.dirname(os.path.abspath(path)))}; {then}')
 
 
 def _complete(folder: str) -> bool:
@@ -161,6 +183,7 @@ def _atomic_file(path: str):
     os.close(fd)
     try:
         yield tmp
+        test_fail_write(path)
         os.chmod(tmp, 0o644)
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -173,7 +196,7 @@ def _atomic_file(path: str):
 def save_weights(state_dict: Dict[str, torch.Tensor], path: str) -> None:
     """Write a safetensors file atomically."""
     with _atomic_file(path) as tmp:
-        save_file(_plain_state_dict(state_dict), tmp, metadata={'format': 'pt'})
+        _save_file(state_dict, tmp)
 
 
 def write_text(path: str, text: str) -> None:
@@ -216,6 +239,7 @@ def atomic_dir(folder: str):
     tmp = tempfile.mkdtemp(dir=parent, prefix=base + '.tmp-')
     try:
         yield tmp
+        test_fail_write(folder)
         for name in os.listdir(tmp):  # fsync every file, ordinary permissions (mkdtemp makes 0700)
             os.chmod(os.path.join(tmp, name), 0o644)
             _fsync_file(os.path.join(tmp, name))

@@ -103,6 +103,9 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     lock = lock_run_dir(accelerator, run_dir)
     records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
+    if chk is not None and not state.step and state.best['epoch'] == state.epoch and \
+            not os.path.exists(os.path.join(run_dir, 'best.safetensors')):  # lost to a failed write after the checkpoint
+        records.best((parts.model_ema.module if state.best['ema'] else raw_model).state_dict(), state.num_updates)
     log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, transformed per %s, %d '
              'loader workers per '
              'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,

@@ -16,6 +16,7 @@
                        timm.create_model('local-dir:<run>/model', pretrained=True)
     results.json       the numbers: the dict ``RunRecords.results`` writes
 """
+import contextlib
 import csv
 import io
 import json
@@ -26,10 +27,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 
 from vit_gka.analysis.flops import model_stats
 from vit_gka.analysis.attention import model_sparsity
-from vit_gka.train.checkpoint import save_model_folder, save_weights, write_text
+from vit_gka.train.checkpoint import save_model_folder, save_weights, test_fail_write, write_failed, write_text
 from vit_gka.train.loop import sigma_stats
 from vit_gka.train.trackers import finish_trackers, start_trackers
 from vit_gka.train.state import require_finite
@@ -124,12 +126,34 @@ class RunRecords:
         if not self.enabled:
             return
         os.makedirs(self.run_dir, exist_ok=True)
-        write_text(os.path.join(self.run_dir, 'config.yaml'), OmegaConf.to_yaml(self.cfg, resolve=True))
+        with self._writing('config.yaml') as path:
+            write_text(path, OmegaConf.to_yaml(self.cfg, resolve=True))
         if self._step_log:
-            write_text(os.path.join(self.run_dir, STEP_LOG), _carried_steps(resumed_from, upto_update))
+            with self._writing(STEP_LOG) as path:
+                write_text(path, _carried_steps(resumed_from, upto_update))
         if self.accelerator is not None and self.accelerator.log_with:  # named for the sweep and the job
             start_trackers(self.accelerator, self.cfg, self.run_dir, hyperparameters(self.cfg))
             self.tracking = True
+
+    @contextlib.contextmanager
+    def _writing(self, name: str):
+        """Yield ``<run>/<name>``; a failed write (a full or read-only disk) becomes one ``WriteError`` line, exit
+        74, naming what to do: the writers are atomic, so the old file (or none) is left, never a half one."""
+        path = os.path.join(self.run_dir, name)
+        try:
+            yield path
+        except (OSError, SafetensorError) as e:
+            last = os.path.join(self.run_dir, 'checkpoints', 'last')
+            if os.path.isdir(last) or os.path.isdir(last + '.prev'):
+                then = (f'the checkpoint {last} is intact: make room (or fix the disk), then continue with '
+                        f'resume=auto hydra.run.dir={self.run_dir}')
+            else:
+                then = 'no checkpoint was written yet: make room (or fix the disk), then run the same command again'
+            steps, self._steps = self._steps, None
+            if steps is not None:
+                with contextlib.suppress(OSError):  # its buffer cannot go to a full disk either
+                    steps.close()
+            raise write_failed(path, e, then) from e
 
     def log(self, values: Dict[str, float], update: int) -> None:
         """``values`` to every tracker (TensorBoard, W&B, ... : ``log_with``) at optimizer update ``update``."""
@@ -140,10 +164,12 @@ class RunRecords:
         """steps.jsonl's line of one update (``info``: what loop.train_one_epoch passes its ``on_update``)."""
         if not self._step_log:
             return
-        if self._steps is None:
-            self._steps = open(os.path.join(self.run_dir, STEP_LOG), 'a')
-        self._steps.write(json.dumps({'epoch': info['epoch'] + 1, **{k: info[k] for k in _STEP_KEYS}}) + '\n')
-        self._steps.flush()
+        with self._writing(STEP_LOG) as path:  # a line cut short by a full disk is dropped when it resumes
+            if self._steps is None:
+                self._steps = open(path, 'a')
+            self._steps.write(json.dumps({'epoch': info['epoch'] + 1, **{k: info[k] for k in _STEP_KEYS}}) + '\n')
+            self._steps.flush()
+            test_fail_write(path)
 
     def close_steps(self) -> None:
         if self._steps is not None:
@@ -162,7 +188,8 @@ class RunRecords:
         writer.writerow([column for column, _ in SUMMARY_COLUMNS])
         for record in history:
             writer.writerow(['' if record.get(key) is None else record[key] for _, key in SUMMARY_COLUMNS])
-        write_text(os.path.join(self.run_dir, 'summary.csv'), out.getvalue())
+        with self._writing('summary.csv') as path:
+            write_text(path, out.getvalue())
 
     def epoch(self, done: int, update: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
               ema_metrics: Optional[Dict[str, Any]], sparsity: Optional[Dict[str, Any]]) -> None:
@@ -188,7 +215,8 @@ class RunRecords:
         """best.safetensors (never from non-finite weights: ``state.require_finite``)."""
         if self.enabled:
             require_finite(weights, 'best weights', update)
-            save_weights(weights, os.path.join(self.run_dir, 'best.safetensors'))
+            with self._writing('best.safetensors') as path:
+                save_weights(weights, path)
 
     def results(self, parts, state, metrics: Dict[str, Any], ema_metrics: Optional[Dict[str, Any]],
                 sparsity_images=None, unreadable_images: int = 0,
@@ -203,8 +231,8 @@ class RunRecords:
         final = model_ema.module if use_ema else raw_model
         if cfg.save_model:
             require_finite(final.state_dict(), 'final weights', state.num_updates)
-            save_model_folder(final, os.path.join(self.run_dir, 'model'), _architecture_args(state.model_args),
-                              label_names)
+            with self._writing('model') as path:
+                save_model_folder(final, path, _architecture_args(state.model_args), label_names)
         stats = _model_stats(raw_model)
         best = state.best
         results = {
@@ -259,7 +287,8 @@ class RunRecords:
             'unreadable_images': unreadable_images,  # data.datasets.CheckedImageFolder
             'history': state.history,
         }
-        write_text(os.path.join(self.run_dir, 'results.json'), json.dumps(results, indent=2) + '\n')
+        with self._writing('results.json') as path:
+            write_text(path, json.dumps(results, indent=2) + '\n')
         if self.tracking:  # TensorBoard's hparams view: the configuration with the final top-1
             finish_trackers(self.accelerator, results)
         return results
