@@ -26,7 +26,7 @@ are, with float32 accumulation.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read no other globals
 
 
 @triton.jit
