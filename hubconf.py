@@ -8,7 +8,9 @@ Each entry point is ``timm.create_model(<name>, pretrained=False, **kwargs)``.
 import os
 import sys
 
-dependencies = ['torch', 'timm']
+# what torch.hub checks before loading: every package a model of vit_gka imports (the compact kernels: entmax;
+# timm: torchvision; the shipped weights: safetensors)
+dependencies = ['torch', 'torchvision', 'timm', 'entmax', 'safetensors']
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this checkout's vit_gka, installed or not
 import timm  # noqa: E402

@@ -19,6 +19,9 @@ CPU = torch.device('cpu')
 BENCH_KEYS = {'label', 'model', 'batch_size', 'input_size', 'device', 'dtype', 'compiled', 'steps', 'rounds', 'torch',
               'timm', 'infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb', 'baseline'}
 RATIO_KEYS = {f'ratio_{k}' for k in ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')}
+# timm benchmark.py's names of the same numbers (and its param_count, in millions)
+TIMM_KEYS = {'param_count'} | {f'{phase}_{k}' for phase in ('infer', 'train')
+                               for k in ('samples_per_sec', 'step_time', 'batch_size', 'img_size')}
 
 
 def test_timed_and_interleaved_medians_call_in_turns():
@@ -72,7 +75,7 @@ def test_benchmark_models_rows_are_bench_json(capsys):
     """The rows eval.py bench=true writes to bench.json: these keys, the model first with its ratios."""
     models = harness.with_baseline('gka', 'gka_deit_tiny_patch16_224', {'img_size': 32, 'depth': 1})
     rows = harness.benchmark_models(models, CPU, batch_size=2, warmup=0, steps=1, rounds=2, train=True)
-    assert set(rows[0]) == BENCH_KEYS | RATIO_KEYS and set(rows[1]) == BENCH_KEYS
+    assert set(rows[0]) == BENCH_KEYS | RATIO_KEYS | TIMM_KEYS and set(rows[1]) == BENCH_KEYS | TIMM_KEYS
     assert rows[0]['baseline'] == rows[1]['label'] and rows[1]['baseline'] is None
     assert rows[0]['input_size'] == [3, 32, 32] and rows[0]['dtype'] == 'fp32' and rows[0]['device'] == 'cpu'
     assert rows[0]['infer_peak_mem_mb'] is None and rows[0]['ratio_train_peak_mem_mb'] is None  # CPU

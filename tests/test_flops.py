@@ -137,7 +137,7 @@ def test_cli_help(capsys):
 def test_cli_markdown_in_process(capsys):
     assert flops_cli.main(['gka_deit_tiny_patch16_224']) == 0
     table = capsys.readouterr().out
-    assert 'GMACs' in table and 'GFLOPs (2 x MACs)' in table and 'size (MB, fp32)' in table
+    assert 'GMACs' in table and 'GFLOPs (2 x MACs)' in table and 'size (MiB, fp32)' in table
     assert '| gka_deit_tiny_patch16_224 |' in table and '1.99' in table and '4.38' in table
     assert flops_cli.main([]) == 2 and flops_cli.main(['deit_tiny_patch16_224', '--img-size', 'x']) == 2
     assert flops_cli.main(['deit_tiny_patch16_224', '--bogus']) == 2

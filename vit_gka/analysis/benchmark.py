@@ -87,7 +87,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def allocated_peak_mb(device: torch.device) -> Optional[float]:
-    """The CUDA allocator's peak since ``reset_peak``, in MB (2**20 bytes); ``None`` on the CPU."""
+    """The CUDA allocator's peak since ``reset_peak``, in MiB (2**20 bytes); ``None`` on the CPU."""
     if torch.device(device).type != 'cuda':
         return None
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -99,7 +99,7 @@ def _rss_kb(field: str) -> int:
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
-    """Memory one call of ``fn`` holds at its peak beyond what was allocated before it, in MB (module docstring);
+    """Memory one call of ``fn`` holds at its peak beyond what was allocated before it, in MiB (module docstring);
     ``None`` on a CPU without /proc (not Linux)."""
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize(device)
@@ -260,17 +260,50 @@ class ModelUnderTest:
         seconds = self.seconds[phase]
         return self.batch_size / statistics.median(seconds) if seconds else None
 
+    def timm_columns(self) -> Dict[str, Any]:
+        """The phases' numbers under timm benchmark.py's names (``infer_samples_per_sec``, ``infer_step_time`` in
+        ms, ``infer_batch_size``, ``infer_img_size``; the same for ``train_``)."""
+        out = {}
+        for phase in PHASES:
+            if self.seconds[phase]:
+                out.update({f'{phase}_samples_per_sec': round(self.images_per_s(phase), 2),
+                            f'{phase}_step_time': round(1e3 * statistics.median(self.seconds[phase]), 3),
+                            f'{phase}_batch_size': self.batch_size, f'{phase}_img_size': self.input_size[-1]})
+        return out
+
 
 def benchmark_models(models: List[Dict[str, Any]], device: torch.device, batch_size: int = 64, warmup: int = 3,
                      steps: int = 10, rounds: int = 3, amp: bool = False, train: bool = True,
                      compile: bool = False) -> List[Dict[str, Any]]:
     """Inference (and training) images/s and peak memory of ``models`` (``with_baseline``'s list), interleaved
     round by round (module docstring); rows in that order, the first with ``ratio_*`` to the second. Prints
-    the table and the ratios."""
+    the table and the ratios. Out of memory, the batch size backs off as timm's benchmark.py does
+    (``decay_batch_step``: 64, 48, 32, 24, ...) and every model is measured again at the smaller batch."""
+    from timm.utils import check_batch_size_retry, decay_batch_step
     if steps <= 0 or rounds <= 0 or warmup < 0 or batch_size <= 0:
         raise UserError('bench_cfg.steps, bench_cfg.rounds and bench_cfg.batch_size must be > 0, '
                         'bench_cfg.warmup >= 0')
     device = torch.device(device)
+    while True:
+        try:
+            rows = _measure(models, device, batch_size, warmup, steps, rounds, amp, train, compile)
+            break
+        except torch.cuda.OutOfMemoryError as e:
+            smaller = decay_batch_step(batch_size)
+            if not smaller or not check_batch_size_retry(str(e)):
+                raise UserError(f'out of memory at batch {batch_size} on {device_name(device)}; give '
+                                f'bench_cfg.batch_size=<smaller>, or run on a device with more memory') from e
+            print(f'out of memory at batch {batch_size}: measuring again at batch {smaller}', file=sys.stderr)
+            batch_size = smaller
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    _print_benchmark(rows)
+    return rows
+
+
+def _measure(models: List[Dict[str, Any]], device: torch.device, batch_size: int, warmup: int, steps: int,
+             rounds: int, amp: bool, train: bool, compile: bool) -> List[Dict[str, Any]]:
+    """``benchmark_models``'s rows at one batch size, with timm benchmark.py's column names beside vit-gka's."""
     under_test = [ModelUnderTest(m['label'], m['name'], m['args'], device, batch_size, amp, compile)
                   for m in models]
     phases = PHASES if train else PHASES[:1]
@@ -286,20 +319,20 @@ def benchmark_models(models: List[Dict[str, Any]], device: torch.device, batch_s
         'infer_images_per_s': m.images_per_s('infer'), 'train_images_per_s': m.images_per_s('train'),
         'infer_peak_mem_mb': m.peak['infer'], 'train_peak_mem_mb': m.peak['train'],
         'baseline': under_test[1].label if len(under_test) > 1 and m is under_test[0] else None,
+        'param_count': round(sum(p.numel() for p in m.model.parameters()) / 1e6, 2), **m.timm_columns(),
     } for m in under_test]
     if len(rows) > 1:
         for key in ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb'):
             a, base = rows[0][key], rows[1][key]
             rows[0][f'ratio_{key}'] = a / base if a is not None and base else None
-    _print_benchmark(rows)
     return rows
 
 
 def _print_benchmark(rows: List[Dict[str, Any]]) -> None:
     from tabulate import tabulate
     cols = [('label', 'model'), ('dtype', 'dtype'), ('batch_size', 'batch'), ('infer_images_per_s', 'inference img/s'),
-            ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MB'),
-            ('train_peak_mem_mb', 'training peak MB')]
+            ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MiB'),
+            ('train_peak_mem_mb', 'training peak MiB')]
     fmt = (lambda v: '-' if v is None else f'{v:.0f}' if isinstance(v, float) else str(v))
     print(tabulate([[fmt(r[k]) for k, _ in cols] for r in rows], headers=[h for _, h in cols], tablefmt='github',
                    disable_numparse=True))

@@ -275,8 +275,10 @@ CLI_COLUMNS = [  # (row key, table header, divisor)
     ('params_other', 'other params (M)', 1e6),
     ('gmacs', 'GMACs', 1),
     ('gflops', 'GFLOPs (2 x MACs)', 1),
-    ('size_mb', 'size (MB, fp32)', 1),
+    ('size_mb', 'size (MiB, fp32)', 1),
 ]
+# four significant digits for compute: a small model's 0.0157 GMACs would read 0.02 at two decimals
+CLI_FLOAT_FORMATS = {'gmacs': '.4g', 'gflops': '.4g'}
 CLI_JSON_KEYS = ('model', 'img_size', 'params', 'params_attn', 'params_mlp', 'params_other', 'gmacs', 'gflops',
                  'size_mb', 'gelementwise', 'unsupported')
 
@@ -302,7 +304,10 @@ def cli_parser(prog: Optional[str] = None):
 
     parser = Parser(prog=prog or 'python -m vit_gka.analysis.flops', description=CLI_DESCRIPTION,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('models', nargs='+', metavar='MODEL', help="timm model names, e.g. gka_deit_small_patch16_224")
+    parser.add_argument('models', nargs='+', metavar='MODEL',
+                        help="timm model names, e.g. gka_deit_small_patch16_224, or timm wildcards ('gka_deit_*')")
+    parser.add_argument('--detail', action='store_true',
+                        help="also print fvcore's per-module table (flop_count_table) of each model")
     parser.add_argument('--img-size', type=_positive_int, default=None, metavar='N',
                         help="input height and width (default: the model's own)")
     parser.add_argument('--json', action='store_true', help='print JSON instead of the Markdown table')
@@ -322,21 +327,45 @@ def _create_model(name: str, img_size: Optional[int] = None) -> nn.Module:
         return timm.create_model(name)
 
 
-def stats_row(name: str, img_size: Optional[int] = None) -> dict:
-    """``model_stats`` of one model with its name, input ``img_size`` [H, W] and ``input`` text (``3x224x224``)."""
+def expand_names(names: Sequence[str]) -> List[str]:
+    """The model names, each timm wildcard (``*``, ``?``, ``[``) replaced by the registry's matches;
+    ``CommandLineError`` for a wildcard that matches nothing."""
+    import timm
+    out = []
+    for name in names:
+        if any(c in name for c in '*?['):
+            matched = timm.list_models(name)
+            if not matched:
+                raise CommandLineError(f'{name!r} matches no model in timm\'s registry or vit_gka\'s')
+            out += matched
+        else:
+            out.append(name)
+    return out
+
+
+def stats_row(name: str, img_size: Optional[int] = None, detail: bool = False) -> dict:
+    """``model_stats`` of one model with its name, input ``img_size`` [H, W] and ``input`` text (``3x224x224``);
+    with ``detail`` also ``table``: fvcore's per-module ``flop_count_table`` (MACs, parameters)."""
     model = _create_model(name, img_size)
     stats = model_stats(model, img_size=img_size)
     shape = input_shape(model, img_size)
-    return {'model': name, 'img_size': list(shape[1:]), 'input': 'x'.join(map(str, shape)), **stats}
+    row = {'model': name, 'img_size': list(shape[1:]), 'input': 'x'.join(map(str, shape)), **stats}
+    if detail:
+        from fvcore.nn import flop_count_table
+        row['table'] = flop_count_table(flop_count(model, img_size), max_depth=3)
+    return row
 
 
 def markdown(rows: List[dict]) -> str:
     """The rows as a Markdown table (``CLI_COLUMNS``), then one line per model with ops no handle counted."""
     from tabulate import tabulate
     table = [[r[key] / scale if scale else r[key] for key, _, scale in CLI_COLUMNS] for r in rows]
-    text = tabulate(table, headers=[h for _, h, _ in CLI_COLUMNS], tablefmt='github', floatfmt='.2f')
+    text = tabulate(table, headers=[h for _, h, _ in CLI_COLUMNS], tablefmt='github',
+                    floatfmt=[CLI_FLOAT_FORMATS.get(key, '.2f') for key, _, _ in CLI_COLUMNS])
     notes = [f'{r["model"]}: ops not counted: {", ".join(r["unsupported"])}' for r in rows if r['unsupported']]
-    return '\n'.join([text, *notes])
+    details = [f'\n{r["model"]}: fvcore per module ("#flops": multiply-accumulates, element-wise ops included)'
+               f'\n{r["table"]}' for r in rows if r.get('table')]
+    return '\n'.join([text, *notes, *details])
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
@@ -345,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     import sys
     try:
         args = cli_parser(prog).parse_args(sys.argv[1:] if argv is None else list(argv))
-        rows = [stats_row(name, args.img_size) for name in args.models]
+        rows = [stats_row(name, args.img_size, args.detail) for name in expand_names(args.models)]
     except CommandLineError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

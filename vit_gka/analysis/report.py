@@ -8,7 +8,7 @@ A run folder holds ``results.json`` (train.py, vit_gka/train/), ``model/`` (timm
 give the runtime table. Written to ``--out`` (default ``<folder>/report`` for one folder, else ``report``):
 
 * ``report.md``: Table 2 (paper style): params total / attention / MLP (M), GMACs, GFLOPs (= 2 x MACs),
-  size (MB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
+  size (MiB, fp32), top-1 of the exported model, attention sparsity, and the change in params %, GFLOPs % and
   top-1 (points) against the DeiT baseline of the same shape (embed dim, depth, heads, MLP width, patch,
   input size, in channels; same data and epochs); Table 4: inference and training images/s and peak memory
   with change % (from bench.json), else measured here, each pair interleaved, when the jobs ran on this machine

@@ -16,7 +16,7 @@ def _pct(value, base) -> Optional[float]:
 
 
 TABLE2 = [('label', 'model'), ('attention', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
-          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MB, fp32)'),
+          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MiB, fp32)'),
           ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
           ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
 
@@ -43,8 +43,8 @@ def table2(rows: List[Dict]) -> List[Dict]:
 
 BENCH_KEYS = ('infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb')
 TABLE4 = [('label', 'model'), ('source', 'source'), ('batch_size', 'batch'), ('infer_images_per_s', 'inference img/s'),
-          ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MB'),
-          ('train_peak_mem_mb', 'training peak MB'), ('baseline', 'baseline'), ('d_infer', 'inference change (%)'),
+          ('train_images_per_s', 'training img/s'), ('infer_peak_mem_mb', 'inference peak MiB'),
+          ('train_peak_mem_mb', 'training peak MiB'), ('baseline', 'baseline'), ('d_infer', 'inference change (%)'),
           ('d_train', 'training change (%)'), ('d_train_mem', 'training memory change (%)')]
 
 

@@ -68,6 +68,11 @@ def exit_on_user_error(fn: Callable) -> Callable:
 PASS_THROUGH_FLAGS = ('-h', '--help', '--hydra-help', '--version', '-c', '--cfg', '-p', '--package', '--resolve',
                       '-i', '--info', '-sc', '--shell-completion', '--experimental-rerun',
                       '-cn', '--config-name', '-cp', '--config-path', '-cd', '--config-dir')
+# Hydra's plugins by the config name they add (hydra/launcher=joblib, hydra/sweeper=optuna) -> their package
+HYDRA_PLUGINS = {'submitit': 'hydra-submitit-launcher', 'slurm': "'vit-gka[slurm]' (hydra-submitit-launcher)",
+                 'joblib': 'hydra-joblib-launcher', 'ray': 'hydra-ray-launcher', 'rq': 'hydra-rq-launcher',
+                 'optuna': "'vit-gka[sweep]' (hydra-optuna-sweeper)", 'ax': 'hydra-ax-sweeper',
+                 'nevergrad': 'hydra-nevergrad-sweeper', 'colorlog': 'hydra-colorlog'}
 MAX_COMBINATIONS = 256  # config-group combinations of a sweep composed one by one; beyond, each value once
 
 _GROUP_WORDS = {'model': 'model', 'shape': 'shape', 'data': 'data set', 'recipe': 'recipe', 'experiment': 'experiment'}
@@ -309,10 +314,9 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                     cfg = compose(config_name=config_name, overrides=variant, return_hydra_config=True)
                 except MissingConfigException as e:
                     message = str(e).splitlines()[0]
-                    if 'submitit' in message:
-                        message += ' (the Slurm launcher needs: pip install hydra-submitit-launcher)'
-                    elif 'optuna' in message:
-                        message += ' (the Optuna sweeper needs: pip install hydra-optuna-sweeper)'
+                    plugin = next((p for p in HYDRA_PLUGINS if f"/{p}'" in message or f'/{p}_' in message), None)
+                    if plugin is not None:
+                        message += f' (a Hydra plugin that is not installed: pip install {HYDRA_PLUGINS[plugin]})'
                     fail(message)
                 except (HydraException, OmegaConfBaseException) as e:
                     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
