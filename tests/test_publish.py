@@ -7,6 +7,7 @@ import sys
 
 import timm
 import torch
+from huggingface_hub import ModelCard
 
 from helpers import TINY, check, needs_data, one_line_error, run
 
@@ -28,8 +29,12 @@ def test_published_folder_loads_and_has_a_model_card(tmp_path):
     card = (out / 'README.md').read_text()
     res = json.loads((run_dir / 'results.json').read_text())
     these = res['ema_top1'] if res['model_folder_weights'] == 'ema' else res['top1']
-    assert card.startswith('---\nlibrary_name: timm') and f"| **{these:.2f}** | {res['model_folder_weights']} |" in card
+    assert card.startswith('---\n') and '\nlibrary_name: timm\n' in card and f"| **{these:.2f}** | {res['model_folder_weights']} |" in card
     assert 'Projection-Free Transformers via Gaussian Kernel Attention' in card and 'local-dir:' in card
+    meta = ModelCard.load(out / 'README.md').data  # the Hub's reading of the header
+    assert meta.license == 'mit' and meta.datasets == ['fashion_mnist']  # Fashion-MNIST's licence, not the code's
+    [result] = meta.eval_results  # model-index
+    assert result.metric_name == 'top-1' and result.metric_value == round(these, 2) and result.dataset_split == 'test'
     published = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     original = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True).eval()
     x = torch.randn(2, 1, 28, 28)

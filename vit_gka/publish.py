@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from vit_gka.errors import UserError, fail
 from vit_gka.train.checkpoint import EXIT_IO_ERROR, write_failed
 
-__all__ = ['model_card', 'write_folder', 'upload', 'main', 'cli']
+__all__ = ['card_data', 'model_card', 'write_folder', 'upload', 'main', 'cli']
 
 PROG = 'python -m vit_gka.publish'
 PAPER = ('Kundu, Ghosh, Ghosh, Honavar. Projection-Free Transformers via Gaussian Kernel Attention. '
@@ -33,16 +33,30 @@ def _number(value: Any, fmt: str) -> str:
     return '-' if value is None else format(value, fmt)
 
 
+def card_data(results: Dict[str, Any], config: Dict[str, Any], name: str, these: Optional[float]):
+    """The card's metadata (``huggingface_hub.ModelCardData``): the data set's licence (the run's ``data.license``;
+    weights trained on a data set carry its terms, not the code's), and ``model-index`` with the top-1 of these
+    weights on the test split."""
+    from huggingface_hub import EvalResult, ModelCardData
+    data = str(results['data'])
+    results_index = [EvalResult(task_type='image-classification', dataset_type=data, dataset_name=data,
+                                dataset_split='test', metric_type='accuracy', metric_name='top-1',
+                                metric_value=round(these, 2))] if these is not None else None
+    return ModelCardData(library_name='timm', license=(config.get('data') or {}).get('license') or 'unknown',
+                         tags=['image-classification', 'timm', 'vit-gka'], datasets=[data], model_name=name,
+                         eval_results=results_index)
+
+
 def model_card(results: Dict[str, Any], config: Dict[str, Any], name: str, repo_id: Optional[str]) -> str:
-    """The model card (Markdown with the Hub's YAML header) of a run: its results.json and config.yaml."""
+    """The model card (``huggingface_hub.ModelCard``: the Hub's YAML header, then Markdown) of a run: its
+    results.json and config.yaml."""
+    from huggingface_hub import ModelCard
     load = f"hf-hub:{repo_id}" if repo_id else 'local-dir:<this folder>'
     weights = results.get('model_folder_weights') or 'model'
     these = results.get('ema_top1') if weights == 'ema' else results.get('top1')
     recipe = {k: config.get(k) for k in RECIPE_KEYS}
     optim, sched, aug = config.get('optim') or {}, config.get('sched') or {}, config.get('aug') or {}
     lines = [
-        '---', 'library_name: timm', 'license: apache-2.0', 'tags:', '- image-classification', '- timm', '- vit-gka',
-        f"datasets:\n- {results['data']}", '---', '',
         f'# {name}', '',
         f"A `{results['model']}` (vit-gka: Gaussian Kernel Attention, no query / key / value projections) trained on "
         f"`{results['data']}` ({results['num_classes']} classes, {results.get('img_size')} px) for "
@@ -68,7 +82,8 @@ def model_card(results: Dict[str, Any], config: Dict[str, Any], name: str, repo_
         f"model = timm.create_model('{load}', pretrained=True).eval()", '```', '',
         '## Paper', '', PAPER, '',
     ]
-    return '\n'.join(lines)
+    header = card_data(results, config, name, these).to_yaml()
+    return str(ModelCard(f'---\n{header}\n---\n\n' + '\n'.join(lines)))
 
 
 def write_folder(run_dir: str, out: str, repo_id: Optional[str] = None) -> str:
