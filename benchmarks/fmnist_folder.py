@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--train-per-class', type=int, default=1000, help='training images per class (default: %(default)s)')
     p.add_argument('--val-per-class', type=int, default=100, help='test images per class (default: %(default)s)')
     p.add_argument('--quality', type=int, default=90, help='JPEG quality (default: %(default)s)')
+    p.add_argument('--format', choices=('jpeg', 'png'), default='jpeg',
+                   help='jpeg: RGB .JPEG as ImageNet; png: lossless gray .png, the exact test set (default: %(default)s)')
     p.add_argument('--root', default=None, help="Fashion-MNIST's data.root (default: the Debian package)")
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='encoding processes (default: %(default)s)')
     return p
@@ -46,10 +48,16 @@ def class_folder(label: int, name: str) -> str:
 def _write(job) -> None:
     from PIL import Image
     pixels, path, size, quality = job
-    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).convert('RGB').save(path, quality=quality)
+    image = Image.fromarray(pixels)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    if path.endswith('.png'):
+        image.save(path)
+    else:
+        image.convert('RGB').save(path, quality=quality)
 
 
-def jobs(split: str, dataset, per_class: int, out: str, size: int, quality: int):
+def jobs(split: str, dataset, per_class: int, out: str, size: int, quality: int, suffix: str = '.JPEG'):
     """(pixels, path, size, quality) for the first ``per_class`` images of each class of ``dataset``."""
     counts = {}
     for index, label in enumerate(dataset.targets.tolist()):
@@ -58,7 +66,7 @@ def jobs(split: str, dataset, per_class: int, out: str, size: int, quality: int)
         counts[label] = counts.get(label, 0) + 1
         folder = os.path.join(out, split, class_folder(label, dataset.classes[label]))
         os.makedirs(folder, exist_ok=True)
-        yield dataset.data[index].numpy(), os.path.join(folder, f'{index:05d}.JPEG'), size, quality
+        yield dataset.data[index].numpy(), os.path.join(folder, f'{index:05d}{suffix}'), size, quality
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -78,8 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         for split, (train, per_class) in splits.items():
             dataset = FashionMNIST(root, train=train)
+            suffix = '.png' if args.format == 'png' else '.JPEG'
             written = sum(1 for _ in pool.map(_write, jobs(split, dataset, per_class, args.out, args.size,
-                                                               args.quality), chunksize=64))
+                                                               args.quality, suffix), chunksize=64))
             print(f'{split}: {written} images of {len(dataset.classes)} classes -> {os.path.join(args.out, split)}')
 
 

@@ -152,6 +152,8 @@ def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
 
 @needs_data
 def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
+    import numpy as np
+    import torch
     from omegaconf import OmegaConf
     from PIL import Image
     from torchvision.datasets import FashionMNIST, ImageFolder
@@ -172,6 +174,12 @@ def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
     image = Image.open(next((out / 'train' / '8_Bag').iterdir()))
     assert image.size == (32, 32) and image.mode == 'RGB' and image.format == 'JPEG'
     assert 'train: 20 images of 10 classes' in capsys.readouterr().out
+    # --format png: the test images exactly, gray, as timm's validate.py reads them
+    fmnist_folder.main([str(tmp_path / 'png'), '--size', '28', '--format', 'png', '--train-per-class', '1',
+                        '--val-per-class', '1', '--workers', '1'])
+    test = FashionMNIST(fashion_mnist_root(OmegaConf.load(FMNIST_CONF))[0], train=False)
+    png = next((tmp_path / 'png' / 'val' / '9_Ankle boot').iterdir())
+    assert (torch.from_numpy(np.asarray(Image.open(png))) == test.data[int(png.stem)]).all()
     with pytest.raises(SystemExit) as e:  # never writes into a folder that holds something
         fmnist_folder.main([str(out)])
     assert e.value.code == 2 and 'is not empty' in capsys.readouterr().err
