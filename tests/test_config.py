@@ -70,7 +70,8 @@ def test_old_preset_is_one_model_and_shape_with_the_same_name_and_args(hydra_con
     family, shape = cli.OLD_PRESETS[old]
     cfg = composed(f'model={family}', f'shape={shape}')
     assert model_of(cfg) == OLD[old]
-    assert cli._unknown_option(CONF, 'model', 'model', [old]) == f'model={old} is now model={family} shape={shape}'
+    assert cli._unknown_option(cli.ConfigGroups('config', []), 'model', 'model', [old]) == \
+        f'model={old} is now model={family} shape={shape}'
     if shape.endswith('fmnist'):
         assert cfg.model_choice == old  # run folders and results.json's model_config keep their names
 
