@@ -206,7 +206,7 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
                                   labels if labels is not None and len(labels) == num_classes else None)
         records.close()
     if parts.stop.received:
-        log.info('%s came while the run wrote its results: it finished first',
+        log.info('%s came after the last epoch\'s checkpoint: the run finished first',
                  ', '.join(signal.Signals(s).name for s in parts.stop.received))
     if lock is not None:
         lock.release()
