@@ -52,7 +52,8 @@ def test_a_failed_job_is_a_row_and_the_sweep_goes_on(sweep):
     assert [os.path.isfile(os.path.join(folder, r, 'results.json')) for r in runs] == [True, False, True]
     with open(os.path.join(folder, '1_gka_fmnist', 'failed.json')) as f:
         failed = json.load(f)
-    assert failed['exit_code'] == 3 and failed['error'].startswith('non-finite loss') and 'lr=1e+30' in failed['overrides']
+    assert failed['exit_code'] == 3 and failed['error'].startswith('non-finite loss')
+    assert 'lr=1e+30' in failed['overrides']
     with open(os.path.join(folder, '1_gka_fmnist', 'train.log')) as f:
         assert 'error: non-finite loss' in f.read()  # the job's one line, in its own log
 
@@ -135,3 +136,15 @@ def test_eval_py_on_the_sweep_folder_writes_one_results_file(sweep, tmp_path):
     recorded = {r['run']: float(r['top-1']) for r in _rows(copy) if r['status'] == 'done'}
     assert all(abs(float(r['top1']) - recorded[r['run']]) < 1e-6 for r in rows)  # eager fp32 runs: the same top-1
     assert (copy / '0_gka_fmnist' / 'eval.json').is_file() and (copy / 'results.md').is_file()
+
+
+@needs_data
+def test_run_folders_in_natural_order(sweep, tmp_path):
+    folder, _ = sweep
+    copy = tmp_path / 'sweep'
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns('report'))
+    shutil.copytree(copy / '2_gka_fmnist', copy / '10_gka_fmnist')  # an eleventh job sorts after the third
+    from vit_gka.analysis.summary import collect
+    assert [r['run'] for r in collect([str(copy)])] == ['0_gka_fmnist', '1_gka_fmnist', '2_gka_fmnist', '10_gka_fmnist']
+    assert [os.path.basename(r) for r in report.find_runs([str(copy)])] == ['0_gka_fmnist', '2_gka_fmnist',
+                                                                           '10_gka_fmnist']

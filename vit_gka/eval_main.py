@@ -34,10 +34,11 @@ __all__ = ['expand_models', 'progress_loader', 'write_results', 'main', 'cli']
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 WILDCARDS = '*?['  # fnmatch's, as timm.list_models takes them
 # (column, key of an evaluated model's result): timm validate.py's results file, with vit-gka's compute and speed
-RESULT_COLUMNS = (('model', 'label'), ('run', 'run_name'), ('weights', 'weights'), ('params (M)', 'params_m'), ('GMACs', 'gmacs'),
-                  ('top1', 'top1'), ('top1_err', 'top1_err'), ('top5', 'top5'), ('top5_err', 'top5_err'),
-                  ('images/s', 'images_per_s'), ('img_size', 'img_size'), ('crop_pct', 'crop_pct'),
-                  ('interpolation', 'interpolation'), ('data', 'data'), ('test images', 'num_images'))
+RESULT_COLUMNS = (('model', 'label'), ('run', 'run_name'), ('weights', 'weights'), ('params (M)', 'params_m'),
+                  ('GMACs', 'gmacs'), ('top1', 'top1'), ('top1_err', 'top1_err'), ('top5', 'top5'),
+                  ('top5_err', 'top5_err'), ('images/s', 'images_per_s'), ('img_size', 'img_size'),
+                  ('crop_pct', 'crop_pct'), ('interpolation', 'interpolation'), ('data', 'data'),
+                  ('test images', 'num_images'))
 
 log = logging.getLogger('vit_gka.eval')
 

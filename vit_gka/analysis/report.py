@@ -71,8 +71,8 @@ def find_runs(paths: Sequence[str]) -> List[str]:
     for path in paths:
         if not os.path.isdir(path):
             raise ReportError(f'{path} is not a folder')
-        found = sorted((os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True)),
-                       key=lambda d: natural_key(os.path.relpath(d, path)))
+        found = [os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True)]
+        found.sort(key=lambda d: natural_key(os.path.relpath(d, path)))
         if not found:
             raise ReportError(f'no results.json under {path}')
         runs += [os.path.abspath(r) for r in found if os.path.abspath(r) not in runs]
@@ -142,9 +142,8 @@ def read_curve(run_dir: str) -> Optional[Dict[str, list]]:
         return None
     with open(path, newline='') as f:
         records = list(csv.DictReader(f))
-    number = lambda text: float(text) if text not in (None, '') else None  # noqa: E731
-    return {'epoch': [int(r['epoch']) for r in records], 'train_loss': [number(r.get('train_loss')) for r in records],
-            'eval_top1': [number(r.get('eval_top1')) for r in records]}
+    return {'epoch': [int(r['epoch']) for r in records],
+            **{key: [float(r[key]) if r.get(key) else None for r in records] for key in ('train_loss', 'eval_top1')}}
 
 
 def _pair_key(r: Dict):

@@ -16,9 +16,9 @@ def _pct(value, base) -> Optional[float]:
 
 
 TABLE2 = [('label', 'model'), ('attention', 'attention'), ('params_m', 'params (M)'), ('attn_m', 'attn params (M)'),
-          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'), ('size_mb', 'size (MiB, fp32)'),
-          ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'), ('d_params', 'params change (%)'),
-          ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
+          ('mlp_m', 'MLP params (M)'), ('gmacs', 'GMACs'), ('gflops', 'GFLOPs (2 x MACs)'),
+          ('size_mb', 'size (MiB, fp32)'), ('top1', 'top-1 (%)'), ('sparsity', 'sparsity'), ('baseline', 'baseline'),
+          ('d_params', 'params change (%)'), ('d_gflops', 'GFLOPs change (%)'), ('d_top1', 'top-1 change (points)')]
 
 
 def table2(rows: List[Dict]) -> List[Dict]:
