@@ -62,7 +62,9 @@ def test_a_failed_job_is_a_row_and_the_sweep_goes_on(sweep):
     assert rows[1]['error'] == failed['error'] and rows[1]['top-1'] == '' and float(rows[0]['top-1']) > 0
     assert 0.1 < float(rows[0]['params (M)']) < 1  # millions, as the header says
     with open(os.path.join(folder, 'runs.md')) as f:
-        assert f'failed: 1_gka_fmnist: {failed["error"]}' in f.read()
+        table = f.read()
+    assert f'failed: 1_gka_fmnist: {failed["error"]}' in table
+    assert 'n=2' not in table  # two learning rates at seed 0 are two configurations, not two seeds of one
     with open(os.path.join(folder, 'report', 'report.md')) as f:
         text = f.read()
     assert '# Report: 2 runs' in text and '## Failed jobs' in text and failed['error'] in text

@@ -25,14 +25,17 @@ def mean_std(values: List[float]) -> Dict[str, Optional[float]]:
 
 def groups(rows: List[Dict], key: Callable[[Dict], Hashable] = config_name, value: str = 'top1') -> List[Dict]:
     """One entry per ``key`` (in first-seen order): ``name`` (config_name), ``runs``, ``seeds`` and mean_std of
-    ``value``."""
+    ``value``. Runs of one key that share a seed differ in something else (a sweep over lr): they are not seeds of
+    one configuration, and each is an entry of its own."""
     by_key: Dict[Hashable, List[Dict]] = {}
     for row in rows:
         by_key.setdefault(key(row), []).append(row)
     out = []
     for runs in by_key.values():
-        out.append({'name': config_name(runs[0]), 'runs': runs, 'seeds': [r.get('seed') for r in runs],
-                    **mean_std([float(r[value]) for r in runs])})
+        seeds = [r.get('seed') for r in runs]
+        for part in [runs] if len(set(seeds)) == len(seeds) else [[r] for r in runs]:
+            out.append({'name': config_name(part[0]), 'runs': part, 'seeds': [r.get('seed') for r in part],
+                        **mean_std([float(r[value]) for r in part])})
     return out
 
 
