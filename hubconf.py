@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this checkout'
 import timm  # noqa: E402
 import vit_gka  # noqa: E402,F401  (registers the models with timm)
 
-FAMILIES = ('gka_deit', 'vlt_deit', 'compact_deit')  # vit_gka.models' registry modules
 
 
 def _entry_point(name: str):
@@ -27,5 +26,6 @@ def _entry_point(name: str):
     return create
 
 
-for _name in (n for family in FAMILIES for n in timm.list_models(module=family)):
-    globals()[_name] = _entry_point(_name)
+for _name in timm.list_models():  # the registry says which models are this package's
+    if timm.models.model_entrypoint(_name).__module__.startswith('vit_gka.'):
+        globals()[_name] = _entry_point(_name)
