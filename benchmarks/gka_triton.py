@@ -60,10 +60,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_against_reference(out: torch.Tensor, x: torch.Tensor, log_sigma: torch.Tensor, mask, name: str) -> None:
-    """The first sequence of ``out`` (B, N, H, d) against float64 GKA; a wrong contender is never timed."""
-    x0 = x[:1].double()
-    expect = gka_reference(x0.transpose(1, 2), log_sigma.double(), mask, eps=0.0).transpose(1, 2)
-    err = ((out[:1].double() - expect).abs().max() / expect.abs().max()).item()
+    """The first sequence's first head of ``out`` (B, N, H, d) against float64 GKA (its N x N float64 weights are
+    2 GB at N = 16385); a wrong contender is never timed."""
+    x0 = x[:1, :, :1].double()
+    expect = gka_reference(x0.transpose(1, 2), log_sigma[:1].double(), mask, eps=0.0).transpose(1, 2)
+    err = ((out[:1, :, :1].double() - expect).abs().max() / expect.abs().max()).item()
     tol = 1e-4 if out.dtype == torch.float32 else 3e-2
     if not err <= tol:
         raise SystemExit(f'error: {name} differs from float64 GKA by {err:.2e} (relative), more than {tol}')
