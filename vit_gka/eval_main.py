@@ -162,8 +162,9 @@ def main(cfg: DictConfig) -> Optional[float]:
     if cfg.bench:
         if len(models) > 1:
             raise UserError(f'bench=true times one model against its baseline; {len(models)} were given')
-        rows = evaluate.benchmark(OmegaConf.merge(cfg, {'run': models[0][0]}), models[0][0])
-        print(f"-> {evaluate.write_json(cfg, models[0][0], 'bench.json', {'results': rows})}")
+        [(run, name)] = models
+        rows = evaluate.benchmark(OmegaConf.merge(cfg, {'run': run, 'model_name': name}), run)
+        print(f"-> {evaluate.write_json(cfg, run, 'bench.json', {'results': rows})}")
         return float(rows[0]['infer_images_per_s'])
     many = _many(cfg)
     results = [_evaluate_one(cfg, run, name, many) for run, name in models]
