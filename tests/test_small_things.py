@@ -91,3 +91,16 @@ def test_hubconf_lists_what_the_models_import():
 def test_sizes_are_labelled_in_mib():
     assert ('size_mb', 'size (MiB, fp32)') in tables.TABLE2
     assert ('infer_peak_mem_mb', 'inference peak MiB') in tables.TABLE4
+
+
+@needs_data
+def test_checkpoint_keep_keeps_the_last_epochs_resumable(tmp_path):
+    from vit_gka.train.state import load_checkpoint
+    run_dir = tmp_path / 'run'
+    check(run(['epochs=3', 'checkpoint_keep=2', 'train_subset=64', 'data.eval_subset=32', 'batch_size=32',
+               'workers=0', 'progress=false', 'model.args.depth=1', f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+    assert sorted(os.listdir(run_dir / 'checkpoints')) == ['epoch_2', 'epoch_3', 'last']
+    assert [load_checkpoint(str(run_dir / 'checkpoints' / f'epoch_{k}')).state.epoch for k in (2, 3)] == [2, 3]
+    assert os.stat(run_dir / 'checkpoints' / 'epoch_3' / 'state.pt').st_ino == \
+        os.stat(run_dir / 'checkpoints' / 'last' / 'state.pt').st_ino  # a hard link, not a second copy
+    one_line_error(run(['checkpoint_keep=-1'], cwd=tmp_path), 'checkpoint_keep must be a number >= 0')

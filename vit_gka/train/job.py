@@ -47,6 +47,7 @@ from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
+from vit_gka.train.checkpoint_history import keep_epoch_checkpoint
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
 from vit_gka.train.finetune import apply_finetune
 from vit_gka.train.guards import check_class_maps, check_patch_grid, refuse_finished
@@ -186,6 +187,8 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
             best = _keep_best(state, parts, metrics, ema_metrics) if evaluated else None
             try:  # the checkpoint first: best.safetensors never gets ahead of it
                 checkpoint()
+                if main:  # checkpoint_keep=n: also this epoch's, the last n kept
+                    keep_epoch_checkpoint(last_dir, done, int(cfg.checkpoint_keep))
                 if best is not None:
                     records.best(best, state.num_updates)
             except NonFiniteError as e:

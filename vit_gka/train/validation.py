@@ -30,6 +30,7 @@ _OPTIONAL_INTS = {
 # float settings with a range: key -> (lowest, highest, highest included, what it is); each also must be finite
 _RANGES = {
     'drop_path': (0.0, 1.0, False, 'the stochastic depth rate'),
+    'checkpoint_keep': (0, math.inf, False, 'the epoch checkpoints kept beside last, 0 for none'),
     'clip_grad': (0.0, math.inf, False, 'the gradient norm to clip to, or null'),
     'aug.smoothing': (0.0, 1.0, False, 'the label smoothing'),
     'aug.mixup': (0.0, math.inf, False, "mixup's alpha"),
