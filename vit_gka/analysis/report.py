@@ -164,12 +164,13 @@ def _pair(rows: List[Dict]) -> None:
 
 # ------------------------------------------------------------------------------------------- models
 def load_model(run_dir: str):
-    """The run's exported model through timm's registry, exactly as a user gets it."""
+    """The run's exported model, the one ``timm.create_model('local-dir:<run>/model', pretrained=True)`` gives, read
+    from config.json and model.safetensors only: a pickle there is refused (loading.load_model_folder)."""
     import importlib
 
-    import timm
+    from vit_gka.train.loading import load_model_folder
     importlib.import_module('vit_gka.models')  # registers the GKA, VLT and compact-kernel families
-    return timm.create_model(f'local-dir:{os.path.join(run_dir, "model")}', pretrained=True).eval()
+    return load_model_folder(os.path.join(run_dir, 'model')).eval()
 
 
 def test_images(run_dir: str, model, num_images: int) -> torch.Tensor:
