@@ -15,7 +15,7 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77'  # setuptools: wheel builds without isolation (tests)
 .venv/bin/python -m pip install -q -e '.[test,slurm,sweep]'  # slurm: Hydra's submitit launcher (tests/test_submitit.py),
 # sweep: the Optuna sweeper (tests/test_sweep_failures.py)
-# The oldest timm pyproject.toml admits, in a folder of its own (tests/test_oldest_timm.py reloads a run with it)
-OLDEST_TIMM=$(sed -n 's/.*"timm>=\([0-9.]*\).*/\1/p' pyproject.toml)
+# The oldest timm requirements.txt admits, in a folder of its own (tests/test_oldest_timm.py reloads a run with it)
+OLDEST_TIMM=$(sed -n 's/^timm>=\([0-9.]*\).*/\1/p' requirements.txt)
 [ -f ".venv/oldest-timm/timm-$OLDEST_TIMM.dist-info/METADATA" ] || \
     .venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/oldest-timm "timm==$OLDEST_TIMM"

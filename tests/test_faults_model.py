@@ -1,5 +1,5 @@
 """A run's model/ folder (and its results.json and config.yaml) is read as config.json + model.safetensors only: a pickle there is refused in one line
-before any of it runs, by eval.py, the export and publish, on the oldest timm pyproject.toml admits too (whose
+before any of it runs, by eval.py, the export and publish, on the oldest timm requirements.txt admits too (whose
 own ``local-dir:`` loader would unpickle it); a corrupt folder is one line as well. One tiny run serves all."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""A run's ``model/`` reloads through ``local-dir:`` on the oldest timm that pyproject.toml admits, which does not
+"""A run's ``model/`` reloads through ``local-dir:`` on the oldest timm that requirements.txt admits, which does not
 record ``model_args`` itself (timm < 1.0.31): the run writes them into config.json. setup.sh installs that timm
 into ``.venv/oldest-timm`` (beside, not over, the project's own); the reload runs in a subprocess that imports it."""
 import json
@@ -13,7 +13,7 @@ import torch
 
 from helpers import ROOT, TINY, check, needs_data, run
 
-OLDEST = re.search(r'"timm>=([0-9.]+)', open(os.path.join(ROOT, 'pyproject.toml')).read()).group(1)
+OLDEST = re.search(r'^timm>=([0-9.]+)', open(os.path.join(ROOT, 'requirements.txt')).read(), re.M).group(1)
 FOLDER = os.path.join(ROOT, '.venv', 'oldest-timm')
 
 RELOAD = """

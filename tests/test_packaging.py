@@ -58,7 +58,7 @@ def source(tmp_path_factory):
         pytest.skip('needs setuptools >= 77 in this environment (setup.sh installs it) to build without isolation')
     folder = tmp_path_factory.mktemp('source') / 'vit-gka'
     folder.mkdir()
-    for name in ('pyproject.toml', 'README.md', 'LICENSE'):
+    for name in ('pyproject.toml', 'requirements.txt', 'README.md', 'LICENSE'):
         shutil.copy(os.path.join(ROOT, name), folder / name)
     shutil.copytree(os.path.join(ROOT, 'vit_gka'), folder / 'vit_gka',
                     ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.egg-info'))
