@@ -46,10 +46,8 @@ def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['model=gka_fmnist'], 'model=gka_fmnist is now model=gka shape=fmnist'),
-    (['-m', 'model=gka_fmnist,deit_fmnist'], 'model=gka_fmnist,deit_fmnist is now model=gka,deit shape=fmnist'),
-    (['model=deit_small_patch16_224'], 'model=deit_small_patch16_224 is now model=deit shape=small'),
-    (['model=gka_deit_base_patch16_384'], 'model=gka_deit_base_patch16_384 is now model=gka shape=base_384'),
+    (['model=deit_small_patch16_224'], 'give model=timm model.name=deit_small_patch16_224'),
+    (['model=gka_fmnist'], "unknown model 'gka_fmnist'"),
     (['model=eka_fixed', 'shape=base'], 'model=eka_fixed has no shape=base (timm has no eka_fixed_deit_base_patch16_224)'),
     (['-m', 'model=gka,bka_adaptive', 'shape=small,base'], 'model=bka_adaptive has no shape=base'),
     (['model=gka', 'shape=native'], 'shape=native is for model=timm'),
@@ -74,7 +72,7 @@ def test_mistakes_give_one_line(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['model=gka_tiny_fmnist'], 'error: model=gka_tiny_fmnist is now model=gka shape=tiny_fmnist'),
+    (['model=gkaa'], "error: unknown model 'gkaa' (did you mean 'gka'?)"),
     (['model=tka_adaptive', 'shape=base'], 'model=tka_adaptive has no shape=base'),
 ])
 def test_train_py_answers_in_one_line(tmp_path, args, message):

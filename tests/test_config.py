@@ -13,7 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from vit_gka.errors import UserError  # (importing vit_gka registers its models with timm)
-from vit_gka.train import cli
 from vit_gka.train.validation import check_model, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,18 +27,7 @@ FAMILIES = [f for f in options('model') if f != 'timm']
 COMPACT = [f for f in FAMILIES if f[:3] in ('eka', 'bka', 'tka')]
 SHAPES = options('shape')
 
-# The 40 presets before the split (vit_gka/conf/model/*.yaml until then): name -> (timm name, args, drop_path).
-FMNIST = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
-TINY_FMNIST = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=12, num_heads=3)
-OLD = {}
-for _family in [f for f in FAMILIES if f not in ('gka_q', 'gka_k')]:  # the families that existed then
-    _prefix = '' if _family == 'deit' else f'{_family}_'
-    OLD[f'{_family}_fmnist'] = (f'{_prefix}deit_tiny_patch16_224', FMNIST, 0.1)
-    OLD[f'{_family}_tiny_fmnist'] = (f'{_prefix}deit_tiny_patch16_224', TINY_FMNIST, 0.1)
-    for _size in ('tiny', 'small') + (('base',) if _family in ('gka', 'deit', 'vlt') else ()):
-        _name = f'{_prefix}deit_{_size}_patch16_224'
-        OLD[_name] = (_name, {}, 0.2 if _size == 'base' else 0.1)
-OLD['gka_deit_base_patch16_384'] = ('gka_deit_base_patch16_384', {}, 0.2)
+FMNIST = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)  # shape=fmnist
 
 
 @pytest.fixture(scope='module')
@@ -57,23 +45,6 @@ def composed(*overrides, config='config'):
 
 def model_of(cfg):
     return cfg.model.name, OmegaConf.to_container(cfg.model.args, resolve=True), cfg.model.drop_path
-
-
-def test_there_are_forty_old_presets():
-    assert len(OLD) == 40 and set(OLD) == set(cli.OLD_PRESETS)
-
-
-@pytest.mark.parametrize('old', sorted(OLD))
-def test_old_preset_is_one_model_and_shape_with_the_same_name_and_args(hydra_conf, old):
-    """Each old preset's new spelling composes exactly the old timm name, args and drop path (the same
-    numerics), and the old name answers with that spelling in one line."""
-    family, shape = cli.OLD_PRESETS[old]
-    cfg = composed(f'model={family}', f'shape={shape}')
-    assert model_of(cfg) == OLD[old]
-    assert cli._unknown_option(cli.ConfigGroups('config', []), 'model', 'model', [old]) == \
-        f'model={old} is now model={family} shape={shape}'
-    if shape.endswith('fmnist'):
-        assert cfg.model_choice == old  # run folders and results.json's model_config keep their names
 
 
 @pytest.mark.parametrize('family, shape', list(itertools.product(FAMILIES, SHAPES)))
@@ -116,7 +87,7 @@ def test_defaults_are_the_quickstart(hydra_conf):
     choices = HydraConfig.get().runtime.choices
     assert (choices.model, choices.shape, choices.data, choices.recipe, choices.experiment) == \
         ('gka', 'fmnist', 'fashion_mnist', 'quick', None)
-    assert model_of(cfg) == OLD['gka_fmnist'] and cfg.model_choice == 'gka_fmnist'
+    assert model_of(cfg) == ('gka_deit_tiny_patch16_224', FMNIST, 0.1) and cfg.model_choice == 'gka_fmnist'
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.drop_path, cfg.ema.decay, cfg.log_interval) == (6, 128, 8e-3, 0.0, 0.999, 20)
     assert OmegaConf.to_container(cfg.hydra.sweep)['subdir'] == '${hydra.job.num}_${model_choice}'
     assert set(cfg.hydra.callbacks) == {'sweep_summary', 'report'}  # every -m sweep ends with table and report

@@ -2,8 +2,7 @@
 
 Two kinds of mistakes are caught:
 
-* in the command line itself (unknown config group option such as ``model=gkaa``, an old model preset such as
-  ``model=gka_fmnist``, which answers with its new spelling ``model=gka shape=fmnist``, a misspelt key such
+* in the command line itself (unknown config group option such as ``model=gkaa``, a misspelt key such
   as ``epoch=3``, a malformed override, a sweep without ``-m``): ``check_overrides`` composes the
   configuration before ``@hydra.main`` runs, for every combination of the config-group sweeps (``glob()``
   expanded) and every value of the other sweeps, and reports the first problem. It only reads the
@@ -76,26 +75,6 @@ HYDRA_PLUGINS = {'submitit': 'hydra-submitit-launcher', 'slurm': "'vit-gka[slurm
 MAX_COMBINATIONS = 256  # config-group combinations of a sweep composed one by one; beyond, each value once
 
 _GROUP_WORDS = {'model': 'model', 'shape': 'shape', 'data': 'data set', 'recipe': 'recipe', 'experiment': 'experiment'}
-_COMPACT = ('eka_fixed', 'eka_adaptive', 'bka_fixed', 'bka_adaptive', 'tka_fixed', 'tka_adaptive')
-
-
-def _old_presets() -> Dict[str, Tuple[str, str]]:
-    """The 40 model presets before the model x shape split: old name -> (model, shape)."""
-    old = {}
-    for family in ('gka', 'deit', 'vlt') + _COMPACT:
-        for shape in ('fmnist', 'tiny_fmnist'):
-            old[f'{family}_{shape}'] = (family, shape)
-    sizes = {'gka': ('tiny', 'small', 'base', 'base_384'), 'deit': ('tiny', 'small', 'base'),
-             'vlt': ('tiny', 'small', 'base'), **{f: ('tiny', 'small') for f in _COMPACT}}
-    for family, shapes in sizes.items():
-        for shape in shapes:
-            size, _, res = shape.partition('_')
-            prefix = '' if family == 'deit' else f'{family}_'
-            old[f'{prefix}deit_{size}_patch16_{res or 224}'] = (family, shape)
-    return old
-
-
-OLD_PRESETS = _old_presets()
 
 
 class ConfigGroups:
@@ -150,17 +129,10 @@ def _override_in(message: str, overrides: Sequence[str]) -> Optional[str]:
 
 
 def _unknown_option(groups: ConfigGroups, group: str, key: str, values: List[str]) -> str:
-    """The one-line message for group options that do not exist: the new spelling of an old model preset,
-    a pointer for a timm name or a name of another group, else the options and the closest one."""
+    """The one-line message for group options that do not exist: a pointer for a timm name or a name of another
+    group, else the options and the closest one."""
     options = groups.options(group)
-    bad = [v for v in values if v not in options and v != 'null']
-    if group == 'model' and bad and all(v in OLD_PRESETS for v in values):
-        models = ','.join(dict.fromkeys(OLD_PRESETS[v][0] for v in values))
-        shapes = ','.join(dict.fromkeys(OLD_PRESETS[v][1] for v in values))
-        return f"{key}={','.join(values)} is now model={models} shape={shapes}"
-    value = bad[0]
-    if group == 'model' and value in OLD_PRESETS:
-        return f'{key}={value} is now model={OLD_PRESETS[value][0]} shape={OLD_PRESETS[value][1]}'
+    value = [v for v in values if v not in options and v != 'null'][0]
     if group == 'hydra/callbacks' and value == 'report':
         return ('hydra/callbacks=report is not needed any more: every -m sweep ends with the report '
                 '(hydra.callbacks.report.num_images=<n> sets its test images); leave it out')
