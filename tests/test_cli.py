@@ -8,7 +8,7 @@ import pytest
 
 from helpers import check, needs_data, one_line_error, run
 from vit_gka.analysis import report, summary
-from vit_gka.train.cli import check_overrides
+from vit_gka.cli import check_overrides
 from vit_gka.train.main import CONF_DIR
 from vit_gka.train.validation import validate
 
@@ -34,7 +34,7 @@ def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
     sweeper, which cannot sample it, says so in one line instead of Hydra's traceback."""
     from hydra import initialize_config_dir
 
-    from vit_gka.train.cli import ConfigGroups, _variants
+    from vit_gka.cli import ConfigGroups, _variants
     from vit_gka.train.main import CONF_DIR
     with initialize_config_dir(CONF_DIR, version_base='1.3'):
         variants, sampled = _variants(ConfigGroups('config', []), ['lr=interval(1e-4,1e-3)', 'seed=0,1'],

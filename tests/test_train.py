@@ -19,7 +19,7 @@ from helpers import TINY, check, digest, needs_data, one_line_error, run
 from omegaconf import OmegaConf
 from vit_gka.errors import UserError
 from vit_gka.train import recipe
-from vit_gka.train.cli import check_overrides
+from vit_gka.cli import check_overrides
 from vit_gka.train.main import CONF_DIR
 from vit_gka.train.validation import validate
 

@@ -27,7 +27,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vit_gka.errors import UserError, require_path
-from vit_gka.train.cli import check_overrides, exit_on_user_error
+from vit_gka.cli import check_overrides, exit_on_user_error
 
 __all__ = ['expand_models', 'progress_loader', 'write_results', 'main', 'cli']
 

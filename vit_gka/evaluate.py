@@ -13,7 +13,7 @@ registry gets) -> the data set's test split with the model's own preprocessing (
 top-1 / top-5 / loss / images/s, under the autocast the run used (a bf16 run: bf16; ``mixed_precision``) ->
 ``eval.json`` (``bench.json`` with ``bench=true``) in ``out`` (default: the run folder, else Hydra's output
 folder). See conf/eval.yaml for every option and analysis/benchmark.py for the benchmark. Mistakes end in one
-line ``error: ...``, exit status 2 (vit_gka/train/cli.py). The command itself (Hydra, several models in one call,
+line ``error: ...``, exit status 2 (vit_gka/cli.py). The command itself (Hydra, several models in one call,
 the results file, progress) is ``vit_gka/eval_main.py``.
 """
 import json

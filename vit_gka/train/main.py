@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vit_gka.errors import UserError, fail
-from vit_gka.train.cli import check_overrides, exit_on_user_error
+from vit_gka.cli import check_overrides, exit_on_user_error
 from vit_gka.train.sweep import exit_status, keep_sweeping
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')

@@ -40,7 +40,7 @@ import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from vit_gka.errors import EXIT_USER_ERROR, UserError, fail
-from vit_gka.train import hydra_folders as folders
+from vit_gka import hydra_folders as folders
 
 __all__ = ['exit_on_user_error', 'check_overrides']
 
