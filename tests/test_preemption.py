@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from helpers import TRAIN, check, lines, needs_data, one_line_error, run, steps, wait_for
 from vit_gka.errors import UserError
 from vit_gka.train import checkpoint as ckpt
+from vit_gka.train import lock as run_lock
 from vit_gka.train import preemption
 from vit_gka.train.state import load_checkpoint
 
@@ -67,7 +68,7 @@ def same_run(straight, run_dir):
         b = load_file(run_dir / 'checkpoints' / 'last' / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.load(open(run_dir / 'results.json'))['top1'] == json.load(open(straight / 'results.json'))['top1']
-    assert not (run_dir / preemption.LOCK_FILE).exists()
+    assert not (run_dir / run_lock.LOCK_FILE).exists()
 
 
 @pytest.fixture(scope='module')
@@ -126,7 +127,7 @@ def test_resume_auto_and_one_writer_per_run_folder(straight, tmp_path):
     first = start([*auto, 'stop_epoch=1'], cwd=tmp_path, env={ckpt.PAUSE_ENV: f'write@1:{go}'})
     wait_for(lambda: any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')),
              first)
-    holder = json.loads((run_dir / preemption.LOCK_FILE).read_text())
+    holder = json.loads((run_dir / run_lock.LOCK_FILE).read_text())
     assert holder['pid'] == first.pid and holder['host'] == socket.gethostname()
     hydra_files = {p.name: p.read_bytes() for p in (run_dir / '.hydra').iterdir()}
     second = run([*RUN, f'hydra.run.dir={run_dir}'], cwd=tmp_path, timeout=60)
@@ -155,7 +156,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_one(straight, tmp_p
     state = load_checkpoint(str(run_dir)).state
     assert (state.epoch, state.step, state.num_updates) == (1, 0, 6)
     assert sorted(os.listdir(run_dir / 'checkpoints')) == ['last']  # the failed write's folder is gone
-    assert not (run_dir / preemption.LOCK_FILE).exists()
+    assert not (run_dir / run_lock.LOCK_FILE).exists()
     check(run(args, cwd=tmp_path))
     same_run(straight, run_dir)
 
@@ -199,7 +200,7 @@ def test_two_processes_stop_after_the_same_update(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_named(tmp_path):
-    path = tmp_path / preemption.LOCK_FILE
+    path = tmp_path / run_lock.LOCK_FILE
     path.write_text('')
     # A live process holds the file (as a leftover child of a killed run could), pid and host of a gone one in it.
     hold = ('import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); '
@@ -210,14 +211,14 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_named(tmp_path):
         gone = subprocess.Popen(['true'])
         gone.wait()
         path.write_text(json.dumps({'pid': gone.pid, 'host': socket.gethostname(), 'since': time.time()}))
-        preemption.check_free(str(tmp_path))
-        lock = preemption.RunLock(str(tmp_path)).acquire()  # taken over
+        run_lock.check_free(str(tmp_path))
+        lock = run_lock.RunLock(str(tmp_path)).acquire()  # taken over
         assert json.loads(path.read_text())['pid'] == os.getpid()
         # Now held by this live process: another taker is refused, naming it.
         with pytest.raises(UserError, match=rf'is in use by process {os.getpid()} on {re.escape(socket.gethostname())}'):
-            preemption.check_free(str(tmp_path))
+            run_lock.check_free(str(tmp_path))
         with pytest.raises(UserError, match=rf'is in use by process {os.getpid()} on '):
-            preemption.RunLock(str(tmp_path)).acquire()  # another open file: flock refuses it, even in one process
+            run_lock.RunLock(str(tmp_path)).acquire()  # another open file: flock refuses it, even in one process
         lock.release()
         assert not path.exists()
     finally:

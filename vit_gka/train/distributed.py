@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit_gka.errors import UserError
-from vit_gka.train.preemption import RunLock
+from vit_gka.train.lock import RunLock
 
 __all__ = ['make_accelerator', 'shared_run_dir', 'lock_run_dir', 'from_main_process']
 
@@ -72,7 +72,7 @@ def shared_run_dir(accelerator) -> str:
 
 
 def lock_run_dir(accelerator, run_dir: str) -> Optional[RunLock]:
-    """The main process takes ``run_dir``'s lock (preemption.RunLock: one writer per run folder); when another run
+    """The main process takes ``run_dir``'s lock (lock.RunLock: one writer per run folder); when another run
     holds it, every process raises its ``UserError``. A collective: every process calls it."""
     lock, problem = None, None
     if accelerator.is_main_process:

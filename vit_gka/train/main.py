@@ -63,13 +63,13 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def check_run_folder_free(argv: Optional[List[str]] = None) -> None:
     """One line and exit status 2 when the ``hydra.run.dir=`` of a single run is held by another live run, before
-    Hydra writes ``.hydra/`` into it (the job checks again when it takes the folder: preemption.RunLock)."""
+    Hydra writes ``.hydra/`` into it (the job checks again when it takes the folder: lock.RunLock)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a.startswith('-') for a in argv):  # -m sweeps (a folder per job), --cfg, --help, ...: not here
         return
     folders = [a.split('=', 1)[1].strip('\'"') for a in argv if a.startswith('hydra.run.dir=')]
     if folders and folders[-1]:
-        from vit_gka.train.preemption import check_free
+        from vit_gka.train.lock import check_free
         try:
             check_free(folders[-1])
         except UserError as e:
