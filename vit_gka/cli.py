@@ -20,6 +20,8 @@ see loop.py). Hydra's own reporting of these cases spans several lines plus a hi
 A mistake leaves existing folders as they were: before Hydra runs, ``check_overrides`` remembers what Hydra
 itself writes into an existing output folder (``.hydra/``, the job log); when the task then fails with an
 input ``UserError``, those are put back (a folder Hydra created for the failed job is removed).
+A ``-m`` sweep onto a sweep folder with a running job (a ``run.lock`` held under it) is refused before Hydra
+writes the sweep's ``multirun.yaml`` or a job's ``.hydra/`` (``_check_sweep_free``).
 
 Usage::
 
@@ -263,6 +265,7 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
     if split is None:
         return
     multirun, overrides, config_dirs = split
+    _CHECKED_SWEEPS.clear()
 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -328,3 +331,32 @@ def _check_values(cfg, multirun: bool, validate: Optional[Callable[[Any], None]]
     folder = os.path.abspath(os.path.expanduser(raw))
     if not multirun and '${' not in raw and os.path.isdir(folder):
         folders.HYDRA_FILES[folder] = folders.snapshot(folder)
+    if multirun:
+        _check_sweep_free(cfg)
+
+
+_CHECKED_SWEEPS = set()  # sweep folders already checked (every composition of a sweep has the same one)
+
+
+def _check_sweep_free(cfg) -> None:
+    """One line when a run folder under the sweep folder is held by a live run (``<job>/run.lock``): Hydra would
+    rewrite the sweep's ``multirun.yaml`` and a running job's ``.hydra/`` before any job could see the lock. Every
+    folder under the sweep folder is checked, not only this sweep's ``hydra.sweep.subdir`` names: jobs of another
+    sweep there would find their ``multirun.yaml`` and summary table rewritten as well."""
+    import glob
+
+    from vit_gka.train.lock import LOCK_FILE, check_free
+    try:
+        sweep_dir = os.path.abspath(os.path.expanduser(str(cfg.hydra.sweep.dir)))
+    except Exception:  # noqa: BLE001  (an interpolation only Hydra's launcher resolves: its sweep folder is new)
+        return
+    if sweep_dir in _CHECKED_SWEEPS or not os.path.isdir(sweep_dir):
+        return
+    _CHECKED_SWEEPS.add(sweep_dir)
+    for path in sorted(glob.glob(os.path.join(glob.escape(sweep_dir), '**', LOCK_FILE), recursive=True)):
+        try:
+            check_free(os.path.dirname(path))
+        except UserError as e:
+            held = str(e).split('; ')[0]  # who holds it; the advice is a sweep's
+            fail(f'sweep folder {sweep_dir} is busy: {held}; wait for that job to end (or stop it), or give another '
+                 f'hydra.sweep.dir=<folder>')

@@ -34,15 +34,19 @@ final weights. GKA runs have it too (float32 underflow only: essentially 0); Dei
 
 Hydra: every ``python train.py -m ...`` sweep ends with this report, in ``<sweep dir>/report``
 (``ReportCallback``, ``hydra.callbacks.report`` in conf/config.yaml; ``hydra.callbacks.report.num_images=<n>``).
-``vit-gka-report <sweep folder>`` rebuilds it later from the run folders alone.
+``vit-gka-report <sweep folder>`` rebuilds it later from the run folders alone. A run folder with a corrupt or
+foreign file is left out with one warning line (analysis/runs.py); a stop signal while the report is made stops
+it at once in one line, exit status 75, with no file left half-written (``build_report``, ``stopping_on_signals``).
 """
 import argparse
-import csv
-import glob
-import json
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -50,116 +54,14 @@ from hydra.experimental.callback import Callback
 
 from vit_gka.analysis import seeds
 from vit_gka.analysis.runtime import runtime_rows
+from vit_gka.analysis.runs import ReportError, find_runs, load_runs
+from vit_gka.analysis.runs import pair_key as _pair_key
 from vit_gka.analysis.summary import collect
 from vit_gka.analysis.tables import TABLE2, TABLE4, markdown, table2, table4, write_csv
 
 log = logging.getLogger('vit_gka.analysis.report')
 
 PROG = 'python -m vit_gka.analysis.report'
-
-
-class ReportError(Exception):
-    """A mistake in what was asked (a path, an option): one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------- runs
-def find_runs(paths: Sequence[str]) -> List[str]:
-    """Run folders (holding results.json) at or under each path, in natural order (0, 1, 2, ..., 10), without
-    duplicates."""
-    from timm.utils import natural_key
-    runs = []
-    for path in paths:
-        if not os.path.isdir(path):
-            raise ReportError(f'{path} is not a folder')
-        found = [os.path.dirname(p) for p in glob.glob(os.path.join(path, '**', 'results.json'), recursive=True)]
-        found.sort(key=lambda d: natural_key(os.path.relpath(d, path)))
-        if not found:
-            raise ReportError(f'no results.json under {path}')
-        runs += [os.path.abspath(r) for r in found if os.path.abspath(r) not in runs]
-    return runs
-
-
-def _architecture(name: str, model_args: dict) -> Dict:
-    """Kind (GKA / compact / VLT / baseline / other), ``attention`` (the kind, or kernel and normalisation
-    of a compact kernel) and shape of a model, from a meta-device instance."""
-    import timm
-    from timm.models.vision_transformer import Attention
-
-    from vit_gka.layers import GaussianKernelAttention, KernelAttention, ValueFreeAttention, VariableBandwidthAttention
-    with torch.device('meta'):
-        model = timm.create_model(name, **model_args)
-    blocks = getattr(model, 'blocks', None)
-    attn = getattr(blocks[0], 'attn', None) if blocks is not None and len(blocks) else None
-    kind = ('VLT' if isinstance(attn, ValueFreeAttention) else 'baseline' if type(attn) is Attention
-            else 'compact' if isinstance(attn, KernelAttention)
-            else 'GKA' if isinstance(attn, (GaussianKernelAttention, KernelAttention, VariableBandwidthAttention))
-            else 'other')
-    attention = (f'{attn.kernel} / {attn.normalization}' if kind == 'compact' else
-                 f'GKA, sigma per {attn.bandwidth}' if isinstance(attn, VariableBandwidthAttention) else kind)
-    shape = None
-    if attn is not None:
-        fc1 = getattr(getattr(blocks[0], 'mlp', None), 'fc1', None)
-        shape = (model.embed_dim, len(blocks), attn.num_heads, getattr(fc1, 'out_features', None),
-                 tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size),
-                 model.patch_embed.proj.in_channels)
-    return {'kind': kind, 'attention': attention, 'shape': shape}
-
-
-def load_runs(run_dirs: Sequence[str]) -> List[Dict]:
-    """results.json of each run plus ``run``, ``label``, ``kind``, ``shape``, final ``top1`` and its baseline."""
-    rows = []
-    for run in run_dirs:
-        with open(os.path.join(run, 'results.json')) as f:
-            res = json.load(f)
-        res['run_dir'] = run
-        res['run'] = os.path.basename(run)
-        res.update(_architecture(res['model'], res.get('model_args') or {}))
-        res['label'] = res.get('model_config') or res['model']
-        # top-1 of the exported model/ folder: the better of raw and EMA weights (the training job's choice)
-        res['top1_raw'] = res['top1']
-        if res.get('model_folder_weights') == 'ema' and res.get('ema_top1') is not None:
-            res['top1'] = res['ema_top1']
-        if res.get('size_mb') is None:
-            res['size_mb'] = res['params'] * 4 / 2 ** 20
-        sparsity = res.get('sparsity') or {}
-        res['sparsity_mean'] = sparsity.get('mean')
-        res['sparsity_layers'] = sparsity.get('layers')
-        res['curve'] = read_curve(run)
-        rows.append(res)
-    labels = [r['label'] for r in rows]
-    by_seed = len({(x['label'], x.get('seed')) for x in rows}) == len(rows)  # else the run folder tells them apart
-    for r in rows:
-        if labels.count(r['label']) > 1:
-            r['label'] = f"{r['label']} s{r.get('seed')}" if by_seed else f"{r['label']} ({r['run']})"
-    _pair(rows)
-    return rows
-
-
-def read_curve(run_dir: str) -> Optional[Dict[str, list]]:
-    """Epoch, training loss and test top-1 (None where not evaluated) from the run's summary.csv; None without."""
-    path = os.path.join(run_dir, 'summary.csv')
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline='') as f:
-        records = list(csv.DictReader(f))
-    return {'epoch': [int(r['epoch']) for r in records],
-            **{key: [float(r[key]) if r.get(key) else None for r in records] for key in ('train_loss', 'eval_top1')}}
-
-
-def _pair_key(r: Dict):
-    return (r['shape'], r.get('data'), r.get('epochs'))
-
-
-def _pair(rows: List[Dict]) -> None:
-    """``baseline_run``: the baseline run of the same shape, data and epochs (same seed when there is one)."""
-    for r in rows:
-        r['baseline_run'] = None
-        if r['kind'] == 'baseline' or r['shape'] is None:
-            continue
-        cands = [b for b in rows if b['kind'] == 'baseline' and _pair_key(b) == _pair_key(r)]
-        same_seed = [b for b in cands if b.get('seed') == r.get('seed')]
-        if cands:
-            r['baseline_run'] = (same_seed or cands)[0]['run']
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -256,13 +158,50 @@ def seed_table(rows: List[Dict]) -> List[Dict]:
     return out
 
 
+TMP_PREFIX = '.report.tmp-'
+PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_REPORT'
+
+
 def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: int = 64) -> Dict[str, str]:
-    """Write the report of the runs under ``paths`` into ``out``; returns {name: path} of what was written."""
-    from vit_gka.analysis import plots
+    """Write the report of the runs under ``paths`` into ``out``; returns {name: path} of what was written.
+
+    Everything is made in a temporary folder inside ``out`` and then renamed into place, report.md last: a report
+    stopped midway (a signal, a full disk) leaves the files of the previous report, or none, never a half-written
+    one; the next report removes the leftovers of one that was killed. Test hook, never for real runs:
+    ``VIT_GKA_TEST_PAUSE_IN_REPORT=<file>`` holds the report, made but not yet moved into place, until ``<file>``
+    exists (10 minutes at most), so that a test can signal it there."""
     paths = [os.path.abspath(p) for p in paths]
     rows = load_runs(find_runs(paths))
-    out = out or (os.path.join(paths[0], 'report') if len(paths) == 1 else os.path.abspath('report'))
+    out = os.path.abspath(out or (os.path.join(paths[0], 'report') if len(paths) == 1 else 'report'))
+    made = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX)
+    try:
+        made_files = _write_report(rows, paths, tmp, num_images)
+        _test_pause()
+        files = {}
+        for name in sorted(made_files, key=lambda n: n == 'report.md'):
+            files[name] = os.path.join(out, name)
+            os.replace(made_files[name], files[name])
+        return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made and not os.listdir(out):
+            os.rmdir(out)
+
+
+def _test_pause() -> None:
+    until = os.environ.get(PAUSE_ENV)
+    deadline = time.time() + 600
+    while until and not os.path.exists(until) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _write_report(rows: List[Dict], paths: List[str], out: str, num_images: int) -> Dict[str, str]:
+    from vit_gka.analysis import plots
     t2 = table2(rows)
     measured, runtime_notes = runtime_rows(rows, paths)
     t4 = table4(rows, measured) if measured or not runtime_notes else []
@@ -346,11 +285,57 @@ class ReportCallback(Callback):
             return
         sweep_dir = config.hydra.sweep.dir
         try:
-            files = build_report([sweep_dir], num_images=self.num_images)
+            with stopping_on_signals():
+                files = build_report([sweep_dir], num_images=self.num_images)
         except ReportError as e:
             log.warning('no report: %s', e)
             return
+        except ReportStopped as e:  # the jobs are done; the report is made again from their folders at any time
+            _stopped(e, sweep_dir, f'vit-gka-report {sweep_dir}')
         print(f"report: {files['report.md']} ({len(files) - 1} tables and figures)", flush=True)
+
+
+class ReportStopped(BaseException):
+    """A stop signal came while the report was made (a BaseException: no ``except Exception`` may swallow it)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stopping_on_signals():
+    """While active, a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: preemption.STOP_SIGNALS) raises
+    ``ReportStopped`` at once, rather than waiting: a report can take minutes (models measured, test images run),
+    longer than a cluster's grace period before SIGKILL, and it is made again from the run folders at any time.
+    Further signals are ignored while the report cleans up; the previous handlers come back at the end."""
+    from vit_gka.train.preemption import STOP_SIGNALS
+    previous = {}
+
+    def handle(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise ReportStopped(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            break
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stopped(e: ReportStopped, where: str, again: str) -> None:
+    """The one line of a report stopped by a signal, and the exit status of a stopped run."""
+    from vit_gka.train.preemption import EXIT_STOPPED
+    sys.stderr.write(f'stopped by {e.signal_name} while writing the report of {where}: report.md not written, no '
+                     f'file left half-written; the runs are complete: to write the report, run {again}\n')
+    sys.stderr.flush()
+    raise SystemExit(EXIT_STOPPED)
 
 
 def _positive_int(text: str) -> int:
@@ -381,10 +366,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2), printed by argparse
         return int(e.code or 0)
     try:
-        files = build_report(args.paths, args.out, args.images)
+        with stopping_on_signals():
+            files = build_report(args.paths, args.out, args.images)
     except ReportError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except ReportStopped as e:
+        _stopped(e, ' '.join(args.paths), 'the same command again')
     with open(files['report.md']) as f:
         print(f.read())
     print('wrote: ' + ', '.join(sorted(files.values())))

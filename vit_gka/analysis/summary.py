@@ -8,6 +8,10 @@ The same table for any folders holding run folders (searched recursively for res
 
     python -m vit_gka.analysis.summary <folder> [<folder> ...]
     vit-gka-summary <folder> [<folder> ...]          # the same, installed
+
+A run folder whose results.json (or failed.json) is corrupt or foreign is left out with one line on stderr,
+``warning: skipping <run>: <what is wrong>; ...`` (``skip``), and the table has the other runs: one damaged file
+must not cost a sweep its table.
 """
 import argparse
 import csv
@@ -20,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 
-__all__ = ['collect', 'format_table', 'write_tables', 'SweepSummary', 'main', 'cli']
+__all__ = ['collect', 'format_table', 'write_tables', 'SweepSummary', 'BrokenRun', 'read_results', 'skip', 'main',
+           'cli']
 
 PROG = 'python -m vit_gka.analysis.summary'
 
@@ -36,22 +41,83 @@ def _natural_key(text: str) -> list:
     return natural_key(text)
 
 
+class BrokenRun(Exception):
+    """A run folder whose files are corrupt or foreign: the message names the file and what is wrong with it."""
+
+
+_skipped = set()  # warnings already given: the table and the report of one sweep read the same folders
+
+
+def skip(run_dir: str, problem: str) -> None:
+    """The one warning line for a run folder left out (once per folder and problem in a process)."""
+    if (run_dir, problem) in _skipped:
+        return
+    _skipped.add((run_dir, problem))
+    sys.stderr.write(f'warning: skipping {run_dir}: {problem}; the other runs are reported (rerun that job with '
+                     f'resume=auto to write its files again)\n')
+    sys.stderr.flush()
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+NUMBERS = ('params', 'gmacs', 'top1', 'ema_top1', 'train_images_per_s', 'wall_time_s', 'sigma_init')
+
+
+def read_results(run_dir: str) -> Dict:
+    """The run's results.json, checked to be a run's results (a model, a top-1, numbers where the tables want
+    numbers); ``BrokenRun`` otherwise."""
+    path = os.path.join(run_dir, 'results.json')
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSON's and UTF-8's decoding errors
+        raise BrokenRun(f'{path} is corrupt ({_first_line(e)})') from None
+    if not isinstance(res, dict) or not isinstance(res.get('model'), str) or not _number(res.get('top1')):
+        raise BrokenRun(f"{path} is not a run's results (no model name and top-1)")
+    bad = [k for k in NUMBERS if res.get(k) is not None and not _number(res[k])]
+    sparsity = res.get('sparsity')
+    if sparsity is not None and not (isinstance(sparsity, dict) and _number(sparsity.get('mean'))):
+        bad.append('sparsity')
+    if bad:
+        raise BrokenRun(f"{path} is not a run's results ({bad[0]} is {str(res[bad[0]])[:40]!r})")
+    return res
+
+
+def _row(run_dir: str) -> Dict:
+    from vit_gka.train.sweep import FAILED_FILE, read_failed
+    try:
+        failed = read_failed(run_dir)
+    except (OSError, ValueError) as e:
+        raise BrokenRun(f'{os.path.join(run_dir, FAILED_FILE)} is corrupt ({_first_line(e)})') from None
+    if failed is None:
+        return dict(read_results(run_dir), status='done')
+    if not isinstance(failed, dict):
+        raise BrokenRun(f"{os.path.join(run_dir, FAILED_FILE)} is not a failed job's record")
+    return dict(failed, status='failed')
+
+
 def collect(folders: Sequence[str]) -> List[Dict]:
     """Every results.json (``status`` done) and every failed job's failed.json (``status`` failed, ``error`` its
-    one line) under ``folders``, with ``run`` = its folder relative to the folder searched, in natural order."""
-    from vit_gka.train.sweep import FAILED_FILE, read_failed
+    one line) under ``folders``, with ``run`` = its folder relative to the folder searched, in natural order; a
+    folder whose file is corrupt or foreign is left out with a warning line (``skip``)."""
+    from vit_gka.train.sweep import FAILED_FILE
     rows = []
     for folder in folders:
         found = []
         for name in ('results.json', FAILED_FILE):
             found += [os.path.dirname(p) for p in glob.glob(os.path.join(folder, '**', name), recursive=True)]
         for run_dir in sorted(set(found), key=lambda d: _natural_key(os.path.relpath(d, folder))):
-            failed = read_failed(run_dir)
-            if failed is None:
-                with open(os.path.join(run_dir, 'results.json')) as f:
-                    row = dict(json.load(f), status='done')
-            else:
-                row = dict(failed, status='failed')
+            try:
+                row = _row(run_dir)
+            except BrokenRun as e:
+                skip(run_dir, str(e))
+                continue
             row['run'] = os.path.relpath(run_dir, folder)
             rows.append(row)
     return rows
@@ -196,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             return 2
     rows = collect(args.folders)
     if not rows:
-        sys.stderr.write(f'error: no results.json under {" ".join(args.folders)}\n')
+        sys.stderr.write(f'error: no readable results.json under {" ".join(args.folders)}\n')
         return 2
     print(format_table(rows))
     lines = failure_lines(rows) + seed_lines(rows)
