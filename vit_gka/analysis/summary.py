@@ -262,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
             return 2
     rows = collect(args.folders)
     if not rows:
-        sys.stderr.write(f'error: no readable results.json under {" ".join(args.folders)}\n')
+        sys.stderr.write(f'error: no results.json under {" ".join(args.folders)}\n')
         return 2
     print(format_table(rows))
     lines = failure_lines(rows) + seed_lines(rows)
