@@ -28,7 +28,7 @@ from vit_gka.train import loading
 from vit_gka.errors import UserError
 from vit_gka.data.datasets import create_dataset
 from vit_gka.data.loaders import create_train_loader
-from vit_gka.train.loop import POISON_ENV
+from vit_gka.train.nonfinite import POISON_ENV
 from vit_gka.train.state import load_checkpoint
 
 BASE = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=false', 'model.args.depth=1',

@@ -1,7 +1,8 @@
 """One training job, from a composed Hydra config to a finished run folder (what ``train.py`` runs).
 
-``run_training`` reads top to bottom as the recipe, as DeiT's ``main()`` does: config -> data set -> model ->
-loaders -> optimizer, schedule, loss, mixup, EMA -> resume -> epochs -> results. What it calls:
+``run_training`` is three stages, each reading top to bottom as the recipe, as DeiT's ``main()`` does: ``start``
+(config -> data set -> model -> loaders -> optimizer, schedule, loss, mixup, EMA -> resume -> the run folder),
+``train_epochs`` (train, evaluate, log, best, checkpoint) and ``finish`` (results). What they call:
 
 * recipe.py: timm's model, loss, mixup / cutmix, scaled lr, optimizer, schedule and EMA from the config;
 * vit_gka.data: the data sets, transforms and loaders, and the seeded order that makes resume exact;
@@ -10,7 +11,8 @@ loaders -> optimizer, schedule, loss, mixup, EMA -> resume -> epochs -> results.
 * results.py: what the run folder records (config.yaml, steps.jsonl, tb/, best.safetensors, model/,
   results.json);
 * distributed.py: Accelerate, the run folder every process shares (and its lock: one writer per folder);
-* preemption.py: SIGTERM / SIGUSR2 / SIGUSR1 stop the run at the next update with a checkpoint (exit 75).
+* checkpointer.py: when and where the run saves checkpoints/last, and the stop after a signal's checkpoint;
+* preemption.py: SIGTERM / SIGUSR2 / SIGUSR1 / SIGINT stop the run at the next update with a checkpoint (exit 75).
 
 Run folder (Hydra's run dir; every process uses the main process's; only the main process writes)::
 
@@ -28,6 +30,7 @@ Run folder (Hydra's run dir; every process uses the main process's; only the mai
 Distributed runs (``accelerate launch`` / ``torchrun``) shard the training set (timm's RepeatAugSampler with
 repeated augmentation, else DistributedSampler) and the test set.
 """
+import dataclasses
 import logging
 import math
 import os
@@ -48,18 +51,19 @@ from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
 from vit_gka.train.checkpoint_history import keep_epoch_checkpoint
+from vit_gka.train.checkpointer import Checkpointer
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
 from vit_gka.train.finetune import apply_finetune
 from vit_gka.train.guards import check_class_maps, check_patch_grid, refuse_finished
 from vit_gka.train.loop import evaluate, train_one_epoch
-from vit_gka.train.preemption import StopSignals, Stopped, shield_workers
+from vit_gka.train.preemption import StopSignals, shield_workers
 from vit_gka.train.results import RunRecords, summary_line
-from vit_gka.train.state import TrainParts, TrainState, resume, resume_checkpoint, run_dir_of, save_checkpoint
+from vit_gka.train.state import TrainParts, TrainState, resume, resume_checkpoint, run_dir_of
 from vit_gka.train.validation import validate
 
 log = logging.getLogger('vit_gka.train')
 
-__all__ = ['run_training', 'build_parts', 'RunSetup', 'SPARSITY_IMAGES']
+__all__ = ['run_training', 'start', 'train_epochs', 'finish', 'Run', 'build_parts', 'RunSetup', 'SPARSITY_IMAGES']
 
 # Attention sparsity (fraction of exact zeros of the attention weights, per layer) is measured on the first
 # SPARSITY_IMAGES test images, one extra forward per evaluation (models with kernel attention only).
@@ -69,10 +73,32 @@ SPARSITY_IMAGES = 64
 def run_training(cfg: DictConfig) -> Dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns results.json's content on every process (the main process
     writes it, the others receive it). Every input is checked before anything is written."""
-    from accelerate import skip_first_batches
-    from accelerate.utils import set_seed
+    run = start(cfg)  # config, processes, run folder, parts, resume: checked; then the folder taken, records open
+    metrics, ema_metrics = train_epochs(run)  # train, evaluate, log, keep the best, checkpoint
+    return finish(run, metrics, ema_metrics)  # results.json, model/, the summary line; on every process
 
-    # Config, processes, run folder, and the checkpoint to resume from (a bad one stops before anything is built).
+
+@dataclasses.dataclass
+class Run:
+    """One job's live state between its stages (``start`` makes it)."""
+    cfg: DictConfig
+    accelerator: Any
+    run_dir: str
+    parts: TrainParts
+    setup: 'RunSetup'
+    state: TrainState
+    records: RunRecords
+    saver: Checkpointer
+    lock: Any
+    stop_epoch: int
+    sparsity_images: Optional[torch.Tensor]
+    bad_images: int
+
+
+def start(cfg: DictConfig) -> Run:
+    """Validate, start the processes, find the run folder and the checkpoint to resume from (a bad one stops before
+    anything is built), build the parts and resume or seed; only then take the folder and open its records."""
+    from accelerate.utils import set_seed
     started = time.time()
     validate(cfg)
     accelerator = make_accelerator(cfg)
@@ -83,20 +109,15 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     chk = resume_checkpoint(cfg.resume, run_dir)  # resume=auto: this run folder's own checkpoint, if any
 
     parts, setup = build_parts(cfg, accelerator, finetune=chk is None)  # a resumed run has its own weights
-    model_name, model_args, num_classes = setup.model_name, setup.model_args, setup.num_classes
-    dataset_train, data_config, train_loader = setup.dataset_train, setup.data_config, parts.train_loader
-    raw_model, num_epochs, global_batch = parts.raw_model, setup.num_epochs, setup.global_batch
-    sparsity_images = _sparsity_batch(raw_model, parts.eval_loader.dataset, accelerator.device) if main else None
-
+    sparsity_images = _sparsity_batch(parts.raw_model, parts.eval_loader.dataset, accelerator.device) if main else None
     # Resume (every check before anything is loaded), or start: drop path etc. then differ per process.
-    state = TrainState(model_name, model_args, epochs=num_epochs, global_batch_size=global_batch,
-                       seed=int(cfg.seed), data=str(cfg.data.name), train_subset=cfg.train_subset, started=started)
+    state = TrainState(setup.model_name, setup.model_args, epochs=setup.num_epochs,
+                       global_batch_size=setup.global_batch, seed=int(cfg.seed), data=str(cfg.data.name),
+                       train_subset=cfg.train_subset, started=started)
     if chk is not None:
         state = resume(chk, state, parts)
     else:
         set_seed(int(cfg.seed) + accelerator.process_index)
-    stop_epoch = min(int(cfg.stop_epoch), num_epochs) if cfg.stop_epoch is not None else num_epochs
-    eval_interval = int(cfg.eval_interval or 0)
 
     # Every input has been checked: take the run folder (one writer per folder), start writing.
     if chk is None:
@@ -106,115 +127,68 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
     if chk is not None and not state.step and state.best['epoch'] == state.epoch and \
             not os.path.exists(os.path.join(run_dir, 'best.safetensors')):  # lost to a failed write after the checkpoint
-        records.best((parts.model_ema.module if state.best['ema'] else raw_model).state_dict(), state.num_updates)
-    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, transformed per %s, %d '
-             'loader workers per '
-             'process), input %s', cfg.model_choice, model_name, sum(p.numel() for p in raw_model.parameters()) / 1e6,
-             cfg.data.name, len(train_loader.dataset), len(parts.eval_loader.dataset), num_classes,
-             'batch' if isinstance(train_loader.dataset, InMemoryImages) else 'sample', train_loader.num_workers,
-             tuple(data_config['input_size']))
-    log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
-             'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
-             global_batch, int(cfg.batch_size), accelerator.num_processes, int(cfg.grad_accum), setup.lr, float(cfg.lr),
-             cfg.lr_scale, int(cfg.lr_base_size), num_epochs, setup.updates_per_epoch, accelerator.device, accelerator.mixed_precision,
-             run_dir)
-    bad_images = unreadable_images(train_loader.dataset)
+        records.best((parts.model_ema.module if state.best['ema'] else parts.raw_model).state_dict(), state.num_updates)
+    _log_setup(cfg, accelerator, run_dir, parts, setup)
+    stop_epoch = min(int(cfg.stop_epoch), setup.num_epochs) if cfg.stop_epoch is not None else setup.num_epochs
+    saver = Checkpointer(run_dir, state, parts, records, chk, cfg.checkpoint_every_steps)
+    return Run(cfg, accelerator, run_dir, parts, setup, state, records, saver, lock, stop_epoch, sparsity_images,
+               unreadable_images(parts.train_loader.dataset))
 
-    # Epochs: train, then evaluate (every eval_interval epochs and after the last), log, keep the best, checkpoint.
-    last_dir = os.path.join(run_dir, 'checkpoints', 'last')
-    saved_at = None  # the update of the last checkpoint this job wrote
 
-    def checkpoint() -> None:
-        nonlocal saved_at
-        if saved_at is not None:
-            previous = saved_at
-        else:  # resumed in place: what it resumed from
-            previous = chk.state.num_updates if chk is not None and run_dir_of(chk.folder) == run_dir else None
-        save_checkpoint(last_dir, state, parts, previous=f'update {previous}' if previous is not None else None)
-        saved_at = state.num_updates
-
-    def last_good() -> Optional[str]:  # the checkpoint a non-finite stop names: written by this job, or resumed
-        return f'{last_dir} (update {saved_at})' if saved_at is not None else chk.folder if chk is not None else None
-
-    def stopped(signal_name: str, where: str) -> None:  # preemption.py: after the checkpoint of that update
-        records.close()
-        message = (f'stopped by {signal_name} {where}: checkpoint {last_dir}; to continue, run the same command '
-                   f'with {_continue_with(run_dir)}')
-        log.info(message)
-        raise Stopped(message, signal_name)
-
-    def on_update(info: Dict[str, Any]) -> None:  # after every optimizer update
-        records.step(info)
-        every = cfg.checkpoint_every_steps
-        mid_epoch = info['step'] < len(train_loader)  # at an epoch's end: after its evaluation and checkpoint
-        if mid_epoch and (info['stop'] or every and info['update'] % int(every) == 0):
-            if saved_at != state.num_updates:
-                checkpoint()
-        if mid_epoch and info['stop']:
-            stopped(info['stop'], f"at epoch {info['epoch'] + 1}, step {info['step']} (update {info['update']})")
-
+def train_epochs(run: Run) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """The epochs from the state's to ``stop_epoch``, each: train, evaluate (every ``eval_interval`` epochs and after
+    the last), log, keep the best, checkpoint; a stop signal checkpoints and ends the run (preemption.py). Returns
+    the last evaluation's metrics (None, None if no epoch was left)."""
+    from accelerate import skip_first_batches
+    parts, state, records, saver = run.parts, run.state, run.records, run.saver
+    main, train_loader = run.accelerator.is_main_process, parts.train_loader
     metrics = ema_metrics = None
-    with parts.stop:  # SIGTERM / SIGUSR2 / SIGUSR1: checkpoint at the next update boundary, then stop
-        for epoch in range(state.epoch, stop_epoch):
-            set_loader_epoch(train_loader, epoch, accelerator.process_index)
+    with parts.stop:  # SIGTERM / SIGUSR2 / SIGUSR1 / SIGINT: checkpoint at the next update boundary, then stop
+        for epoch in range(state.epoch, run.stop_epoch):
+            set_loader_epoch(train_loader, epoch, run.accelerator.process_index)
             # resumed mid-epoch: the same order, the first state.step batches not loaded
             loader = skip_first_batches(train_loader, state.step) if state.step else train_loader
             try:
-                stats = train_one_epoch(parts, state, epoch, loader, on_update, records if main else None,
-                                        desc=f'epoch {epoch + 1}/{num_epochs}')
+                stats = train_one_epoch(parts, state, epoch, loader, saver.on_update, records if main else None,
+                                        desc=f'epoch {epoch + 1}/{run.setup.num_epochs}')
             except NonFiniteError as e:
-                raise e.with_checkpoint(last_good()) from None
+                raise e.with_checkpoint(saver.last_good()) from None
             finally:
                 records.close_steps()
             state.end_epoch(stats)
-            bad = unreadable_images(train_loader.dataset)
-            if bad > bad_images:
-                bad_images = bad
-                log.warning('%d unreadable training images skipped so far (the warnings name them)', bad)
-
-            done = state.epoch
-            evaluated = done == stop_epoch or (eval_interval > 0 and done % eval_interval == 0)
+            _warn_unreadable(run)
+            evaluated = state.epoch == run.stop_epoch or (
+                int(run.cfg.eval_interval or 0) > 0 and state.epoch % int(run.cfg.eval_interval) == 0)
             sparsity = None
             if evaluated:
                 metrics, ema_metrics = _test(parts)
-                if sparsity_images is not None:
-                    sparsity = model_sparsity(raw_model, sparsity_images, accelerator.autocast)
-            record, line = _epoch_summary(done, num_epochs, stats, evaluated, metrics, ema_metrics, sparsity)
-            state.history.append(record)
-            records.epoch(done, state.num_updates, stats, raw_model, metrics if evaluated else None, ema_metrics,
-                          sparsity)
-            records.summary(state.history)
-            best = _keep_best(state, parts, metrics, ema_metrics) if evaluated else None
-            try:  # the checkpoint first: best.safetensors never gets ahead of it
-                checkpoint()
-                if main:  # checkpoint_keep=n: also this epoch's, the last n kept
-                    keep_epoch_checkpoint(last_dir, done, int(cfg.checkpoint_keep))
-                if best is not None:
-                    records.best(best, state.num_updates)
-            except NonFiniteError as e:
-                raise e.with_checkpoint(last_good()) from None
-            log.info(line)
-            accelerator.wait_for_everyone()
-            signal_name = parts.stop.agreed(accelerator)
-            if signal_name and state.epoch < stop_epoch:
-                stopped(signal_name, f'after epoch {state.epoch} (update {state.num_updates})')
+                if run.sparsity_images is not None:
+                    sparsity = model_sparsity(parts.raw_model, run.sparsity_images, run.accelerator.autocast)
+            _end_epoch(run, stats, metrics if evaluated else None, ema_metrics if evaluated else None, sparsity)
+            signal_name = parts.stop.agreed(run.accelerator)
+            if signal_name and state.epoch < run.stop_epoch:
+                saver.stopped(signal_name, f'after epoch {state.epoch} (update {state.num_updates})')
+    return metrics, ema_metrics
 
-    # Results: results.json, the model folder and the summary line (main process), on every process. A stop
-    # signal now only waits for them: the run is done, and a half-written model/ would help nobody.
+
+def finish(run: Run, metrics, ema_metrics) -> Dict[str, Any]:
+    """results.json, the model folder and the summary line (main process), then results.json's content on every
+    process. A stop signal now only waits for them: the run is done, and a half-written model/ would help nobody."""
+    parts, accelerator = run.parts, run.accelerator
     with parts.stop:
         if metrics is None:  # resumed at (or past) the last epoch: evaluate what was loaded
             metrics, ema_metrics = _test(parts)
-        labels = class_names(dataset_train)
-        results = records.results(parts, state, metrics, ema_metrics, sparsity_images, bad_images,
-                                  labels if labels is not None and len(labels) == num_classes else None)
-        records.close()
+        labels = class_names(run.setup.dataset_train)
+        results = run.records.results(parts, run.state, metrics, ema_metrics, run.sparsity_images, run.bad_images,
+                                      labels if labels is not None and len(labels) == run.setup.num_classes else None)
+        run.records.close()
     if parts.stop.received:
         log.info('%s came after the last epoch\'s checkpoint: the run finished first',
                  ', '.join(signal.Signals(s).name for s in parts.stop.received))
-    if lock is not None:
-        lock.release()
-    if main:
-        print(summary_line(results, cfg.model_choice, run_dir), flush=True)
+    if run.lock is not None:
+        run.lock.release()
+    if accelerator.is_main_process:
+        print(summary_line(results, run.cfg.model_choice, run.run_dir), flush=True)
     accelerator.wait_for_everyone()
     results = from_main_process(accelerator, results)
     # Nobody leaves while another process still receives (a gloo peer that exits mid-broadcast aborts the other:
@@ -222,6 +196,50 @@ def run_training(cfg: DictConfig) -> Dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _end_epoch(run: Run, stats: Dict[str, Any], metrics, ema_metrics, sparsity) -> None:
+    """An epoch's records (history, summary.csv, TensorBoard), its checkpoint, then best.safetensors if it is the
+    best (never ahead of the checkpoint), and its log line."""
+    state, parts, records, saver = run.state, run.parts, run.records, run.saver
+    record, line = _epoch_summary(state.epoch, run.setup.num_epochs, stats, metrics is not None, metrics,
+                                  ema_metrics, sparsity)
+    state.history.append(record)
+    records.epoch(state.epoch, state.num_updates, stats, parts.raw_model, metrics, ema_metrics, sparsity)
+    records.summary(state.history)
+    best = _keep_best(state, parts, metrics, ema_metrics) if metrics is not None else None
+    try:
+        saver.save()
+        if run.accelerator.is_main_process:  # checkpoint_keep=n: also this epoch's, the last n kept
+            keep_epoch_checkpoint(saver.last_dir, state.epoch, int(run.cfg.checkpoint_keep))
+        if best is not None:
+            records.best(best, state.num_updates)
+    except NonFiniteError as e:
+        raise e.with_checkpoint(saver.last_good()) from None
+    log.info(line)
+    run.accelerator.wait_for_everyone()
+
+
+def _warn_unreadable(run: Run) -> None:
+    bad = unreadable_images(run.parts.train_loader.dataset)
+    if bad > run.bad_images:
+        run.bad_images = bad
+        log.warning('%d unreadable training images skipped so far (the warnings name them)', bad)
+
+
+def _log_setup(cfg: DictConfig, accelerator, run_dir: str, parts: TrainParts, setup: 'RunSetup') -> None:
+    train_loader = parts.train_loader
+    log.info('%s %s: %.2f M parameters, data %s (%d train / %d test images, %d classes, transformed per %s, %d '
+             'loader workers per process), input %s', cfg.model_choice, setup.model_name,
+             sum(p.numel() for p in parts.raw_model.parameters()) / 1e6, cfg.data.name, len(train_loader.dataset),
+             len(parts.eval_loader.dataset), setup.num_classes,
+             'batch' if isinstance(train_loader.dataset, InMemoryImages) else 'sample', train_loader.num_workers,
+             tuple(setup.data_config['input_size']))
+    log.info('global batch %d = %d per process x %d processes x %d accumulation; lr %.3g (base %.3g, %s '
+             'scaling per %d); %d epochs x %d updates; device %s, mixed precision %s; run dir %s',
+             setup.global_batch, int(cfg.batch_size), accelerator.num_processes, int(cfg.grad_accum), setup.lr,
+             float(cfg.lr), cfg.lr_scale, int(cfg.lr_base_size), setup.num_epochs, setup.updates_per_epoch,
+             accelerator.device, accelerator.mixed_precision, run_dir)
 
 
 class RunSetup(NamedTuple):
@@ -296,19 +314,6 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     setup = RunSetup(dataset_train, num_classes, model_name, model_args, data_config, global_batch, lr, num_epochs,
                      updates_per_epoch)
     return parts, setup
-
-
-def _continue_with(run_dir: str) -> str:
-    """The overrides that continue this job: its run folder's checkpoint, or a -m sweep's every job's."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # not under Hydra
-        return f'resume=auto hydra.run.dir={run_dir}'
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f'resume=auto hydra.sweep.dir={os.path.abspath(hydra_cfg.sweep.dir)}'
-    return f'resume=auto hydra.run.dir={run_dir}'
 
 
 def _wants_compile(cfg: DictConfig, device: torch.device) -> bool:

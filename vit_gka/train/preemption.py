@@ -10,7 +10,7 @@ exit status ``EXIT_STOPPED`` (75, EX_TEMPFAIL of sysexits.h: "temporary failure,
 would tell a job chain (``--dependency=afterok``) that the run finished, nor the 2 of a user mistake).
 A signal that comes during the evaluation or the checkpoint at an epoch's end stops the run right after that
 checkpoint. In a run of several processes the signal may reach only one: its flags ride on the all-reduce
-that every update already makes (loop.UpdateGuard sums the update's loss over processes), so every process
+that every update already makes (nonfinite.UpdateGuard sums the update's loss over processes), so every process
 stops after the same update; at an epoch's end one tiny all-reduce (``agreed``) does the same.
 DataLoader worker processes get the signal too (Slurm signals every process of the job) and would die of it,
 failing the run before it can checkpoint: ``shield_workers`` makes them ignore these signals (the training

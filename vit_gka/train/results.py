@@ -283,7 +283,7 @@ class RunRecords:
             # of the model/ weights on the first test images (job.SPARSITY_IMAGES); None without kernel attention
             'sparsity': (model_sparsity(final, sparsity_images, parts.accelerator.autocast)
                          if sparsity_images is not None else None),
-            'nonfinite_skipped': state.nonfinite_skipped,  # loop.UpdateGuard
+            'nonfinite_skipped': state.nonfinite_skipped,  # nonfinite.UpdateGuard
             'unreadable_images': unreadable_images,  # data.datasets.CheckedImageFolder
             'history': state.history,
         }

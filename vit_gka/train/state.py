@@ -56,7 +56,7 @@ class TrainParts:
     train_loader: Any
     eval_loader: Any
     clip_grad: Optional[float]      # gradient norm clipping (None: none)
-    nonfinite: str                  # stop | skip (loop.UpdateGuard)
+    nonfinite: str                  # stop | skip (nonfinite.UpdateGuard)
     log_interval: int               # updates between progress-bar / TensorBoard train updates
     progress: bool                  # a tqdm bar (main process); else a log line every log_interval updates
     stop: Any = None                # preemption.StopSignals: a stop signal is checked at every update (None: none)
