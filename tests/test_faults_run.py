@@ -3,13 +3,13 @@ names a checkpoint that resumes; a fresh run never writes over a run; Ctrl-C che
 SIGTERM while model/ is written lets the run finish."""
 import os
 import signal
-import subprocess
 import time
 
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, _command, check, digest, lines, needs_data, one_line_error, run, steps, wait_for
+from helpers import TINY, check, digest, lines, needs_data, one_line_error, run, steps, wait_for
+from test_preemption import finish, start
 
 pytestmark = needs_data
 
@@ -23,7 +23,7 @@ def test_nonfinite_weights_are_never_written_and_the_named_checkpoint_resumes(tm
     # update 4, the last of epoch 2: the step makes a weight inf although its loss and gradient were finite
     proc = run(args, cwd=tmp_path, env={'VIT_GKA_TEST_NONFINITE': '4:weight'})
     last = run_dir / 'checkpoints' / 'last'
-    one_line_error(proc, f'non-finite weights after update 4 (', code=3)
+    one_line_error(proc, 'non-finite weights after update 4 (', code=3)
     assert f'the last good checkpoint is {last} (update 2)' in proc.stderr
     assert not (run_dir / 'results.json').exists() and not (run_dir / 'model').exists()
     assert not (run_dir / 'best.safetensors').exists()
@@ -49,32 +49,15 @@ def test_a_fresh_run_never_writes_over_a_run(tmp_path):
     check(run([*args, 'resume=auto'], cwd=tmp_path))  # a finished run: evaluated again, nothing trained
 
 
-def _start(args, cwd, env=None):
-    """train.py in the background, in its own process group (as a terminal's foreground job)."""
-    cmd, env = _command(args, env=env)
-    out, err = open(cwd / 'stdout.txt', 'w'), open(cwd / 'stderr.txt', 'w')
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
-
-
-def _finish(proc, cwd, timeout=120):
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / 'stdout.txt').read_text(),
-                                       (cwd / 'stderr.txt').read_text())
-
-
 def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     run_dir = tmp_path / 'run'
     # 6 updates an epoch, a loader worker: Ctrl-C reaches it too
     args = ['epochs=1', *TINY, 'train_subset=96', 'batch_size=16', 'data.eval_subset=32', 'model.args.depth=1',
             'workers=1', f'hydra.run.dir={run_dir}']
-    proc = _start(args, tmp_path)
+    proc = start(args, tmp_path)
     wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
-    done = _finish(proc, tmp_path)
+    done = finish(proc, tmp_path)
     stderr = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert done.returncode == 75 and 'Traceback' not in done.stderr, done.stderr[-2000:]
     assert len(stderr) == 1 and stderr[0].startswith('stopped by SIGINT at epoch 1, step '), stderr
@@ -83,16 +66,16 @@ def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     assert len(steps(run_dir)) == 6
 
 
-def test_sigterm_while_model_folder_is_written_lets_the_run_finish(tmp_path):
+def test_sigterm_while_model_folder_is_written_lets_the_runfinish(tmp_path):
     run_dir, go = tmp_path / 'run', tmp_path / 'go'
     args = ['epochs=1', *SHORT, f'hydra.run.dir={run_dir}']
-    proc = _start(args, tmp_path, env={'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT': f'model:{go}'})
+    proc = start(args, tmp_path, env={'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT': f'model:{go}'})
     wait_for(lambda: any(n.startswith('model.tmp-') for n in os.listdir(run_dir)) if run_dir.exists() else False,
              proc)
     os.killpg(proc.pid, signal.SIGTERM)
     time.sleep(0.5)
     go.touch()
-    done = _finish(proc, tmp_path)
+    done = finish(proc, tmp_path)
     assert done.returncode == 0 and 'Traceback' not in done.stderr, done.stderr[-2000:]
     assert (run_dir / 'results.json').exists() and (run_dir / 'model' / 'model.safetensors').exists()
     assert not any(n.startswith('model.tmp-') for n in os.listdir(run_dir))
