@@ -14,7 +14,7 @@ so machine noise hits all of them alike; compare the ratios, not the absolute ti
 memory a call allocates beyond its inputs (``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
 process's peak-RSS growth, VmHWM reset through /proc/self/clear_refs, with glibc returning large blocks
 to the OS); ``with_inputs_mb`` adds the inputs each core needs (q, k, v for the standard one, x for GKA).
-The timing harness is vit_gka/analysis/benchmark.py.
+The timing harness is vit_gka/measure/benchmark.py.
 """
 import argparse
 from typing import Optional, Sequence
@@ -28,7 +28,7 @@ from vit_gka import GaussianKernelAttention
 from vit_gka.layers.gka import gka_reference
 from vit_gka.layers.gka_backends import gka_flex, gka_sdpa_bias, gka_sdpa_pad
 from vit_gka.layers.masks import build_mask, structural_mask_mod
-from vit_gka.analysis.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
+from vit_gka.measure.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
                                         print_rows, ratio, reexec_for_rss, write_json)
 from vit_gka.errors import UserError, fail
 

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from vit_gka.cli import CONF_DIR
 from vit_gka.data.datasets import fashion_mnist_root
 from vit_gka.errors import UserError, fail
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'vit_gka', 'conf', 'data',
-                    'fashion_mnist.yaml')
+CONF = os.path.join(CONF_DIR, 'data', 'fashion_mnist.yaml')
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@
   round).
 
 Every contender is checked against the float64 materialised GKA on random tokens before it is timed (never zeros);
-timings are interleaved medians (``vit_gka.analysis.benchmark``). Ratios are what to read. With ``--device cpu``
+timings are interleaved medians (``vit_gka.measure.benchmark``). Ratios are what to read. With ``--device cpu``
 and ``TRITON_INTERPRET=1`` the script runs the interpreter on tiny shapes: a check that it works, not a measurement.
 """
 import argparse
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from vit_gka.analysis.benchmark import (add_device_options, benchmark_models, device_and_dtype, interleaved_medians,
+from vit_gka.measure.benchmark import (add_device_options, benchmark_models, device_and_dtype, interleaved_medians,
                                         peak_memory_mb, print_rows, ratio, write_json)
 from vit_gka.errors import UserError, fail
 from vit_gka.layers.gka import gka_reference

@@ -7,7 +7,7 @@ One attention layer of the Small shape (D = 384, 6 heads of 64) per contender: f
 (``GaussianKernelAttention(impl='auto')``) and ``KernelAttention`` for every kernel x normalisation
 (dense: the N x N weights are materialised; entmax has no fused kernel). Every measurement interleaves
 the contenders after a warm-up and reports medians; peak memory is the process's peak-RSS growth on the
-CPU, ``max_memory_allocated`` on CUDA (the harness: vit_gka/analysis/benchmark.py). ``zeros`` is the
+CPU, ``max_memory_allocated`` on CUDA (the harness: vit_gka/measure/benchmark.py). ``zeros`` is the
 fraction of exact zeros of the weights at the default initial bandwidth on Gaussian inputs (GKA has none),
 for scale, not a trained model's.
 """
@@ -18,8 +18,8 @@ import torch
 
 from vit_gka import GaussianKernelAttention, KernelAttention
 from vit_gka.layers.compact import KERNEL_DEGREE
-from vit_gka.analysis.attention import attention_sparsity, attention_weights
-from vit_gka.analysis.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
+from vit_gka.measure.attention import attention_sparsity, attention_weights
+from vit_gka.measure.benchmark import (add_device_options, device_and_dtype, interleaved_medians, peak_memory_mb,
                                         print_rows, reexec_for_rss, write_json)
 from vit_gka.errors import UserError, fail
 

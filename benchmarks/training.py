@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from vit_gka.analysis.benchmark import print_rows, ratio, write_json
+from vit_gka.measure.benchmark import print_rows, ratio, write_json
 
 LABELS = ('data', 'forward', 'backward', 'optimizer', 'ema')
 

@@ -9,7 +9,7 @@ import torch
 
 from helpers import TINY, check, needs_data, one_line_error, run
 from vit_gka import GaussianKernelAttention
-from vit_gka.analysis.flops import model_stats
+from vit_gka.measure.flops import model_stats
 
 SMALL = dict(img_size=32, patch_size=8, depth=4, num_classes=5)
 

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from vit_gka import GaussianKernelAttention, KernelAttention
-from vit_gka.analysis.attention import attention_weights, mean_attention_distance
+from vit_gka.measure.attention import attention_weights, mean_attention_distance
 from vit_gka.layers.masks import build_mask
 
 from helpers import N, masks

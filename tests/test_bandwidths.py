@@ -9,8 +9,8 @@ import timm
 import torch
 
 from vit_gka import GaussianKernelAttention, VariableBandwidthAttention
-from vit_gka.analysis.benchmark import baseline_name
-from vit_gka.analysis.flops import model_stats
+from vit_gka.measure.benchmark import baseline_name
+from vit_gka.measure.flops import model_stats
 from vit_gka.layers.bandwidths import variable_reference, variable_sdpa
 from vit_gka.layers.masks import build_mask, window_2d_mask
 

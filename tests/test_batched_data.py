@@ -14,13 +14,14 @@ from vit_gka.data.datasets import Transformed, build_transform, create_dataset
 from vit_gka.data.loaders import batched_dataset, create_eval_loader, create_train_loader
 from vit_gka.data.sampling import SeededDataset, _mix, set_loader_epoch
 from vit_gka.errors import UserError
+from vit_gka.cli import CONF_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_data = pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
                                 reason='needs the Debian package dataset-fashion-mnist')
 GRAY = {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'crop_pct': 1.0, 'interpolation': 'bilinear'}
-QUICK = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'recipe', 'quick.yaml')).aug
-DEIT = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'recipe', 'deit.yaml')).aug
+QUICK = OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'quick.yaml')).aug
+DEIT = OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'deit.yaml')).aug
 
 
 def aug(**kw):
@@ -28,7 +29,7 @@ def aug(**kw):
 
 
 def data_cfg(tmp_path, **kw):
-    cfg = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'data', 'fashion_mnist.yaml'))
+    cfg = OmegaConf.load(os.path.join(CONF_DIR, 'data', 'fashion_mnist.yaml'))
     return OmegaConf.merge(cfg, {'cache_dir': str(tmp_path), **kw})
 
 

@@ -1,4 +1,4 @@
-"""The timing harness (vit_gka/analysis/benchmark.py), the model-vs-baseline benchmark of eval.py bench=true
+"""The timing harness (vit_gka/measure/benchmark.py), the model-vs-baseline benchmark of eval.py bench=true
 and the benchmark scripts (benchmarks/attention.py, kernels.py, fmnist_folder.py) on tiny sizes: they run, their
 options and JSON hold, mistakes end in one line. No timings are checked: CI machines are noisy."""
 import json
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from vit_gka.analysis import benchmark as harness
+from vit_gka.measure import benchmark as harness
 from vit_gka.errors import UserError
 
 from helpers import needs_data
@@ -39,7 +39,7 @@ def test_cpu_peak_memory_sees_a_64_mb_allocation():
     """In a process set up as the benchmark scripts re-run themselves (reexec_for_rss): freed blocks go back to
     the OS, so a 64 MB tensor shows as 64 MB more peak RSS (in a long-lived process such as this one glibc may
     hand out memory it already holds, and the growth reads 0)."""
-    code = ('import torch; from vit_gka.analysis.benchmark import peak_memory_mb; '
+    code = ('import torch; from vit_gka.measure.benchmark import peak_memory_mb; '
             'print(peak_memory_mb(lambda: torch.ones(16 * 2 ** 20), torch.device("cpu")))')
     proc = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'},
                           capture_output=True, text=True, timeout=120)

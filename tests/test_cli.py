@@ -9,7 +9,7 @@ import pytest
 from helpers import check, needs_data, one_line_error, run
 from vit_gka.analysis import report, summary
 from vit_gka.cli import check_overrides
-from vit_gka.train.main import CONF_DIR
+from vit_gka.cli import CONF_DIR
 from vit_gka.train.validation import validate
 
 # each training run: 1 block, 64 images, 1 epoch
@@ -35,7 +35,7 @@ def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
     from hydra import initialize_config_dir
 
     from vit_gka.cli import ConfigGroups, _variants
-    from vit_gka.train.main import CONF_DIR
+    from vit_gka.cli import CONF_DIR
     with initialize_config_dir(CONF_DIR, version_base='1.3'):
         variants, sampled = _variants(ConfigGroups('config', []), ['lr=interval(1e-4,1e-3)', 'seed=0,1'],
                                       multirun=True, base_choices=['model', 'shape'])

@@ -1,4 +1,4 @@
-"""The Hydra configuration (vit_gka/conf), composed in-process: model x shape, the old preset names, the
+"""The Hydra configuration (conf), composed in-process: model x shape, the old preset names, the
 defaults, the recipes, the experiments, and every key the training code reads. Fast: no training."""
 import ast
 import glob
@@ -14,13 +14,14 @@ from omegaconf import OmegaConf
 
 from vit_gka.errors import UserError  # (importing vit_gka registers its models with timm)
 from vit_gka.train.validation import check_model, validate
+from vit_gka.cli import CONF_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONF = os.path.join(ROOT, 'vit_gka', 'conf')
+
 
 
 def options(group):
-    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith('.yaml'))
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith('.yaml'))
 
 
 FAMILIES = [f for f in options('model') if f != 'timm']
@@ -32,7 +33,7 @@ FMNIST = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num
 
 @pytest.fixture(scope='module')
 def hydra_conf():
-    with initialize_config_dir(config_dir=CONF, version_base='1.3'):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base='1.3'):
         yield
 
 
@@ -105,15 +106,15 @@ def _flat(node, prefix=''):
 
 
 def test_quick_recipe_lists_only_what_differs_from_deit():
-    deit = _flat(OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, 'recipe', 'deit.yaml'))))
-    quick = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, 'recipe', 'quick.yaml')))
+    deit = _flat(OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'deit.yaml'))))
+    quick = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'quick.yaml')))
     assert quick.pop('defaults') == ['deit', '_self_']
     for key, value in _flat(quick).items():
         assert key in deit and deit[key] != value, key
 
 
 def test_data_sets_share_one_set_of_keys():
-    keys = {name: set(OmegaConf.load(os.path.join(CONF, 'data', f'{name}.yaml'))) for name in options('data')}
+    keys = {name: set(OmegaConf.load(os.path.join(CONF_DIR, 'data', f'{name}.yaml'))) for name in options('data')}
     assert len({frozenset(k) for k in keys.values()}) == 1, keys
 
 
@@ -206,5 +207,5 @@ def test_every_key_the_code_reads_is_in_the_config(hydra_conf, data, recipe):
     cfg = composed(f'data={data}', f'recipe={recipe}')
     read = keys_read_by_the_code()
     missing = sorted(k for k in set(REQUIRED) | set(read) if not _has(cfg, k))
-    assert not missing, 'read by the code but not in vit_gka/conf: ' + ', '.join(
+    assert not missing, 'read by the code but not in conf: ' + ', '.join(
         f"{k} ({', '.join(sorted(read.get(k, ['REQUIRED'])))})" for k in missing)

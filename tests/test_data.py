@@ -13,6 +13,7 @@ from vit_gka.errors import UserError
 from vit_gka.data.datasets import FMNIST_FILES, class_names, create_dataset, patch_randaugment_posterize
 from vit_gka.data.loaders import MAX_AUTO_WORKERS, create_eval_loader, create_train_loader, loader_workers
 from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
+from vit_gka.cli import CONF_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -24,7 +25,7 @@ RGB32 = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0
 
 
 def data_cfg(config, **kw):
-    cfg = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'data', f'{config}.yaml'))
+    cfg = OmegaConf.load(os.path.join(CONF_DIR, 'data', f'{config}.yaml'))
     cfg.cache_dir = kw.pop('cache_dir', cfg.get('cache_dir'))
     return OmegaConf.merge(cfg, kw)
 
@@ -44,7 +45,7 @@ def test_fashion_mnist_eval_loader(tmp_path):
 
 @needs_data
 def test_deit_augmentation_on_grayscale(tmp_path):
-    recipe = OmegaConf.load(os.path.join(ROOT, 'vit_gka', 'conf', 'recipe', 'deit.yaml'))
+    recipe = OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'deit.yaml'))
     dataset, num_classes = create_dataset(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), 'train')
     assert num_classes == 10 and class_names(dataset)[:2] == ['T-shirt/top', 'Trouser']
     loader = create_train_loader(dataset, GRAY, 16, recipe.aug, subset=64, seed=3)

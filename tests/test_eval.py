@@ -10,8 +10,9 @@ from hydra import compose, initialize_config_dir
 
 from vit_gka import evaluate as evaluation
 from vit_gka.analysis import report, tables
-from vit_gka.analysis.benchmark import baseline_name
+from vit_gka.measure.benchmark import baseline_name
 from vit_gka.errors import UserError
+from vit_gka.cli import CONF_DIR
 
 from helpers import Payload
 
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
 
 
 def eval_cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, 'vit_gka', 'conf'), version_base='1.3'):
+    with initialize_config_dir(CONF_DIR, version_base='1.3'):
         return compose('eval', overrides=['workers=0', *overrides])
 
 

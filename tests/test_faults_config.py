@@ -13,13 +13,14 @@ from PIL import Image
 from helpers import ROOT, TINY, check, digest, needs_data, one_line_error, run
 from vit_gka.errors import UserError
 from vit_gka.train.validation import validate
+from vit_gka.cli import CONF_DIR
 
-CONF = os.path.join(ROOT, 'vit_gka', 'conf')
+
 
 
 @pytest.fixture(scope='module')
 def hydra_conf():
-    with initialize_config_dir(config_dir=CONF, version_base='1.3'):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base='1.3'):
         yield
 
 

@@ -1,4 +1,4 @@
-"""README's file map is the whole tree: every tracked file of vit_gka/, benchmarks/, scripts/ and tests/ has its
+"""README's file map is the whole tree: every tracked file of vit_gka/, conf/, analysis/, benchmarks/, scripts/ and tests/ has its
 line, and every line names a file that exists."""
 import os
 import re
@@ -8,7 +8,7 @@ import pytest
 
 from helpers import ROOT
 
-FOLDERS = ('vit_gka/', 'benchmarks/', 'scripts/', 'tests/')
+FOLDERS = ('vit_gka/', 'conf/', 'analysis/', 'benchmarks/', 'scripts/', 'tests/')
 
 
 def map_paths():

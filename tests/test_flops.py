@@ -1,5 +1,5 @@
-"""FLOP and parameter accounting (vit_gka/analysis/flops.py) against published numbers, an analytic formula and
-torch's FlopCounterMode; its command line (python -m vit_gka.analysis.flops, the vit-gka-flops command)."""
+"""FLOP and parameter accounting (vit_gka/measure/flops.py) against published numbers, an analytic formula and
+torch's FlopCounterMode; its command line (python -m vit_gka.measure.flops, the vit-gka-flops command)."""
 import functools
 import json
 import subprocess
@@ -12,8 +12,8 @@ from timm.models import model_entrypoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vit_gka.analysis import flops as flops_cli
-from vit_gka.analysis.flops import count_impl, model_stats
+from vit_gka.measure import flops as flops_cli
+from vit_gka.measure.flops import count_impl, model_stats
 
 ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
 SHAPES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
@@ -107,7 +107,7 @@ def test_every_registered_model_is_fully_counted():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_gka.analysis.flops', *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'vit_gka.measure.flops', *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_cli_json(capsys):
@@ -131,7 +131,7 @@ def test_cli_help(capsys):
         flops_cli.main(['--help'])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith('usage: python -m vit_gka.analysis.flops') and '--img-size N' in out and '--json' in out
+    assert out.startswith('usage: python -m vit_gka.measure.flops') and '--img-size N' in out and '--json' in out
 
 
 def test_cli_markdown_in_process(capsys):

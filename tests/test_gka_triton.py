@@ -210,7 +210,7 @@ def test_fvcore_counts_the_operator():
     """fvcore sees vit_gka::gka_fwd when the model runs it, and counts it as the sdpa_bias form it equals."""
     from fvcore.nn import FlopCountAnalysis
 
-    from vit_gka.analysis.flops import _handles, model_stats
+    from vit_gka.measure.flops import _handles, model_stats
     model = timm.create_model('gka_deit_tiny_patch16_224', impl='triton', **SMALL).eval()
     analysis = FlopCountAnalysis(model, torch.randn(1, 1, 28, 28))
     for op, handle in _handles().items():

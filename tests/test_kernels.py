@@ -16,7 +16,7 @@ from vit_gka import GaussianKernelAttention, KernelAttention
 from vit_gka.layers import ProjectionFreeAttention
 from vit_gka.layers.gka import gka_reference
 from vit_gka.models.compact_deit import COMPACT_MODELS
-from vit_gka.analysis.attention import AttentionSparsity, attention_sparsity, attention_weights, model_sparsity
+from vit_gka.measure.attention import AttentionSparsity, attention_sparsity, attention_weights, model_sparsity
 from vit_gka.layers.compact import compact_kernel, compact_kernel_attention, compact_weights
 from vit_gka.layers.masks import build_mask
 

@@ -1,6 +1,7 @@
-"""Packaging: the wheel holds everything an installed user needs (all of vit_gka with its Hydra configs),
-`pip install -e .` builds without warnings, the console scripts are installed, the package works from a
+"""Packaging: the wheel holds everything an installed user needs (vit_gka with conf/ and analysis/ mapped into it),
+`pip install -e .` maps the same three folders, the console scripts are installed, the package works from a
 folder outside the checkout, and every tool answers --help."""
+import ast
 import concurrent.futures
 import importlib
 import importlib.metadata
@@ -17,7 +18,7 @@ BIN = os.path.dirname(sys.executable)
 SCRIPTS = ('vit-gka-train', 'vit-gka-eval', 'vit-gka-export', 'vit-gka-publish', 'vit-gka-flops', 'vit-gka-report',
            'vit-gka-summary')
 HELP = {  # command (from the repository root) -> a text its help holds
-    ('-m', 'vit_gka.analysis.flops', '--help'): 'usage:',
+    ('-m', 'vit_gka.measure.flops', '--help'): 'usage:',
     ('-m', 'vit_gka.analysis.report', '--help'): 'usage:',
     ('-m', 'vit_gka.analysis.summary', '--help'): 'usage:',
     ('-m', 'benchmarks.attention', '--help'): '--core-batch-tokens',
@@ -40,14 +41,19 @@ def _project_scripts():
         return tomllib.load(f)['project']['scripts']
 
 
+FOLDERS = {'vit_gka': 'vit_gka', 'conf': 'vit_gka/conf', 'analysis': 'vit_gka/analysis'}  # checkout -> installed
+
+
 def _package_files():
-    """Every .py / .yaml / .safetensors (the shipped weights) file of vit_gka in the checkout, as wheel paths."""
+    """Every .py / .yaml / .safetensors (the shipped weights) file of the three folders, as wheel paths."""
     files = set()
-    for folder, dirs, names in os.walk(os.path.join(ROOT, 'vit_gka')):
-        dirs[:] = [d for d in dirs if d != '__pycache__']
-        for name in names:
-            if name.endswith(('.py', '.yaml', '.safetensors')):
-                files.add(os.path.relpath(os.path.join(folder, name), ROOT).replace(os.sep, '/'))
+    for top, installed in FOLDERS.items():
+        for folder, dirs, names in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if d != '__pycache__']
+            for name in names:
+                if name.endswith(('.py', '.yaml', '.safetensors')):
+                    rel = os.path.relpath(os.path.join(folder, name), os.path.join(ROOT, top)).replace(os.sep, '/')
+                    files.add(f'{installed}/{rel}')
     return files
 
 
@@ -60,20 +66,26 @@ def source(tmp_path_factory):
     folder.mkdir()
     for name in ('pyproject.toml', 'requirements.txt', 'README.md', 'LICENSE'):
         shutil.copy(os.path.join(ROOT, name), folder / name)
-    shutil.copytree(os.path.join(ROOT, 'vit_gka'), folder / 'vit_gka',
-                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.egg-info'))
+    for top in FOLDERS:
+        shutil.copytree(os.path.join(ROOT, top), folder / top,
+                        ignore=shutil.ignore_patterns('__pycache__', '*.pyc', '*.egg-info'))
     return folder
 
 
 @pytest.fixture(scope='module')
-def wheel(source, tmp_path_factory):
+def wheel_file(source, tmp_path_factory):
     out = tmp_path_factory.mktemp('wheel')
     proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', str(source), '--no-deps', '--no-build-isolation',
                            '--no-index', '-w', str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'Warning' not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     (path,) = out.glob('vit_gka-*.whl')
-    with zipfile.ZipFile(path) as z:
+    return path
+
+
+@pytest.fixture(scope='module')
+def wheel(wheel_file):
+    with zipfile.ZipFile(wheel_file) as z:
         return {name: z.read(name).decode() if name.endswith(('.txt', 'METADATA', '.yaml')) else None
                 for name in z.namelist()}
 
@@ -91,6 +103,28 @@ def test_wheel_holds_the_package_its_configs_and_nothing_else(wheel):
                if n.endswith('.yaml'))
 
 
+def test_the_installed_wheel_trains_and_reports_outside_the_checkout(wheel_file, tmp_path):
+    """The wheel installed into a folder of its own (its dependencies are this environment's): a one-job sweep from
+    a folder outside the checkout composes the wheel's configs, trains, and ends with the report."""
+    site = tmp_path / 'site'
+    proc = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '--target', str(site),
+                           str(wheel_file)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / 'work'
+    work.mkdir()
+    env = {**os.environ, 'PYTHONPATH': str(site), 'OMP_NUM_THREADS': '1'}  # before the editable install's hook
+    args = ['-m', 'model=gka', 'shape=fmnist', 'epochs=1', 'train_subset=32', 'data.eval_subset=16', 'batch_size=16',
+            'workers=0', 'progress=false', 'model.args.depth=1', 'hydra.callbacks.report.num_images=4',
+            'hydra.sweep.dir=sweep']
+    code = ('import sys, vit_gka.cli, vit_gka.train.main as m; print(vit_gka.cli.CONF_DIR, file=sys.stderr); '
+            'sys.argv = ["vit-gka-train", *sys.argv[1:]]; m.main()')
+    proc = subprocess.run([sys.executable, '-c', code, *args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[0] == str(site / 'vit_gka' / 'conf')  # the wheel's configs, not the checkout's
+    assert (work / 'sweep' / 'report' / 'report.md').is_file() and (work / 'sweep' / '0_gka_fmnist' / 'results.json').is_file()
+
+
 def test_wheel_metadata(wheel):
     meta = wheel['vit_gka-0.2.0.dist-info/METADATA']
     assert 'License-Expression: Apache-2.0' in meta
@@ -103,17 +137,19 @@ def test_wheel_metadata(wheel):
     assert set(_project_scripts()) == set(SCRIPTS)
 
 
-def test_editable_install_builds_without_warnings(source, tmp_path):
-    """What `pip install -e .` builds: no warnings (setuptools' import hook warns that folders named like the
-    package may take precedence; a plain .pth file of the root does not need one)."""
+def test_editable_install_maps_the_three_folders(source, tmp_path):
+    """What `pip install -e .` builds: setuptools' import hook, mapping vit_gka, vit_gka.conf and vit_gka.analysis
+    to their folders of the checkout (and nothing else: no generic top-level `conf` or `analysis`)."""
     code = f'from setuptools import build_meta; print(build_meta.build_editable({str(tmp_path)!r}))'
     proc = subprocess.run([sys.executable, '-c', code], cwd=source, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'Warning' not in proc.stderr and 'take precedence' not in proc.stderr, proc.stderr[-3000:]
     with zipfile.ZipFile(tmp_path / proc.stdout.strip().splitlines()[-1]) as z:
-        (pth,) = [n for n in z.namelist() if n.endswith('.pth')]
-        assert z.read(pth).decode().strip() == str(source.resolve())
+        (finder,) = [n for n in z.namelist() if n.endswith('_finder.py')]
+        text = z.read(finder).decode()
+    mapping = ast.literal_eval(text.split('MAPPING: dict[str, str] = ', 1)[1].split('\n', 1)[0])
+    assert mapping == {'vit_gka': str(source / 'vit_gka'), 'vit_gka.conf': str(source / 'conf'),
+                       'vit_gka.analysis': str(source / 'analysis')}
 
 
 def test_console_scripts_are_installed():

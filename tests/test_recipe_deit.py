@@ -33,7 +33,7 @@ from helpers import ROOT, TRAIN, check, free_port, imagenet_folder, needs_jpegs,
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.cli import check_overrides
-from vit_gka.train.main import CONF_DIR
+from vit_gka.cli import CONF_DIR
 from vit_gka.train.state import load_checkpoint
 from vit_gka.train.validation import validate
 

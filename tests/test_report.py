@@ -11,7 +11,7 @@ import timm
 import torch
 
 from vit_gka.analysis import report
-from vit_gka.analysis.attention import mean_attention_distance, sigma_table
+from vit_gka.measure.attention import mean_attention_distance, sigma_table
 from helpers import TINY, check, needs_data, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +146,7 @@ def test_compact_kernel_sparsity_in_results_tensorboard_and_report(tmp_path):
 def test_token_bandwidths_follow_the_tokens():
     """token_bandwidths: a fresh data-dependent layer (a = 0) has GKA's one sigma per head on every token; with a
     it follows a_h . x_i of each token, read from the layer's own input."""
-    from vit_gka.analysis.attention import token_bandwidths
+    from vit_gka.measure.attention import token_bandwidths
     model = timm.create_model('gka_q_deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1, embed_dim=32,
                               depth=2, num_heads=2, num_classes=3).eval()
     images = torch.randn(3, 1, 28, 28)

@@ -10,11 +10,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vit_gka.analysis import benchmark, flops, tables
+from vit_gka.analysis import tables
+from vit_gka.measure import benchmark, flops
 from vit_gka.errors import UserError
+from vit_gka.cli import CONF_DIR
 from helpers import ROOT, check, needs_data, one_line_error, run
 
-CONF = os.path.join(ROOT, 'vit_gka', 'conf')
+
 
 
 @pytest.mark.parametrize('override, package', [('hydra/launcher=joblib', 'pip install hydra-joblib-launcher'),
@@ -26,11 +28,11 @@ def test_a_missing_hydra_plugin_names_its_package(tmp_path, override, package):
 
 def test_imagenet_root_from_the_environment(monkeypatch):
     monkeypatch.setenv('IMAGENET_ROOT', '/data/in1k')
-    with initialize_config_dir(CONF, version_base='1.3'):
+    with initialize_config_dir(CONF_DIR, version_base='1.3'):
         assert compose('config', overrides=['data=imagenet']).data.root == '/data/in1k'
         assert compose('config', overrides=['data=imagenet', 'data.root=/x']).data.root == '/x'
     monkeypatch.delenv('IMAGENET_ROOT')
-    with initialize_config_dir(CONF, version_base='1.3'):
+    with initialize_config_dir(CONF_DIR, version_base='1.3'):
         assert compose('config', overrides=['data=imagenet']).data.root is None
 
 

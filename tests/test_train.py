@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from vit_gka.errors import UserError
 from vit_gka.train import recipe
 from vit_gka.cli import check_overrides
-from vit_gka.train.main import CONF_DIR
+from vit_gka.cli import CONF_DIR
 from vit_gka.train.validation import validate
 
 @needs_data
@@ -96,7 +96,7 @@ def test_gka_and_baseline_multirun(tmp_path):
 
 @needs_data
 def test_gmacs_in_results(tmp_path):
-    pytest.importorskip('vit_gka.analysis.flops')
+    pytest.importorskip('vit_gka.measure.flops')
     check(run(['epochs=1', *TINY, 'save_model=false', f'hydra.run.dir={tmp_path}/r'], cwd=tmp_path))
     results = json.load(open(tmp_path / 'r' / 'results.json'))
     for key in ('params_attn', 'params_mlp', 'gmacs', 'gflops'):

@@ -5,8 +5,10 @@ Layers, each importing only those before it:
 * ``vit_gka.layers``: the attention layers (torch and entmax only), what a timm user imports;
 * ``vit_gka.models``: their DeiT families in timm's registry;
 * ``vit_gka.data``: data sets, transforms and the seeded training order (torchvision, timm);
-* ``vit_gka.analysis``: FLOPs, attention statistics, benchmarks, reports and plots;
-* ``vit_gka.train``: the training job (Hydra, Accelerate, TensorBoard); ``vit_gka.evaluate``: eval.py.
+* ``vit_gka.measure``: parameters and FLOPs, attention statistics, the timing harness;
+* ``vit_gka.train``: the training job (Hydra, Accelerate, TensorBoard); ``vit_gka.evaluate``: eval.py;
+* ``vit_gka.analysis`` (the folder ``analysis/``): the report over run folders, tables and plots;
+* ``vit_gka.conf`` (the folder ``conf/``): the Hydra configs.
 
 The package itself imports neither torch nor timm: the command-line entry points (``train.py``, ``eval.py``) live
 in it, and their ``--help`` and shell completion answer without the seconds torch and timm take to import. The

@@ -25,7 +25,7 @@ writes the sweep's ``multirun.yaml`` or a job's ``.hydra/`` (``_check_sweep_free
 
 Usage::
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
     @exit_on_user_error
     def main(cfg): ...
 
@@ -36,6 +36,7 @@ Usage::
 import contextlib
 import difflib
 import functools
+import importlib.resources
 import itertools
 import os
 import sys
@@ -44,7 +45,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from vit_gka.errors import EXIT_USER_ERROR, UserError, fail
 from vit_gka import hydra_folders as folders
 
-__all__ = ['exit_on_user_error', 'check_overrides']
+__all__ = ['CONF_DIR', 'CONF_PATH', 'exit_on_user_error', 'check_overrides']
+
+# The Hydra configs: the folder conf/ at the top of the repository, installed as the package vit_gka.conf
+# (pyproject's package-dir), so a wheel finds them too. Hydra reads them as CONF_PATH, the checks as CONF_DIR.
+CONF_PATH = 'pkg://vit_gka.conf'
+CONF_DIR = str(importlib.resources.files('vit_gka.conf'))
 
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate a Hydra task so that a ``UserError`` it raises becomes one line and exit status 2 (or the
@@ -81,7 +87,7 @@ _GROUP_WORDS = {'model': 'model', 'shape': 'shape', 'data': 'data set', 'recipe'
 
 class ConfigGroups:
     """The config groups and their options as Hydra's own config loader sees them: the package's
-    (``vit_gka/conf``) and a user's, added with ``hydra.searchpath=[file://my_conf]`` or ``--config-dir``."""
+    (``conf/``) and a user's, added with ``hydra.searchpath=[file://my_conf]`` or ``--config-dir``."""
 
     def __init__(self, config_name: str, searchpath: List[str]):
         from hydra.core.global_hydra import GlobalHydra

@@ -1,4 +1,4 @@
-"""``vit-gka-eval`` / ``python eval.py``: the Hydra entry point of evaluation (config ``vit_gka/conf/eval.yaml``).
+"""``vit-gka-eval`` / ``python eval.py``: the Hydra entry point of evaluation (config ``conf/eval.yaml``).
 
 One model, as before: ``run=<run dir>`` or ``model_name=<name>`` -> ``eval.json`` (``bench.json`` with
 ``bench=true``). Many models in one call, as timm's validate.py does them:
@@ -27,11 +27,10 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vit_gka.errors import UserError, require_path
-from vit_gka.cli import check_overrides, exit_on_user_error
+from vit_gka.cli import CONF_DIR, CONF_PATH, check_overrides, exit_on_user_error
 
 __all__ = ['expand_models', 'progress_loader', 'write_results', 'main', 'cli']
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conf')
 WILDCARDS = '*?['  # fnmatch's, as timm.list_models takes them
 # (column, key of an evaluated model's result): timm validate.py's results file, with vit-gka's compute and speed
 RESULT_COLUMNS = (('model', 'label'), ('run', 'run_name'), ('weights', 'weights'), ('params (M)', 'params_m'),
@@ -120,7 +119,7 @@ def _row(result: Dict[str, Any]) -> Dict[str, Any]:
 
 def write_results(rows: List[Dict[str, Any]], csv_path: str) -> List[str]:
     """The results of every model as ``csv_path`` and, as a Markdown table, the same name with ``.md``."""
-    from vit_gka.analysis.tables import markdown
+    from vit_gka.measure.tables import markdown
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     with open(csv_path, 'w', newline='') as f:
         writer = csv.writer(f)
@@ -152,7 +151,7 @@ def _evaluate_one(cfg: DictConfig, run_dir: Optional[str], name: Optional[str], 
     return result
 
 
-@hydra.main(version_base='1.3', config_path='conf', config_name='eval')
+@hydra.main(version_base='1.3', config_path=CONF_PATH, config_name='eval')
 @exit_on_user_error
 def main(cfg: DictConfig) -> Optional[float]:
     """Every model ``cfg`` names (and data: a run's own unless ``data=`` is given) -> eval.json each and, for

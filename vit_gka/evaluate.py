@@ -24,7 +24,7 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vit_gka.analysis.benchmark import benchmark_models, with_baseline
+from vit_gka.measure.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
 from vit_gka.train.loading import describe_load_error, load_model_folder, load_weights
 
@@ -214,7 +214,7 @@ def evaluate_model(cfg: DictConfig, run_dir: Optional[str], data_cfg, count_flop
               'interpolation': data_config.get('interpolation'), 'params': sum(p.numel() for p in model.parameters()),
               **metrics}
     if count_flops:
-        from vit_gka.analysis.flops import model_stats
+        from vit_gka.measure.flops import model_stats
         result['gmacs'] = model_stats(model)['gmacs']
     if run_dir is not None and cfg.ckpt is None:
         res = run_results(run_dir)
@@ -237,7 +237,7 @@ def compare_to_run(res: Dict[str, Any], data: str, top1: float) -> Dict[str, Any
 
 def benchmark(cfg: DictConfig, run_dir: Optional[str]) -> List[Dict[str, Any]]:
     """``bench=true``: images/s and peak memory of the model ``cfg`` names (random weights, its shape) and of
-    ``bench_cfg.baseline``, interleaved (``vit_gka.analysis.benchmark.benchmark_models``)."""
+    ``bench_cfg.baseline``, interleaved (``vit_gka.measure.benchmark.benchmark_models``)."""
     name, args, label = model_spec(cfg, run_dir)
     args.pop('drop_path_rate', None)
     bc = cfg.bench_cfg

@@ -5,7 +5,7 @@ strides) and returns GKA's output in the same layout, (B, N, H, d), which reshap
 no copy. Two operators do the work, ``vit_gka::gka_fwd`` (output and row log-sum-exp) and ``vit_gka::gka_bwd``
 (dx and the bandwidth's gradient), registered with ``torch.library.custom_op``, a fake (meta) implementation and
 an autograd formula: ``torch.compile`` keeps them whole in its graph (no graph break), CUDA graphs capture them,
-fvcore counts them (``vit_gka.analysis.flops``). ``triton_op`` would let Inductor see inside them, but it cannot
+fvcore counts them (``vit_gka.measure.flops``). ``triton_op`` would let Inductor see inside them, but it cannot
 be compiled under Triton's CPU interpreter, which is how the kernels are tested without a GPU.
 
 Where they run: on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package

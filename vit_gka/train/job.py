@@ -48,7 +48,7 @@ from vit_gka.data.loaders import create_eval_loader, create_train_loader
 from vit_gka.data.sampling import set_loader_epoch
 from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import NonFiniteError, UserError
-from vit_gka.analysis.attention import AttentionSparsity, model_sparsity
+from vit_gka.measure.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
 from vit_gka.train.checkpoint_history import keep_epoch_checkpoint
 from vit_gka.train.checkpointer import Checkpointer

@@ -1,4 +1,4 @@
-"""``vit-gka-train`` / ``python train.py``: the Hydra entry point of training (configs in ``vit_gka/conf``).
+"""``vit-gka-train`` / ``python train.py``: the Hydra entry point of training (configs in ``conf/``).
 
     python train.py                                    # small GKA ViT on Fashion-MNIST (recipe=quick)
     python train.py -m model=gka,deit shape=fmnist  # the quickstart benchmark, then a comparison table
@@ -26,10 +26,9 @@ import hydra
 from omegaconf import DictConfig
 
 from vit_gka.errors import UserError, fail
-from vit_gka.cli import check_overrides, exit_on_user_error
+from vit_gka.cli import CONF_DIR, CONF_PATH, check_overrides, exit_on_user_error
 from vit_gka.train.sweep import exit_status, keep_sweeping
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')
 
 
 def _stop_in_one_line(fn: Callable) -> Callable:
@@ -51,7 +50,7 @@ def _stop_in_one_line(fn: Callable) -> Callable:
     return wrapper
 
 
-@hydra.main(version_base='1.3', config_path='../conf', config_name='config')
+@hydra.main(version_base='1.3', config_path=CONF_PATH, config_name='config')
 @exit_on_user_error
 @_stop_in_one_line
 @keep_sweeping

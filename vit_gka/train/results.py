@@ -29,8 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 
-from vit_gka.analysis.flops import model_stats
-from vit_gka.analysis.attention import model_sparsity
+from vit_gka.measure.flops import model_stats
+from vit_gka.measure.attention import model_sparsity
 from vit_gka.train.checkpoint import save_model_folder, save_weights, test_fail_write, write_failed, write_text
 from vit_gka.train.loop import sigma_stats
 from vit_gka.train.trackers import finish_trackers, start_trackers

@@ -7,6 +7,7 @@ import numbers
 import os
 from typing import Dict, Optional
 
+from vit_gka.cli import CONF_DIR
 from vit_gka.errors import UserError
 
 __all__ = ['validate', 'check_output_dir', 'trackers']
@@ -253,7 +254,6 @@ def _check_fp8(cfg) -> None:
                         'transformer-engine, MS-AMP); or set mixed_precision=bf16')
 
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')
 SHAPES = ('fmnist', 'tiny_fmnist', 'tiny', 'small', 'base', 'base_384', 'native')  # the order messages list them in
 
 

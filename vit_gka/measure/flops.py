@@ -256,7 +256,7 @@ def model_stats(
 
 
 # ---------------------------------------------------------------------------------------------- command line
-# python -m vit_gka.analysis.flops MODEL [MODEL ...] [--img-size N] [--json]     (the vit-gka-flops command)
+# python -m vit_gka.measure.flops MODEL [MODEL ...] [--img-size N] [--json]     (the vit-gka-flops command)
 
 CLI_DESCRIPTION = """\
 Parameters and compute of registered timm / vit_gka models, one image each, no training needed.
@@ -264,7 +264,7 @@ Parameters and compute of registered timm / vit_gka models, one image each, no t
 Markdown table: parameters total / attention / MLP / other in millions, GMACs (1e9 multiply-accumulates as
 fvcore counts them), GFLOPs (2 x GMACs, the GKA paper's unit) and the fp32 size in MiB. With --json a JSON
 list of objects (model, img_size, params, params_attn, params_mlp, params_other, gmacs, gflops, size_mb,
-gelementwise, unsupported). What is counted: the docstring of vit_gka/analysis/flops.py."""
+gelementwise, unsupported). What is counted: the docstring of vit_gka/measure/flops.py."""
 
 CLI_COLUMNS = [  # (row key, table header, divisor)
     ('model', 'model', None),
@@ -302,7 +302,7 @@ def cli_parser(prog: Optional[str] = None):
         def error(self, message):
             raise CommandLineError(f'{message} (see {self.prog} --help)')
 
-    parser = Parser(prog=prog or 'python -m vit_gka.analysis.flops', description=CLI_DESCRIPTION,
+    parser = Parser(prog=prog or 'python -m vit_gka.measure.flops', description=CLI_DESCRIPTION,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('models', nargs='+', metavar='MODEL',
                         help="timm model names, e.g. gka_deit_small_patch16_224, or timm wildcards ('gka_deit_*')")

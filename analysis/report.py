@@ -57,7 +57,8 @@ from vit_gka.analysis.runtime import runtime_rows
 from vit_gka.analysis.runs import ReportError, find_runs, load_runs
 from vit_gka.analysis.runs import pair_key as _pair_key
 from vit_gka.analysis.summary import collect
-from vit_gka.analysis.tables import TABLE2, TABLE4, markdown, table2, table4, write_csv
+from vit_gka.analysis.tables import TABLE2, TABLE4, table2, table4
+from vit_gka.measure.tables import markdown, write_csv
 
 log = logging.getLogger('vit_gka.analysis.report')
 
@@ -91,7 +92,7 @@ def attention_figures(rows: List[Dict], out: str, num_images: int) -> List[str]:
     """Bandwidth heatmap and attention-distance plot of every GKA and compact-kernel run (next to its
     baseline); paths written."""
     from vit_gka.analysis import plots
-    from vit_gka.analysis.attention import attention_modules, mean_attention_distance, sigma_table, token_bandwidths
+    from vit_gka.measure.attention import attention_modules, mean_attention_distance, sigma_table, token_bandwidths
     by_run = {r['run']: r for r in rows}
     written = []
     for r in [r for r in rows if r['kind'] in ('GKA', 'compact')]:

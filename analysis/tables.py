@@ -1,14 +1,11 @@
 """The report's tables: Table 2 (parameters, compute, accuracy, each run against its same-shape baseline) and
-Table 4 (runtime), as rows, Markdown (tabulate) and CSV."""
-import csv
+Table 4 (runtime), as rows (written by ``vit_gka.measure.tables``)."""
 import glob
 import json
 import os
 from typing import Dict, List, Optional, Sequence
 
-from tabulate import tabulate
-
-__all__ = ['TABLE2', 'TABLE4', 'table2', 'table4', 'load_bench', 'markdown', 'write_csv']
+__all__ = ['TABLE2', 'TABLE4', 'table2', 'table4', 'load_bench']
 
 
 def _pct(value, base) -> Optional[float]:
@@ -75,33 +72,3 @@ def table4(rows: List[Dict], bench: List[Dict]) -> List[Dict]:
             'd_train_mem': _pct(row.get('train_peak_mem_mb'), b.get('train_peak_mem_mb')),
         } if b else {})})
     return out
-
-
-def _cell(key: str, value) -> str:
-    if value is None:
-        return '-'
-    if not isinstance(value, float):
-        return str(value)
-    if key.startswith('d_'):
-        return f'{value:+.2f}'
-    if key in ('gmacs', 'gflops'):
-        return f'{value:.4g}'
-    if key == 'sparsity':
-        return f'{value:.3f}'
-    if key.endswith('_per_s') or key.endswith('_mb') and key != 'size_mb':
-        return f'{value:.0f}'
-    return f'{value:.2f}'
-
-
-def markdown(rows: List[Dict], columns) -> str:
-    body = [[_cell(k, r.get(k)) for k, _ in columns] for r in rows]
-    align = ['left' if k in ('label', 'kind', 'attention', 'baseline', 'source') else 'right' for k, _ in columns]
-    return tabulate(body, headers=[h for _, h in columns], tablefmt='github', disable_numparse=True, colalign=align)
-
-
-def write_csv(rows: List[Dict], columns, path: str) -> str:
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow([k for k, _ in columns])
-        writer.writerows([[r.get(k) for k, _ in columns] for r in rows])
-    return path

@@ -44,7 +44,7 @@ def measure_runtime(pairs: Sequence[Tuple[Dict, Dict]], batch_size: int = 64, st
     numbers stay in results.json)."""
     import torch
 
-    from vit_gka.analysis.benchmark import benchmark_models, device_name
+    from vit_gka.measure.benchmark import benchmark_models, device_name
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     out = []
     for r, base in pairs:

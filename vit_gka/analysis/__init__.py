@@ -1,1 +1,0 @@
-"""Analysis of models and runs: FLOPs and parameters, attention statistics, benchmarks, sweep reports."""

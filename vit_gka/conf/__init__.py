@@ -1,1 +1,0 @@
-"""Hydra configs of training (config.yaml) and evaluation (eval.yaml); a package so Hydra finds them installed."""
