@@ -1,6 +1,6 @@
 """``vit-gka-eval`` / ``python eval.py``: the Hydra entry point of evaluation (config ``conf/eval.yaml``).
 
-One model, as before: ``run=<run dir>`` or ``model_name=<name>`` -> ``eval.json`` (``bench.json`` with
+One model: ``run=<run dir>`` or ``model_name=<name>`` -> ``eval.json`` (``bench.json`` with
 ``bench=true``). Many models in one call, as timm's validate.py does them:
 
     python eval.py model_name='gka*'                     # timm's wildcard: every matching name with published weights

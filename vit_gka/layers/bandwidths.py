@@ -1,4 +1,4 @@
-"""GKA with data-dependent bandwidths: one bandwidth per token and head instead of one per head (issue 13).
+"""GKA with data-dependent bandwidths: one bandwidth per token and head instead of one per head.
 
 GKA (``vit_gka.layers.gka``; Kundu et al., arXiv 2605.02144, whose future work this is) learns one bandwidth per
 head. Here the bandwidth also depends on a token's own head slice x (the LayerNorm'd tokens, no projection), through
@@ -17,8 +17,8 @@ Per key the ||x_i||^2 term is divided by sigma_j^2 and must be there. Per query 
 the normalisation, so q'_i = [x_i / sigma_i^2, -1 / (2 sigma_i^2)], k'_j = [x_j, ||x_j||^2] (width d + 1) gives the
 same weights; the third column is kept because it makes the float32 gradients as accurate as the materialised form's:
 without it the backward multiplies sum_j dS_ij (0 exactly, ~1e-7 relative in float32) by the row constant
-||x_i||^2 / (2 sigma_i^2), and d log_sigma loses a factor 5 (2e-5 instead of 4e-6 relative, measured on the CPU; GKA's
-own fused form has the same loss). After padding to a multiple of 8 it costs nothing unless d = 7 (mod 8).
+||x_i||^2 / (2 sigma_i^2), and d log_sigma loses several times the accuracy of the materialised form (GKA's own fused
+form has the same loss; tests/test_bandwidths.py holds the third-column form to 1e-5). After padding to a multiple of 8 it costs nothing unless d = 7 (mod 8).
 With eps = 0 both equal the materialised form; as in GKA the diagonal is exp(0) = 1 in every row that may attend to
 itself, so eps changes nothing measurable there, and rows with every key masked out return zeros. (Where the diagonal
 is masked out and every allowed K_ij is below eps, or underflows, the materialised form returns a row of ~zeros; the

@@ -80,9 +80,8 @@ def gka_sdpa_pad(
     concatenation. v' is k' itself and the output's extra columns are dropped (equal head widths keep the CPU
     on its flash kernel with or without a mask, where an additive (B, H, N, N) bias would be materialised as
     soon as a mask is combined with it; on CUDA the same inputs reach cuDNN, FlashAttention and the memory-
-    efficient kernel), or with ``narrow_v`` v = x at the head's own width (off by default: on an H100 it is 5%
-    faster on contiguous heads, but 1.3x slower in the layer, whose heads are a strided view of the tokens;
-    docs/benchmarks.md). Heads x (B, H, N, d). Rows whose keys are all masked are returned as zeros.
+    efficient kernel), or with ``narrow_v`` v = x at the head's own width (off by default: on an H100 it wins only
+    on contiguous heads and loses in the layer, whose heads are a strided view of the tokens; docs/benchmarks.md). Heads x (B, H, N, d). Rows whose keys are all masked are returned as zeros.
     """
     head_dim = x.shape[-1]
     width = 8 * math.ceil((head_dim + 1) / 8) if width is None else width
@@ -179,9 +178,9 @@ def auto_impl(x: torch.Tensor, masked: bool, windowed: bool = False, dropout: bo
     needs a compile per shape).
     CUDA (H100, bf16): the padded form (cuDNN's fused kernel; an additive bias reaches only the memory-
     efficient kernel and, in training, a (B, H, N, N) bias gradient), except for windows without gradients:
-    there FlexAttention skips the masked blocks (0.5x the time of the padded form at N = 4097, 0.3x at
-    16385), while its backward, which accumulates the bias gradient, is 2-4x slower than the padded form's.
-    ``triton`` (``gka_triton``) is never picked: no GPU has measured it against ``sdpa_pad`` yet; ask for it with
+    there FlexAttention skips the masked blocks and beats the padded form, while its backward, which
+    accumulates the bias gradient, is slower than the padded form's (docs/benchmarks.md has the ratios).
+    ``triton`` (``gka_triton``) is never picked: no GPU has measured it against ``sdpa_pad``; ask for it with
     ``impl="triton"``.
     """
     if x.device.type == 'cpu':
