@@ -15,13 +15,9 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import compose_option
 from vit_gka.data.datasets import fashion_mnist_root
 from vit_gka.errors import UserError, fail
-
-CONF = os.path.join(CONF_DIR, 'data', 'fashion_mnist.yaml')
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if os.path.exists(args.out) and os.listdir(args.out):
         fail(f'{args.out} exists and is not empty; give a new folder')
     from torchvision.datasets import FashionMNIST
-    cfg = OmegaConf.load(CONF)
+    cfg = compose_option('data', 'fashion_mnist')
     cfg.root, cfg.download = args.root, False
     try:
         root, _ = fashion_mnist_root(cfg)

@@ -14,7 +14,7 @@ from vit_gka.data.datasets import Transformed, build_transform, create_dataset
 from vit_gka.data.loaders import batched_dataset, create_eval_loader, create_train_loader
 from vit_gka.data.sampling import SeededDataset, _mix, set_loader_epoch
 from vit_gka.errors import UserError
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import CONF_DIR, compose_option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_data = pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
@@ -29,7 +29,7 @@ def aug(**kw):
 
 
 def data_cfg(tmp_path, **kw):
-    cfg = OmegaConf.load(os.path.join(CONF_DIR, 'data', 'fashion_mnist.yaml'))
+    cfg = compose_option('data', 'fashion_mnist')
     return OmegaConf.merge(cfg, {'cache_dir': str(tmp_path), **kw})
 
 

@@ -154,21 +154,21 @@ def test_benchmark_options_defaults_and_mistakes(scripts, capsys):
 def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
     from PIL import Image
     from torchvision.datasets import FashionMNIST, ImageFolder
 
     from benchmarks import fmnist_folder
+    from vit_gka.cli import compose_option
     from vit_gka.data.datasets import fashion_mnist_root
     out = tmp_path / 'fmnist'
-    FMNIST_CONF = fmnist_folder.CONF
+    fmnist = compose_option('data', 'fashion_mnist')
     fmnist_folder.main([str(out), '--size', '32', '--train-per-class', '2', '--val-per-class', '1', '--workers', '2'])
     for split, per_class in (('train', 2), ('val', 1)):
         classes = sorted(os.listdir(out / split))
         assert len(classes) == 10 and classes[0] == '0_T-shirt_top' and classes[9] == '9_Ankle boot'
         assert all(len(os.listdir(out / split / c)) == per_class for c in classes)
         # any ImageFolder reader's labels (sorted folders) are Fashion-MNIST's: the file names are test indices
-        targets = FashionMNIST(fashion_mnist_root(OmegaConf.load(FMNIST_CONF))[0], train=split == 'train').targets
+        targets = FashionMNIST(fashion_mnist_root(fmnist)[0], train=split == 'train').targets
         for label, c in enumerate(ImageFolder(str(out / split)).classes):
             assert all(targets[int(f.split('.')[0])] == label for f in os.listdir(out / split / c)), c
     image = Image.open(next((out / 'train' / '8_Bag').iterdir()))
@@ -177,7 +177,7 @@ def test_fmnist_folder_writes_an_imagenet_layout(scripts, tmp_path, capsys):
     # --format png: the test images exactly, gray, as timm's validate.py reads them
     fmnist_folder.main([str(tmp_path / 'png'), '--size', '28', '--format', 'png', '--train-per-class', '1',
                         '--val-per-class', '1', '--workers', '1'])
-    test = FashionMNIST(fashion_mnist_root(OmegaConf.load(FMNIST_CONF))[0], train=False)
+    test = FashionMNIST(fashion_mnist_root(fmnist)[0], train=False)
     png = next((tmp_path / 'png' / 'val' / '9_Ankle boot').iterdir())
     assert (torch.from_numpy(np.asarray(Image.open(png))) == test.data[int(png.stem)]).all()
     with pytest.raises(SystemExit) as e:  # never writes into a folder that holds something

@@ -14,14 +14,9 @@ from omegaconf import OmegaConf
 
 from vit_gka.errors import UserError  # (importing vit_gka registers its models with timm)
 from vit_gka.train.validation import check_model, validate
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import CONF_DIR, compose_option, options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def options(group):
-    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith('.yaml'))
 
 
 FAMILIES = [f for f in options('model') if f != 'timm']
@@ -114,8 +109,15 @@ def test_quick_recipe_lists_only_what_differs_from_deit():
 
 
 def test_data_sets_share_one_set_of_keys():
-    keys = {name: set(OmegaConf.load(os.path.join(CONF_DIR, 'data', f'{name}.yaml'))) for name in options('data')}
-    assert len({frozenset(k) for k in keys.values()}) == 1, keys
+    """conf/_data.yaml holds every data key and its default; each data set states only what differs, and
+    composed has every key."""
+    base = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, '_data.yaml')))
+    for name in options('data'):
+        own = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, 'data', f'{name}.yaml')))
+        assert own.pop('defaults') == ['/_data', '_self_'], name
+        for key, value in own.items():
+            assert key in base and base[key] != value, (name, key)
+        assert list(compose_option('data', name)) == list(base), name
 
 
 @pytest.mark.parametrize('name', options('experiment'))

@@ -13,7 +13,7 @@ from vit_gka.errors import UserError
 from vit_gka.data.datasets import FMNIST_FILES, class_names, create_dataset, patch_randaugment_posterize
 from vit_gka.data.loaders import MAX_AUTO_WORKERS, create_eval_loader, create_train_loader, loader_workers
 from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import CONF_DIR, compose_option
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -25,7 +25,7 @@ RGB32 = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0
 
 
 def data_cfg(config, **kw):
-    cfg = OmegaConf.load(os.path.join(CONF_DIR, 'data', f'{config}.yaml'))
+    cfg = compose_option('data', config)
     cfg.cache_dir = kw.pop('cache_dir', cfg.get('cache_dir'))
     return OmegaConf.merge(cfg, kw)
 

@@ -90,7 +90,7 @@ def test_benchmark_interleaves_gka_and_baseline_and_feeds_the_report(run, tmp_pa
 def test_user_errors_in_process(run, tmp_path):
     folder, _ = run
     for overrides, message in ((['model_name=gka_deit_tiny_patch16_224', 'ckpt=/no/such/file'], 'ckpt does not exist'),
-                               ([f'run={folder}', f'ckpt={folder}', 'weights=ema2'], "'model' or 'ema'"),
+                               ([f'run={folder}', f'ckpt={folder}', 'weights=ema2'], 'weights must be one of model, ema'),
                                (['model_name=gka_deit_tiny_patch16_224'], 'has no published weights.*ckpt=<weights file>')):
         cfg = eval_cfg(*overrides)
         with pytest.raises(UserError, match=message):

@@ -30,7 +30,7 @@ from vit_gka.data.datasets import create_dataset
 from vit_gka.data.loaders import create_train_loader
 from vit_gka.train.nonfinite import POISON_ENV
 from vit_gka.train.state import load_checkpoint
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import CONF_DIR, compose_option
 
 BASE = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=false', 'model.args.depth=1',
         'save_model=false']
@@ -259,7 +259,7 @@ def test_too_many_unreadable_images_stop_in_one_line(tmp_path):
         for cls in ('cat', 'dog'):
             os.remove(tmp_path / 'train' / cls / f'{i}.png')
     conf = CONF_DIR
-    data = OmegaConf.merge(OmegaConf.load(os.path.join(conf, 'data', 'folder.yaml')), {'root': str(tmp_path)})
+    data = OmegaConf.merge(compose_option('data', 'folder'), {'root': str(tmp_path)})
     aug = OmegaConf.load(os.path.join(conf, 'recipe', 'deit.yaml')).aug
     gray = {'input_size': (1, 28, 28), 'mean': (0.5,), 'std': (0.5,), 'crop_pct': 1.0, 'interpolation': 'bilinear'}
     loader = create_train_loader(create_dataset(data, 'train')[0], gray, 4, aug, num_workers=1)

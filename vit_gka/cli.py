@@ -45,12 +45,32 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from vit_gka.errors import EXIT_USER_ERROR, UserError, fail
 from vit_gka import hydra_folders as folders
 
-__all__ = ['CONF_DIR', 'CONF_PATH', 'exit_on_user_error', 'check_overrides']
+__all__ = ['CONF_DIR', 'CONF_PATH', 'options', 'compose_option', 'exit_on_user_error', 'check_overrides']
 
 # The Hydra configs: the folder conf/ at the top of the repository, installed as the package vit_gka.conf
 # (pyproject's package-dir), so a wheel finds them too. Hydra reads them as CONF_PATH, the checks as CONF_DIR.
 CONF_PATH = 'pkg://vit_gka.conf'
 CONF_DIR = str(importlib.resources.files('vit_gka.conf'))
+
+
+def options(group: str) -> List[str]:
+    """The options of the package's config group ``group`` (``conf/<group>/*.yaml``), sorted: what the checks and
+    messages list (a command line's groups, a user's included, are ``ConfigGroups``')."""
+    return sorted(f[:-len('.yaml')] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith('.yaml'))
+
+
+def compose_option(group: str, name: str):
+    """The node that ``group=name`` puts at the group's key (``data=folder``: the data node, its defaults list
+    followed), composed by Hydra's loader as a job's would be, for code outside a Hydra job; interpolations are
+    left unresolved, as in the files. For groups whose options stay at their key (not shape=: ``@package model``)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(CONF_DIR))
+    cfg = loader.load_configuration(f'{group}/{name}', [], RunMode.RUN, from_shell=False)
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.select(cfg, group.replace('/', '.')), resolve=False))
+
 
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate a Hydra task so that a ``UserError`` it raises becomes one line and exit status 2 (or the

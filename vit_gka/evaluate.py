@@ -26,12 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.measure.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
-from vit_gka.train.loading import describe_load_error, load_model_folder, load_weights
+from vit_gka.train.loading import (EMA_FILE, MODEL_DIR, MODEL_FILE, describe_load_error, find_folder,
+                                   load_model_folder, load_weights)
+from vit_gka.train.recipe import record_preprocessing
+from vit_gka.train.validation import EVAL_CHOICES, check_choice
 
 __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
            'compare_to_run', 'benchmark', 'summary_line', 'write_json']
 
-CKPT_FILES = {'model': 'model.safetensors', 'ema': 'model_ema.safetensors'}
+CKPT_FILES = {'model': MODEL_FILE, 'ema': EMA_FILE}  # weights= -> its file in a checkpoint folder
 # mixed_precision= -> autocast dtype (fp8 runs were evaluated under Accelerate's bf16 autocast)
 # top-1 points by which eval.py may differ from a bf16 / fp16 / compiled run's own evaluation (rounding)
 ROUNDING_TOLERANCE = 0.5
@@ -76,15 +79,13 @@ def run_results(run_dir: str) -> Dict[str, Any]:
 def weights_file(ckpt: str, weights: str) -> str:
     """The weights file of ``ckpt``: a file as it is, or in a checkpoint folder (``last`` / a run's
     ``checkpoints/last`` too) ``model.safetensors`` (weights=model) or ``model_ema.safetensors`` (ema)."""
-    if weights not in CKPT_FILES:
-        raise UserError(f"weights must be 'model' or 'ema', not '{weights}'")
+    check_choice('weights', weights, EVAL_CHOICES)
     path = require_path(ckpt, 'ckpt')
     if os.path.isfile(path):
         return path
-    for folder in (path, os.path.join(path, 'last'), os.path.join(path, 'checkpoints', 'last')):
-        candidate = os.path.join(folder, CKPT_FILES[weights])
-        if os.path.isfile(candidate):
-            return candidate
+    folder = find_folder(path, (CKPT_FILES[weights],))
+    if folder is not None:
+        return os.path.join(folder, CKPT_FILES[weights])
     raise UserError(f'no {CKPT_FILES[weights]} in {ckpt} (nor in its last/ or checkpoints/last/)'
                     + (' (this run kept no EMA)' if weights == 'ema' else ''))
 
@@ -109,7 +110,7 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
     ``local-dir:<run>/model`` gives, safetensors only, a pickle there refused); with ``ckpt``: the run's
     (or ``model_name=``'s) architecture with the checkpoint's weights, read safely first."""
     if run_dir is not None and cfg.ckpt is None:
-        folder = os.path.join(run_dir, 'model')
+        folder = os.path.join(run_dir, MODEL_DIR)
         if not os.path.isdir(folder):
             raise UserError(f'{run_dir} has no model/ folder (train with save_model=true, or give ckpt=)')
         return load_model_folder(folder), folder
@@ -130,7 +131,7 @@ def load_model(cfg: DictConfig, run_dir: Optional[str], data_cfg) -> Tuple[torch
     except RuntimeError as e:  # timm's strict load_state_dict: weights of another architecture / classes
         raise UserError(f'cannot load {file} into {name} {args}: {describe_load_error(e)}; give a checkpoint '
                         f'of this model and data set') from e
-    _set_preprocessing(model, data_cfg)
+    record_preprocessing(model, data_cfg)  # as training recorded it: resolve_data_config gives what the run used
     return model, file
 
 
@@ -148,22 +149,6 @@ def _published_model(cfg: DictConfig) -> Tuple[torch.nn.Module, str]:
     return model, f"{model.pretrained_cfg['architecture']}.{model.pretrained_cfg['tag']} ({source})"
 
 
-def _set_preprocessing(model: torch.nn.Module, data_cfg) -> None:
-    """The data set's mean / std / crop / interpolation and the model's real input size in its pretrained
-    config (as training recorded them), so ``resolve_data_config`` matches what the run evaluated with."""
-    from vit_gka.data.datasets import data_preprocessing
-    cfg = dict(model.pretrained_cfg)
-    cfg.update(data_preprocessing(data_cfg))
-    embed = getattr(model, 'patch_embed', None)
-    if embed is not None:
-        cfg['input_size'] = (embed.proj.in_channels, *embed.img_size)
-    in_chans = cfg['input_size'][0]
-    for key in ('mean', 'std'):
-        if len(cfg[key]) != in_chans:
-            cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
-    model.pretrained_cfg = cfg
-
-
 def _device(cfg: DictConfig) -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() and not cfg.cpu else 'cpu')
 
@@ -172,12 +157,9 @@ def eval_autocast(cfg: DictConfig, run_dir: Optional[str], device: torch.device)
     """(autocast context-manager factory or None, its name) for ``mixed_precision``: ``auto`` = the precision
     the run trained and evaluated with (results.json's ``mixed_precision``; fp32 for a run that does not record it
     and without ``run=``), so that the run's own numbers are reproduced."""
-    value = str(cfg.mixed_precision)
+    value = check_choice('mixed_precision', str(cfg.mixed_precision), EVAL_CHOICES)
     if value == 'auto':
         value = str(run_results(run_dir).get('mixed_precision') or 'no') if run_dir is not None else 'no'
-    elif value not in ('no', 'bf16', 'fp16'):
-        raise UserError(f'mixed_precision must be one of auto, no, bf16, fp16, got {value!r}; '
-                        f'set mixed_precision=auto')
     dtype = AUTOCAST_DTYPES.get(value)
     if dtype is None:
         return None, 'no'

@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 
 from vit_gka.errors import UserError
-from vit_gka.train.loading import load_weights
+from vit_gka.train.loading import MODEL_FILE, find_folder, load_weights
 
 __all__ = ['finetune_weights', 'apply_finetune']
 
@@ -25,10 +25,9 @@ HEAD = ('head.weight', 'head.bias')
 def finetune_weights(source: str) -> Dict[str, torch.Tensor]:
     """The state dict ``finetune=`` names: a run folder (its ``model/``), a ``model/`` folder, a weights file, or a
     timm model name with published weights."""
-    for folder in (os.path.join(source, 'model'), source):
-        path = os.path.join(folder, 'model.safetensors')
-        if os.path.isfile(path):
-            return load_weights(path)
+    folder = find_folder(source, (MODEL_FILE,), model=True)
+    if folder is not None:
+        return load_weights(os.path.join(folder, MODEL_FILE))
     if os.path.isfile(source):
         return load_weights(source)
     if os.path.exists(source):

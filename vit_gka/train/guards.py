@@ -4,6 +4,7 @@ import os
 
 from vit_gka.data.datasets import class_names
 from vit_gka.errors import UserError
+from vit_gka.train.loading import CHECKPOINTS, LAST, MODEL_DIR, PREV
 
 __all__ = ['refuse_finished', 'check_patch_grid', 'check_class_maps']
 
@@ -11,7 +12,8 @@ __all__ = ['refuse_finished', 'check_patch_grid', 'check_class_maps']
 def refuse_finished(run_dir: str) -> None:
     """A fresh start never writes over another run: a run folder with results or a checkpoint is continued
     with ``resume=auto`` or left alone."""
-    found = [name for name in ('results.json', 'checkpoints/last', 'checkpoints/last.prev', 'model')
+    last = os.path.join(CHECKPOINTS, LAST)
+    found = [name for name in ('results.json', last, last + PREV, MODEL_DIR)
              if os.path.exists(os.path.join(run_dir, name))]
     if found:
         raise UserError(f'run folder {run_dir} already holds a run ({found[0]}); continue it with resume=auto '

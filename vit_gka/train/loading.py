@@ -9,6 +9,8 @@ model.safetensors alone, refusing any pickle file there (timm's own ``local-dir:
 a ``*.bin`` / ``*.pth`` it finds there). ``check_weights`` compares weights with a model (architecture, classes,
 shapes) before anything is copied, so a mismatch never leaves a half-loaded model; ``describe_load_error`` names the first mismatch of a strict
 ``load_state_dict`` that failed (eval.py's load through timm). Every failure is a one-line ``UserError``.
+``find_folder`` is the one reading of what a path names (a run folder, its checkpoints/, a checkpoint or model
+folder) for ``resume=``, eval.py's ``ckpt=`` and ``finetune=``.
 The checkpoint folder, its schema and resuming from it: state.py.
 """
 import dataclasses
@@ -18,15 +20,48 @@ import pickle
 import re
 import stat
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file
 
 from vit_gka.errors import UserError
+from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE
 
 __all__ = ['load_weights', 'load_state', 'check_weights', 'describe_load_error', 'first_line', 'load_model_folder',
-           'model_folder_files', 'nonfinite_tensors']
+           'model_folder_files', 'nonfinite_tensors', 'find_folder', 'last_checkpoint', 'run_dir_of', 'CHECKPOINTS',
+           'LAST', 'PREV', 'MODEL_DIR', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE']
+
+# A run folder as the readers find their way in it: <run>/checkpoints/last/ (MODEL_FILE, EMA_FILE, STATE_FILE), the
+# .prev a crash between the two renames of a checkpoint write leaves beside it, and <run>/model/ (timm's
+# save_for_hf folder, its weights in MODEL_FILE too).
+CHECKPOINTS = 'checkpoints'
+LAST = 'last'
+PREV = '.prev'
+MODEL_DIR = 'model'
+
+
+def last_checkpoint(run_dir: str) -> str:
+    """The checkpoint folder of the run folder ``run_dir``: ``<run>/checkpoints/last``."""
+    return os.path.join(run_dir, CHECKPOINTS, LAST)
+
+
+def run_dir_of(folder: str) -> str:
+    """The run folder a checkpoint folder belongs to (``<run>/checkpoints/last`` -> ``<run>``)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    return os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINTS else parent
+
+
+def find_folder(path: str, files: Sequence[str], model: bool = False, prev: bool = False) -> Optional[str]:
+    """The first folder ``path`` names that holds every one of ``files``, or None. A checkpoint is looked for in
+    ``path`` itself, ``<path>/last`` (a run's checkpoints/) and ``<path>/checkpoints/last`` (a run folder), then,
+    with ``prev``, in each one's ``.prev``; a ``model`` folder in ``<path>/model`` (a run folder), then ``path``."""
+    if model:
+        folders = [os.path.join(path, MODEL_DIR), path]
+    else:
+        folders = [path, os.path.join(path, LAST), last_checkpoint(path)]
+        folders += [f + PREV for f in folders] if prev else []
+    return next((f for f in folders if all(os.path.isfile(os.path.join(f, name)) for name in files)), None)
 
 
 def first_line(e: BaseException) -> str:
@@ -176,7 +211,7 @@ def load_model_folder(folder: str):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f'{config_file} is not a timm model config ({type(e).__name__}: {first_line(e)}); '
                         f'export the model again (save_model=true)') from e
-    weights_file = os.path.join(folder, 'model.safetensors')
+    weights_file = os.path.join(folder, MODEL_FILE)
     weights = load_weights(weights_file)
     if not timm.is_model(name):
         raise UserError(f"{config_file}: unknown timm model '{name}' (import the package that registers it)")

@@ -15,9 +15,10 @@ from timm.models.vision_transformer import ATTN_LAYERS  # names a timm ViT's att
 from vit_gka import models as registered  # importing the package registers its models with timm
 from vit_gka.data.datasets import data_preprocessing
 from vit_gka.errors import UserError
+from vit_gka.train.validation import check_choice
 
-__all__ = ['model_args', 'vit_gka_models', 'create_model', 'create_loss', 'create_mixup', 'scaled_lr', 'create_optimizer',
-           'create_scheduler', 'create_ema']
+__all__ = ['model_args', 'vit_gka_models', 'create_model', 'record_preprocessing', 'create_loss', 'create_mixup',
+           'scaled_lr', 'create_optimizer', 'create_scheduler', 'create_ema']
 
 
 def model_args(cfg: DictConfig, num_classes: int) -> Dict[str, Any]:
@@ -52,20 +53,25 @@ def create_model(name: str, args: Dict[str, Any], data_cfg):
         model = timm.create_model(name, **args)
     except (TypeError, ValueError) as e:
         raise UserError(f'cannot build {name} with model.args {args}: {e}; fix model.args') from e
-    # What the data set prescribes (mean / std / crop / interpolation), the actual input size and classes:
-    # recorded in the pretrained config so that resolve_data_config and the exported model folder agree.
-    in_chans = model.patch_embed.proj.in_channels if hasattr(model, 'patch_embed') else args.get('in_chans', 3)
-    img_size = tuple(model.patch_embed.img_size) if hasattr(model, 'patch_embed') else None
+    record_preprocessing(model, data_cfg)
+    return model
+
+
+def record_preprocessing(model, data_cfg) -> None:
+    """What the data set prescribes (mean / std / crop / interpolation), the model's actual input size and its
+    classes, in its pretrained config: ``resolve_data_config``, the exported model folder and eval.py then use what
+    training used. Training records them on the model it builds, eval.py on a model it loads from weights."""
     cfg = dict(model.pretrained_cfg)
     cfg.update(data_preprocessing(data_cfg))
-    if img_size is not None:
-        cfg['input_size'] = (in_chans, *img_size)
+    embed = getattr(model, 'patch_embed', None)
+    if embed is not None:
+        cfg['input_size'] = (embed.proj.in_channels, *embed.img_size)
+    in_chans = cfg['input_size'][0]
     for key in ('mean', 'std'):
-        if len(cfg[key]) != in_chans:
+        if len(cfg[key]) != in_chans:  # one channel's statistics for three (or the reverse): their mean for each
             cfg[key] = tuple([sum(cfg[key]) / len(cfg[key])] * in_chans)
     cfg['num_classes'] = model.num_classes
     model.pretrained_cfg = cfg
-    return model
 
 
 def create_loss(cfg: DictConfig, mixup_active: bool):
@@ -95,15 +101,13 @@ def create_mixup(cfg: DictConfig, num_classes: int):
 
 def scaled_lr(cfg: DictConfig, global_batch: int) -> float:
     """lr = base lr x global batch / lr_base_size ('linear', DeiT), or its square root ('sqrt'), or as given."""
-    rule = str(cfg.lr_scale)
+    rule = check_choice('lr_scale', 'none' if str(cfg.lr_scale) == 'None' else str(cfg.lr_scale))  # null: none
     ratio = global_batch / float(cfg.lr_base_size)
     if rule == 'linear':
         return float(cfg.lr) * ratio
     if rule == 'sqrt':
         return float(cfg.lr) * math.sqrt(ratio)
-    if rule in ('none', 'None'):
-        return float(cfg.lr)
-    raise UserError(f"lr_scale must be linear, sqrt or none, not '{rule}'")
+    return float(cfg.lr)
 
 
 FUSED_OPTIMIZERS = ('adam', 'adamw')  # timm names of torch's optimizers with a fused step on CPU and GPU

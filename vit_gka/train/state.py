@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from vit_gka.errors import NonFiniteError, UserError
-from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointWriteError, write_checkpoint
-from vit_gka.train.loading import check_weights, first_line, load_state, load_weights, nonfinite_tensors
+from vit_gka.train.checkpoint import CheckpointWriteError, write_checkpoint
+from vit_gka.train.loading import (CHECKPOINTS, EMA_FILE, MODEL_FILE, PREV, STATE_FILE, check_weights, find_folder,
+                                   first_line, last_checkpoint, load_state, load_weights, nonfinite_tensors, run_dir_of)
 
 log = logging.getLogger('vit_gka.train')
 
@@ -192,17 +193,13 @@ def find_checkpoint(path: str, missing_ok: bool = False) -> Optional[str]:
     (``<path>/checkpoints/last``), or their ``.prev`` left by a crash between two renames. None when there is
     none and ``missing_ok``, else ``UserError``."""
     full = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.exists(full) and not os.path.isdir(full + '.prev'):
+    if not os.path.exists(full) and not os.path.isdir(full + PREV):
         if missing_ok:
             return None
         raise UserError(f'resume path does not exist: {path}; give a run folder or its checkpoints/last')
-    candidates = [full, os.path.join(full, 'last'), os.path.join(full, 'checkpoints', 'last')]
-    candidates += [c + '.prev' for c in candidates]
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, STATE_FILE)) and os.path.isfile(os.path.join(c, MODEL_FILE)):
-            return c
-    if missing_ok:
-        return None
+    folder = find_folder(full, (STATE_FILE, MODEL_FILE), prev=True)
+    if folder is not None or missing_ok:
+        return folder
     raise UserError(f'no checkpoint under {path} (looked for {STATE_FILE} and {MODEL_FILE} in it, in '
                     f'last/ and in checkpoints/last/); give a run folder that has checkpoints/last')
 
@@ -218,17 +215,11 @@ def resume_checkpoint(resume_from: Optional[str], run_dir: str) -> Optional['Che
         return None
     if str(resume_from) != RESUME_AUTO:
         return load_checkpoint(str(resume_from))
-    folder = find_checkpoint(os.path.join(run_dir, 'checkpoints', 'last'), missing_ok=True)
+    folder = find_checkpoint(last_checkpoint(run_dir), missing_ok=True)
     if folder is None:
-        log.info('resume=auto: no checkpoint in %s yet, starting', os.path.join(run_dir, 'checkpoints'))
+        log.info('resume=auto: no checkpoint in %s yet, starting', os.path.join(run_dir, CHECKPOINTS))
         return None
     return load_checkpoint(folder)
-
-
-def run_dir_of(folder: str) -> str:
-    """The run folder a checkpoint folder belongs to (``<run>/checkpoints/last`` -> ``<run>``)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    return os.path.dirname(parent) if os.path.basename(parent) == 'checkpoints' else parent
 
 
 def _uncompiled(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

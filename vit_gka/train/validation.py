@@ -5,12 +5,13 @@ Hydra creates the run folder (``check_overrides(..., validate=validate)``), and 
 import math
 import numbers
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-from vit_gka.cli import CONF_DIR
+from vit_gka.cli import CONF_DIR, options
 from vit_gka.errors import UserError
 
-__all__ = ['validate', 'check_output_dir', 'trackers']
+__all__ = ['validate', 'check_choice', 'CHOICES', 'EVAL_CHOICES', 'check_output_dir', 'trackers', 'families',
+           'family_names', 'check_model']
 
 # key -> (what it is, smallest value); the optional ones may be null
 _INTS = {
@@ -52,6 +53,19 @@ _RANGES = {
     'model.args.proj_drop_rate': (0.0, 1.0, False, 'the projection dropout rate'),
     'model.args.pos_drop_rate': (0.0, 1.0, False, 'the position-embedding dropout rate'),
 }
+# key -> the values it takes, the first the one a message suggests (lr_scale: checked where recipe.scaled_lr reads
+# it, which also takes null for none)
+CHOICES = {
+    'mixed_precision': ('auto', 'no', 'bf16', 'fp16', 'fp8'),
+    'nonfinite': ('stop', 'skip'),
+    'lr_scale': ('linear', 'sqrt', 'none'),
+}
+# eval.py's settings: the autocast it evaluates under (auto: the run's own, bf16 for an fp8 run) and which weights
+# of a checkpoint folder
+EVAL_CHOICES = {
+    'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
+    'weights': ('model', 'ema'),
+}
 # model.args keys of the GKA / kernel attention: (test, what it must be, what to give instead)
 _MODEL_ARGS = {
     'sigma_init': (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0,
@@ -71,6 +85,14 @@ def _int_check(cfg, key: str, what: str, low: int, optional: bool) -> None:
         kind = 'an integer' if isinstance(value, bool) or not isinstance(value, int) else f'>= {low}'
         raise UserError(f'{key} must be {kind} ({what}), got {value!r}; set {key}=<integer >= {low}>'
                         + (' or null' if optional else ''))
+
+
+def check_choice(key: str, value, choices: Dict[str, tuple] = CHOICES):
+    """``value`` if it is one of ``choices[key]``, else ``UserError`` naming them."""
+    allowed = choices[key]
+    if value not in allowed:
+        raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
+    return value
 
 
 def trackers(log_with) -> list:
@@ -110,11 +132,8 @@ def validate(cfg) -> None:
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
         raise UserError(f'lr must be a positive number (base learning rate per lr_base_size images), got {lr!r}; '
                         f'set lr=<number > 0>')
-    choices = {'mixed_precision': ('auto', 'no', 'bf16', 'fp16', 'fp8'), 'nonfinite': ('stop', 'skip')}
-    for key, allowed in choices.items():
-        value = cfg.get(key)
-        if value not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
+    for key in ('mixed_precision', 'nonfinite'):
+        check_choice(key, cfg.get(key))
     if cfg.mixed_precision == 'fp8':
         _check_fp8(cfg)
     if cfg.mixed_precision == 'fp16':
@@ -286,13 +305,18 @@ def _registered(name: str) -> bool:
     return timm.is_model(name)
 
 
+def families() -> List[str]:
+    """The attention families, ``model=<family>`` with a ``shape=``: the options of conf/model/ that name their timm
+    model by the shape's arch (all but ``model=timm``)."""
+    return [family for family in options('model') if _template(family)]
+
+
 def family_names(family: str) -> Dict[str, str]:
     """{shape: timm name} of the attention family ``model=<family>`` at every shape= whose name timm has."""
     from omegaconf import OmegaConf
     template = _template(family)
     names = {}
-    shapes = sorted((f[:-5] for f in os.listdir(os.path.join(CONF_DIR, 'shape')) if f.endswith('.yaml')),
-                    key=lambda s: (SHAPES.index(s) if s in SHAPES else len(SHAPES), s))
+    shapes = sorted(options('shape'), key=lambda s: (SHAPES.index(s) if s in SHAPES else len(SHAPES), s))
     for shape in shapes if template else []:
         arch = OmegaConf.load(os.path.join(CONF_DIR, 'shape', f'{shape}.yaml')).get('arch')
         if arch and _registered(template.replace('${.arch}', arch)):
@@ -321,9 +345,8 @@ def check_model(cfg) -> str:
     if template and shape and name == template.replace('${.arch}', str(arch)):
         raise UserError(f"model={family} has no shape={shape} (timm has no {name}); model={family} comes in "
                         f"shape={', '.join(family_names(family))}")
-    raise UserError(f"unknown timm model '{name}' (model.name); the attention families are model=gka, gka_q, gka_k, "
-                    f"deit, vlt, {{eka,bka,tka}}_{{fixed,adaptive}} with a shape=, any timm model: model=timm "
-                    f"model.name=<name>")
+    raise UserError(f"unknown timm model '{name}' (model.name); the attention families are "
+                    f"model={', '.join(families())} with a shape=, any timm model: model=timm model.name=<name>")
 
 
 def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:
