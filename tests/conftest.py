@@ -10,6 +10,20 @@ if not torch.cuda.is_available():
 
 import vit_gka  # noqa: E402,F401  (registers the models)
 
+from helpers import FINISHED, HAS_FMNIST, ROOT, check, run  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def finished_run(tmp_path_factory):
+    """One finished tiny GKA run (helpers.FINISHED) per test session, shared by every test that reads a run folder:
+    eval, export, publish, the model/ faults, the disk faults. A test that changes the folder works on
+    ``helpers.copy_run`` of it."""
+    if not HAS_FMNIST:
+        pytest.skip('needs the Debian package dataset-fashion-mnist')
+    folder = tmp_path_factory.mktemp('finished') / 'run'
+    check(run([*FINISHED, f'hydra.run.dir={folder}'], cwd=ROOT))
+    return folder
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

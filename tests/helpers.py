@@ -22,6 +22,10 @@ needs_data = pytest.mark.skipif(not HAS_FMNIST, reason='needs the Debian package
 # Tiny and fast: 2 blocks (1 for resume), a few hundred images, one process-free data loader.
 TINY = ['train_subset=192', 'data.eval_subset=96', 'batch_size=32', 'workers=0', 'progress=false',
         'model.args.depth=2']
+# The finished run that the tests of a run folder's readers share (conftest.py's ``finished_run``): one block, one
+# epoch of 64 images, raw and EMA weights, model/ written.
+FINISHED = ['model=gka', 'shape=fmnist', 'epochs=1', *TINY, 'train_subset=64', 'data.eval_subset=32',
+            'model.args.depth=1']
 
 
 def _foolbox_images():
@@ -69,6 +73,13 @@ def popen(args, cwd, env=None):
     """train.py in the background (to be killed), output discarded."""
     cmd, env = _command(args, env=env)
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def copy_run(run_dir, tmp_path, name='run'):
+    """A copy of the run folder ``run_dir`` under ``tmp_path``, for a test that changes or damages it."""
+    dst = tmp_path / name
+    shutil.copytree(run_dir, dst)
+    return dst
 
 
 def digest(folder):

@@ -1,6 +1,6 @@
-"""train.py's command line as subprocesses: the override check answers mistakes (old preset names, a model
+"""train.py's command line as subprocesses: the override check answers mistakes (a misspelt name, a model
 family at a shape it does not come in) in one line and leaves Hydra's own features alone (shell completion,
---info, glob() and interval() sweeps); the report and summary command lines. About 1 minute on 2 cores."""
+--info, glob() and interval() sweeps); the report and summary command lines."""
 import json
 import os
 

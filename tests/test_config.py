@@ -1,4 +1,4 @@
-"""The Hydra configuration (conf), composed in-process: model x shape, the old preset names, the
+"""The Hydra configuration (conf), composed in-process: model x shape, the
 defaults, the recipes, the experiments, and every key the training code reads. Fast: no training."""
 import ast
 import glob

@@ -14,21 +14,16 @@ from vit_gka.measure.benchmark import baseline_name
 from vit_gka.errors import UserError
 from vit_gka.cli import CONF_DIR
 
-from helpers import Payload
+from helpers import Payload, copy_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp('run'))
-    proc = subprocess.run(
-        [sys.executable, 'train.py', 'model=gka', 'shape=fmnist', 'train_subset=128', 'epochs=1', 'data.eval_subset=64',
-         'batch_size=64', 'workers=0', 'progress=false', f'hydra.run.dir={folder}'],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(folder, 'results.json')) as f:
-        return folder, json.load(f)
+def run(finished_run):
+    """The shared finished run (conftest.py) and its results.json."""
+    with open(finished_run / 'results.json') as f:
+        return str(finished_run), json.load(f)
 
 
 def eval_cfg(*overrides):
@@ -36,8 +31,8 @@ def eval_cfg(*overrides):
         return compose('eval', overrides=['workers=0', *overrides])
 
 
-def test_eval_py_reproduces_the_recorded_top1(run):
-    folder, res = run
+def test_eval_py_reproduces_the_recorded_top1(run, tmp_path):
+    folder, res = str(copy_run(run[0], tmp_path)), run[1]  # eval.py writes eval.json into the run folder
     proc = subprocess.run([sys.executable, 'eval.py', f'run={folder}', 'workers=0', f'hydra.run.dir={folder}/eval_hydra'],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,7 +40,7 @@ def test_eval_py_reproduces_the_recorded_top1(run):
         out = json.load(f)
     recorded = res['ema_top1'] if res['model_folder_weights'] == 'ema' else res['top1']
     assert out['top1'] == pytest.approx(recorded, abs=1e-9) and out['matches_recorded'] is True
-    assert out['num_images'] == 64 and out['data'] == 'fashion_mnist' and out['images_per_s'] > 0
+    assert out['num_images'] == 32 and out['data'] == 'fashion_mnist' and out['images_per_s'] > 0
     assert {'top5', 'loss'} <= set(out) and 'same' in proc.stdout
 
 
@@ -62,7 +57,7 @@ def test_model_name_with_a_weights_file(run):
     folder, res = run
     shape = ','.join(f'{k}:{v}' for k, v in res['model_args'].items() if k != 'num_classes')
     cfg = eval_cfg(f"model_name={res['model']}", f'ckpt={folder}/checkpoints/last/model.safetensors',
-                   f'model_args={{{shape}}}', 'data.eval_subset=64')
+                   f'model_args={{{shape}}}', 'data.eval_subset=32')
     out = evaluation.evaluate_model(cfg, None, cfg.data)
     assert out['top1'] == pytest.approx(res['top1'], abs=1e-9)
 
@@ -119,7 +114,7 @@ def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
     import torch
     from safetensors.torch import save_file
 
-    from test_train import digest, one_line_error
+    from helpers import digest, one_line_error
     folder, res = run
     args = {k: v for k, v in res['model_args'].items() if k != 'num_classes'}
     marker = tmp_path / 'payload_ran'
@@ -143,7 +138,7 @@ def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
 
 
 def test_compare_to_run_allows_rounding_for_bf16_and_compiled_runs():
-    # eval.py runs eager; a run evaluated under bf16 autocast or torch.compile rounds differently (issue: GPU run)
+    # eval.py runs eager; a run evaluated under bf16 autocast or torch.compile rounds differently (a GPU run)
     fp32 = {'top1': 80.0, 'ema_top1': 79.0, 'model_folder_weights': 'model', 'data': 'folder', 'mixed_precision': 'no',
             'compiled': False}
     assert evaluation.compare_to_run(fp32, 'folder', 80.0)['matches_recorded'] is True

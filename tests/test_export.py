@@ -1,22 +1,20 @@
 """ONNX export of a trained GKA model (vit_gka/export.py, timm's exporter): the fused path exports, and onnxruntime
 gives PyTorch's logits on a batch of another size; mistakes end in one line."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, TINY, check, needs_data, one_line_error, run
+from helpers import ROOT, needs_data, one_line_error
 
 pytest.importorskip('onnxruntime', reason="needs pip install '.[onnx]'")
 
 
 @needs_data
-def test_trained_gka_exports_and_onnxruntime_matches(tmp_path):
+def test_trained_gka_exports_and_onnxruntime_matches(finished_run, tmp_path):
     import onnx
     from vit_gka.export import export_onnx, load_for_export
-    run_dir = tmp_path / 'run'
-    check(run(['epochs=1', *TINY, f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+    run_dir = finished_run
     proc = subprocess.run([sys.executable, '-m', 'vit_gka.export', str(run_dir), str(tmp_path / 'gka.onnx')],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -39,19 +39,13 @@ def test_a_full_disk_in_a_run_is_one_line_and_the_rerun_finishes(tmp_path, name,
         assert (run_dir / done).exists(), done
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('faults_disk') / 'run'
-    check(run([*ARGS, f'hydra.run.dir={folder}'], cwd=ROOT))
-    return folder
-
-
 def _tool(args, cwd, fail):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'VIT_GKA_TEST_FAIL_WRITE': fail}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_full_disk_under_eval_export_and_publish(finished, tmp_path):
+def test_a_full_disk_under_eval_export_and_publish(finished_run, tmp_path):
+    finished = finished_run
     out = tmp_path / 'out'
     os.makedirs(out)
     proc = _tool(['eval.py', f'run={finished}', 'workers=0', f'out={out}', f'hydra.run.dir={tmp_path}/h'], ROOT,

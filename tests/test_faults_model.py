@@ -3,32 +3,17 @@ before any of it runs, by eval.py, the export and publish, on the oldest timm re
 own ``local-dir:`` loader would unpickle it); a corrupt folder is one line as well. One tiny run serves all."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, TINY, Payload, check, needs_data, one_line_error, run
+from helpers import ROOT, Payload, check, copy_run, needs_data, one_line_error
 from test_oldest_timm import FOLDER as OLDEST_FOLDER, OLDEST
 
 pytestmark = needs_data
 HAS_OLDEST = os.path.isdir(os.path.join(OLDEST_FOLDER, 'timm'))
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('faults_model') / 'run'
-    check(run(['epochs=1', *TINY, 'train_subset=64', 'data.eval_subset=32', 'model.args.depth=1', 'ema.enable=false',
-               f'hydra.run.dir={folder}'], cwd=ROOT))
-    return folder
-
-
-def _copy(trained, tmp_path, name='run'):
-    dst = tmp_path / name
-    shutil.copytree(trained, dst)
-    return dst
 
 
 def _tool(args, oldest=False, cwd=ROOT):
@@ -45,8 +30,8 @@ def _plant(run_dir, marker):
 
 
 @pytest.mark.skipif(not HAS_OLDEST, reason=f'needs timm {OLDEST} in .venv/oldest-timm (bash setup.sh installs it)')
-def test_pickle_in_model_folder_refused_on_the_oldest_timm(trained, tmp_path):
-    run_dir, marker = _copy(trained, tmp_path), tmp_path / 'pwned'
+def test_pickle_in_model_folder_refused_on_the_oldest_timm(finished_run, tmp_path):
+    run_dir, marker = copy_run(finished_run, tmp_path), tmp_path / 'pwned'
     _plant(run_dir, marker)
     proc = _tool(['-c', 'import timm, sys; print(timm.__version__)'], oldest=True)
     assert proc.stdout.strip() == OLDEST
@@ -62,20 +47,20 @@ def test_pickle_in_model_folder_refused_on_the_oldest_timm(trained, tmp_path):
     assert out['matches_recorded'] is True
 
 
-def test_pickle_refused_by_publish_and_a_renamed_one_too(trained, tmp_path):
-    run_dir, marker = _copy(trained, tmp_path), tmp_path / 'pwned'
+def test_pickle_refused_by_publish_and_a_renamed_one_too(finished_run, tmp_path):
+    run_dir, marker = copy_run(finished_run, tmp_path), tmp_path / 'pwned'
     torch.save({'payload': Payload(str(marker))}, run_dir / 'model' / 'weights.data')  # no telling suffix
     proc = _tool(['-m', 'vit_gka.publish', str(run_dir), str(tmp_path / 'hub')])
     one_line_error(proc, 'weights.data is a pickle')
     assert not marker.exists() and not (tmp_path / 'hub').exists()
 
 
-def test_model_folder_loads_as_timm_local_dir(trained):
+def test_model_folder_loads_as_timm_local_dir(finished_run):
     import timm
 
     from vit_gka.train.loading import load_model_folder
-    ours = load_model_folder(str(trained / 'model')).eval()
-    theirs = timm.create_model(f'local-dir:{trained}/model', pretrained=True).eval()
+    ours = load_model_folder(str(finished_run / 'model')).eval()
+    theirs = timm.create_model(f'local-dir:{finished_run}/model', pretrained=True).eval()
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
@@ -92,9 +77,9 @@ def test_model_folder_loads_as_timm_local_dir(trained):
     ('config', 'config.yaml is corrupt'),
     ('reshaped', 'has 3 classes (head.bias [3]), the model 10'),
 ])
-def test_corrupt_model_folder_is_one_line(trained, tmp_path, damage, message):
+def test_corrupt_model_folder_is_one_line(finished_run, tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
-    run_dir = _copy(trained, tmp_path)
+    run_dir = copy_run(finished_run, tmp_path)
     model = run_dir / 'model'
     if damage == 'no_config':
         os.remove(model / 'config.json')

@@ -9,7 +9,7 @@ import timm
 import torch
 from huggingface_hub import ModelCard
 
-from helpers import TINY, check, needs_data, one_line_error, run
+from helpers import needs_data, one_line_error
 
 import vit_gka  # noqa: F401
 
@@ -20,9 +20,8 @@ def _publish(*args, env=None):
 
 
 @needs_data
-def test_published_folder_loads_and_has_a_model_card(tmp_path):
-    run_dir, out = tmp_path / 'run', tmp_path / 'hub'
-    check(run(['epochs=1', *TINY, f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+def test_published_folder_loads_and_has_a_model_card(finished_run, tmp_path):
+    run_dir, out = finished_run, tmp_path / 'hub'
     proc = _publish(run_dir, out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {'config.json', 'model.safetensors', 'README.md', 'config.yaml'} <= set(os.listdir(out))
