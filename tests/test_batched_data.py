@@ -11,7 +11,7 @@ from torchvision.datasets import CIFAR10
 
 from vit_gka.data.batched import BatchTransform, InMemoryImages, in_memory_arrays
 from vit_gka.data.datasets import Transformed, build_transform, create_dataset
-from vit_gka.data.loaders import batched_dataset, create_eval_loader, create_train_loader
+from vit_gka.data.loaders import TrainLoaderSettings, batched_dataset, create_eval_loader, create_train_loader
 from vit_gka.data.sampling import SeededDataset, _mix, set_loader_epoch
 from vit_gka.errors import UserError
 from vit_gka.cli import CONF_DIR, compose_option
@@ -112,7 +112,7 @@ def test_a_sample_does_not_depend_on_its_batch():
 
 @needs_data
 def test_train_loader_batches_equal_per_sample_loader_batches(fmnist):
-    loaders = [create_train_loader(fmnist, GRAY, 32, aug(), subset=96, seed=7, batch_augment=mode)
+    loaders = [create_train_loader(fmnist, GRAY, TrainLoaderSettings(32, aug(), subset=96, seed=7, batch_augment=mode))
                for mode in (True, False)]
     assert isinstance(loaders[0].dataset, InMemoryImages) and isinstance(loaders[1].dataset, SeededDataset)
     assert loaders[0].num_workers == 0  # workers=0 given; auto on the CPU is 0 too (test_data.py)
@@ -140,9 +140,10 @@ def test_auto_workers_are_zero_for_batched_data_on_the_cpu_only():
     ds = fake_cifar(size=(32, 32))
     data_config = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
                    'crop_pct': 1.0}
-    assert create_train_loader(ds, data_config, 8, aug(), num_workers='auto').num_workers == 0
+    assert create_train_loader(ds, data_config, TrainLoaderSettings(8, aug(), num_workers='auto')).num_workers == 0
     if len(os.sched_getaffinity(0)) > 1:  # off the CPU the workers transform whole batches
-        assert create_train_loader(ds, data_config, 8, aug(), num_workers='auto', on_cpu=False).num_workers >= 1
+        settings = TrainLoaderSettings(8, aug(), num_workers='auto', on_cpu=False)
+        assert create_train_loader(ds, data_config, settings).num_workers >= 1
 
 
 def test_steps_that_cannot_be_batched_fall_back_or_stop():
@@ -151,7 +152,7 @@ def test_steps_that_cannot_be_batched_fall_back_or_stop():
                    'crop_pct': 0.875}
     deit = build_transform(data_config, True, DEIT)  # RandAugment, colour jitter, random erasing
     assert batched_dataset(ds, deit, 'auto') is None
-    assert isinstance(create_train_loader(ds, data_config, 8, DEIT).dataset, SeededDataset)
+    assert isinstance(create_train_loader(ds, data_config, TrainLoaderSettings(8, DEIT)).dataset, SeededDataset)
     with pytest.raises(UserError, match='batch_augment=true cannot apply RandAugment'):
         batched_dataset(ds, deit, True)
     gray = build_transform({**data_config, 'input_size': (1, 32, 32), 'mean': (0.5,), 'std': (0.5,)}, False)

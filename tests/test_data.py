@@ -11,7 +11,8 @@ from PIL import Image
 
 from vit_gka.errors import UserError
 from vit_gka.data.datasets import FMNIST_FILES, class_names, create_dataset, patch_randaugment_posterize
-from vit_gka.data.loaders import MAX_AUTO_WORKERS, create_eval_loader, create_train_loader, loader_workers
+from vit_gka.data.loaders import (MAX_AUTO_WORKERS, TrainLoaderSettings, create_eval_loader, create_train_loader,
+                                  loader_workers)
 from vit_gka.data.sampling import SeededSampler, set_loader_epoch, train_sampler
 from vit_gka.cli import CONF_DIR, compose_option
 
@@ -48,7 +49,7 @@ def test_deit_augmentation_on_grayscale(tmp_path):
     recipe = OmegaConf.load(os.path.join(CONF_DIR, 'recipe', 'deit.yaml'))
     dataset, num_classes = create_dataset(data_cfg('fashion_mnist', cache_dir=str(tmp_path)), 'train')
     assert num_classes == 10 and class_names(dataset)[:2] == ['T-shirt/top', 'Trouser']
-    loader = create_train_loader(dataset, GRAY, 16, recipe.aug, subset=64, seed=3)
+    loader = create_train_loader(dataset, GRAY, TrainLoaderSettings(16, recipe.aug, subset=64, seed=3))
     set_loader_epoch(loader, 0)
     a = [y for _, y in loader]
     set_loader_epoch(loader, 0)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from helpers import TRAIN, check, lines, needs_data, one_line_error, run, steps, wait_for
 from vit_gka.errors import UserError
 from vit_gka.train import checkpoint as ckpt
+from vit_gka.train.faults import FAIL_ENV, PAUSE_ENV
 from vit_gka.train import lock as run_lock
 from vit_gka.train import preemption
 from vit_gka.train.state import load_checkpoint
@@ -105,7 +106,7 @@ def test_sigterm_checkpoints_at_the_next_update_then_resume_is_exact(straight, t
 @needs_data
 def test_a_signal_during_an_epoch_end_stops_after_its_checkpoint(tmp_path):
     run_dir, go = tmp_path / 'run', tmp_path / 'go'
-    proc = start([*RUN, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={ckpt.PAUSE_ENV: f'write@1:{go}'})
+    proc = start([*RUN, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={PAUSE_ENV: f'write@1:{go}'})
     wait_for(lambda: any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')),
              proc)  # in the checkpoint of the end of epoch 1
     os.kill(proc.pid, signal.SIGUSR1)
@@ -124,7 +125,7 @@ def test_resume_auto_and_one_writer_per_run_folder(straight, tmp_path):
     run_dir, go = tmp_path / 'run', tmp_path / 'go'
     auto = [*RUN, 'resume=auto', f'hydra.run.dir={run_dir}']
     # An empty folder: resume=auto starts. Epoch 1 only; its checkpoint waits for the file `go`.
-    first = start([*auto, 'stop_epoch=1'], cwd=tmp_path, env={ckpt.PAUSE_ENV: f'write@1:{go}'})
+    first = start([*auto, 'stop_epoch=1'], cwd=tmp_path, env={PAUSE_ENV: f'write@1:{go}'})
     wait_for(lambda: any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')),
              first)
     holder = json.loads((run_dir / run_lock.LOCK_FILE).read_text())
@@ -148,7 +149,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_one(straight, tmp_p
     run_dir = tmp_path / 'run'
     args = [*RUN, 'checkpoint_every_steps=2', 'resume=auto', f'hydra.run.dir={run_dir}']
     # Checkpoints after updates 2, 4, 6 (end of epoch 1), 8: the 4th write meets a full disk.
-    proc = run(args, cwd=tmp_path, env={ckpt.FAIL_ENV: '4'})
+    proc = run(args, cwd=tmp_path, env={FAIL_ENV: '4'})
     last = run_dir / 'checkpoints' / 'last'
     one_line_error(proc, f'cannot write checkpoint {last}: no space left on device; the last good checkpoint is '
                          f'{last} (update 6), left as it was; make room (or fix the disk), then continue with '

@@ -32,6 +32,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from helpers import ROOT, TRAIN, check, free_port, imagenet_folder, needs_jpegs, run, steps
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
+from vit_gka.train.faults import PAUSE_ENV
 from vit_gka.cli import check_overrides
 from vit_gka.cli import CONF_DIR
 from vit_gka.train.state import load_checkpoint
@@ -144,7 +145,7 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
     args = [*GPU_RECIPE, f'data.root={jpegs}', f'hydra.run.dir={run_dir}']
     # The main process pauses in its 5th checkpoint write (after update 5, model.safetensors written into the
     # temporary folder): the kill then surely comes mid-epoch, with update 4's checkpoint the last complete one.
-    cmd, env = _torchrun(args, env={ckpt.PAUSE_ENV: 'write@5'})
+    cmd, env = _torchrun(args, env={PAUSE_ENV: 'write@5'})
 
     def paused():
         return (os.path.isfile(run_dir / 'steps.jsonl') and (run_dir / 'steps.jsonl').read_text().count('\n') >= 5
@@ -235,7 +236,7 @@ def test_repeated_augmentation_over_two_processes(jpegs):
     # epoch is 10 samples per process (DeiT: the data set's length over the processes, repeats included).
     from hydra import compose, initialize_config_dir
     from vit_gka.data.datasets import create_dataset
-    from vit_gka.data.loaders import create_train_loader
+    from vit_gka.data.loaders import TrainLoaderSettings, create_train_loader
     from vit_gka.data.sampling import set_loader_epoch
     with initialize_config_dir(CONF_DIR, version_base='1.3'):
         cfg = compose('config', overrides=['recipe=deit', 'data=folder', f'data.root={jpegs}'])
@@ -244,8 +245,8 @@ def test_repeated_augmentation_over_two_processes(jpegs):
                    'std': (0.229, 0.224, 0.225), 'crop_pct': 0.875}
     views = {}  # image index -> its augmented views, over both processes
     for rank in (0, 1):
-        loader = create_train_loader(dataset, data_config, 2, cfg.aug, drop_last=True, num_replicas=2, rank=rank,
-                                     repeated_aug=int(cfg.repeated_aug), seed=0)
+        loader = create_train_loader(dataset, data_config, TrainLoaderSettings(
+            2, cfg.aug, drop_last=True, num_replicas=2, rank=rank, repeated_aug=int(cfg.repeated_aug), seed=0))
         assert isinstance(loader.sampler.sampler, RepeatAugSampler) and len(loader.sampler) == 10
         set_loader_epoch(loader, 0, rank)
         items = list(loader.sampler)  # (index, seed) per position

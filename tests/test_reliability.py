@@ -27,8 +27,8 @@ from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
 from vit_gka.data.datasets import create_dataset
-from vit_gka.data.loaders import create_train_loader
-from vit_gka.train.nonfinite import POISON_ENV
+from vit_gka.data.loaders import TrainLoaderSettings, create_train_loader
+from vit_gka.train.faults import PAUSE_ENV, POISON_ENV
 from vit_gka.train.state import load_checkpoint
 from vit_gka.cli import CONF_DIR, compose_option
 
@@ -78,7 +78,7 @@ def resume_reproduces(straight, run_dir):
 def test_kill_mid_epoch_then_resume_is_exact(straight, tmp_path):
     run_dir = tmp_path / 'run'
     # The pause in the 3rd checkpoint (end of epoch 1) only makes sure the run is still alive for the kill.
-    proc = popen([*EXACT, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={ckpt.PAUSE_ENV: 'write@3'})
+    proc = popen([*EXACT, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={PAUSE_ENV: 'write@3'})
     try:
         wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 3, proc)  # after update 3, in epoch 1
     finally:
@@ -95,7 +95,7 @@ def test_kill_while_a_checkpoint_is_written(straight, tmp_path, stage):
     folder = run_dir / 'checkpoints'
     # The 4th checkpoint (after update 8) replaces the one of the end of epoch 1 (update 6); it pauses
     # after its model.safetensors (write) or between its two renames (swap).
-    proc = popen([*EXACT, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={ckpt.PAUSE_ENV: f'{stage}@4'})
+    proc = popen([*EXACT, f'hydra.run.dir={run_dir}'], cwd=tmp_path, env={PAUSE_ENV: f'{stage}@4'})
     paused = {
         'write': lambda: any((p / ckpt.MODEL_FILE).is_file() for p in folder.glob('last.tmp-*')),
         'swap': lambda: (folder / 'last.prev').is_dir() and not (folder / 'last').exists(),
@@ -262,7 +262,7 @@ def test_too_many_unreadable_images_stop_in_one_line(tmp_path):
     data = OmegaConf.merge(compose_option('data', 'folder'), {'root': str(tmp_path)})
     aug = OmegaConf.load(os.path.join(conf, 'recipe', 'deit.yaml')).aug
     gray = {'input_size': (1, 28, 28), 'mean': (0.5,), 'std': (0.5,), 'crop_pct': 1.0, 'interpolation': 'bilinear'}
-    loader = create_train_loader(create_dataset(data, 'train')[0], gray, 4, aug, num_workers=1)
+    loader = create_train_loader(create_dataset(data, 'train')[0], gray, TrainLoaderSettings(4, aug, num_workers=1))
     with pytest.raises(UserError) as e:  # raised in the worker process, re-raised here
         next(iter(loader))
     assert str(e.value).startswith('20 unreadable images in a row') and '\n' not in str(e.value)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from helpers import check, run
 from test_data import data_cfg
 from vit_gka.data.datasets import create_dataset
-from vit_gka.data.loaders import create_eval_loader, create_train_loader
+from vit_gka.data.loaders import TrainLoaderSettings, create_eval_loader, create_train_loader
 from vit_gka.data.sampling import set_loader_epoch
 from vit_gka.errors import UserError
 
@@ -71,22 +71,23 @@ def epoch_ids(loader, epoch):
 def test_processes_read_disjoint_shards_and_every_epoch_its_own_order(shards):
     dataset, num_classes = create_dataset(wds_cfg(shards), 'train')
     assert num_classes == 2 and len(dataset) == 24
-    loaders = [create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY, 3, AUG_NONE, num_workers=0,
-                                   num_replicas=2, rank=rank, seed=5) for rank in (0, 1)]
+    loaders = [create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY,
+                                   TrainLoaderSettings(3, AUG_NONE, num_workers=0, num_replicas=2, rank=rank, seed=5))
+               for rank in (0, 1)]
     assert [len(loader) for loader in loaders] == [4, 4]  # 12 samples each: whole batches
     ids = [epoch_ids(loader, 0) for loader in loaders]
     assert sorted(ids[0] + ids[1]) == list(range(24))  # each sample once, on one process
     # every shard goes whole to one process
     assert {i // PER_SHARD for i in ids[0]}.isdisjoint({i // PER_SHARD for i in ids[1]})
-    again = create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY, 3, AUG_NONE, num_workers=0,
-                                num_replicas=2, rank=0, seed=5)
+    again = create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY,
+                                TrainLoaderSettings(3, AUG_NONE, num_workers=0, num_replicas=2, rank=0, seed=5))
     assert epoch_ids(again, 0) == ids[0]  # (seed, epoch) fixes the order
     assert sorted(epoch_ids(loaders[0], 3) + epoch_ids(loaders[1], 3)) == list(range(24))
 
 
 def test_loader_workers_split_the_shards_and_eval_reads_every_sample_once(shards):
-    loader = create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY, 4, AUG_NONE, num_workers=2,
-                                 seed=1, subset=16)
+    loader = create_train_loader(create_dataset(wds_cfg(shards), 'train')[0], GRAY,
+                                 TrainLoaderSettings(4, AUG_NONE, num_workers=2, seed=1, subset=16))
     ids = epoch_ids(loader, 0)
     assert len(loader) == 4 and len(ids) == 16 and len(set(ids)) == 16 and max(ids) < 24
     eval_loader, _ = create_eval_loader(wds_cfg(shards), GRAY, batch_size=5, num_workers=0)
@@ -98,9 +99,9 @@ def test_loader_workers_split_the_shards_and_eval_reads_every_sample_once(shards
 def test_one_line_refusals(shards, tmp_path):
     dataset, _ = create_dataset(wds_cfg(shards), 'train')
     cases = [
-        (lambda: create_train_loader(dataset, GRAY, 2, AUG_NONE, num_workers=3, num_replicas=2),
+        (lambda: create_train_loader(dataset, GRAY, TrainLoaderSettings(2, AUG_NONE, num_workers=3, num_replicas=2)),
          '4 training shards cannot feed 2 process(es) x 3 loader worker(s)'),
-        (lambda: create_train_loader(dataset, GRAY, 2, AUG_NONE, num_replicas=2, repeated_aug=3),
+        (lambda: create_train_loader(dataset, GRAY, TrainLoaderSettings(2, AUG_NONE, num_replicas=2, repeated_aug=3)),
          'set repeated_aug=0'),
         (lambda: create_eval_loader(wds_cfg(shards, eval_subset=4), GRAY, 2), 'set data.eval_subset=null'),
         (lambda: create_dataset(wds_cfg(tmp_path / 'none'), 'train'), 'not a folder'),

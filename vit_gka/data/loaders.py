@@ -9,8 +9,9 @@ Every data set goes one of two ways, chosen by ``batch_augment`` (config; ``batc
 
 Both give the same images for the same (seed, epoch, position): sampling.py seeds every sample alike.
 """
+import dataclasses
 import os
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -21,8 +22,8 @@ from vit_gka.data.sampling import SeededDataset, train_sampler
 from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import UserError
 
-__all__ = ['create_train_loader', 'create_eval_loader', 'loader_workers', 'batched_dataset', 'MAX_AUTO_WORKERS',
-           'BATCH_AUGMENT']
+__all__ = ['create_train_loader', 'TrainLoaderSettings', 'create_eval_loader', 'loader_workers', 'batched_dataset',
+           'MAX_AUTO_WORKERS', 'BATCH_AUGMENT']
 
 BATCH_AUGMENT = ('auto', True, False)
 # DeiT's loader processes per GPU: more rarely pay once decoding and augmentation keep up with the GPU
@@ -105,57 +106,70 @@ def create_eval_loader(data_cfg, data_config: dict, batch_size: int, num_workers
     return loader, num_classes
 
 
-def create_train_loader(
-        dataset: Dataset,
-        data_config: dict,
-        batch_size: int,
-        aug_cfg,
-        num_workers: Union[int, str] = 0,
-        subset: Optional[int] = None,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-        repeated_aug: int = 0,
-        seed: int = 0,
-        batch_augment='auto',
-        local_processes: int = 1,
-        on_cpu: bool = True,
-) -> DataLoader:
-    """The shuffled training loader of ``dataset`` (``create_dataset(data_cfg, 'train')``, no transform), with
-    the training transform of ``data_config`` (``timm.data.resolve_data_config`` of the model) and ``aug_cfg``
-    (the recipe's ``aug`` node), per batch or per sample as ``batch_augment`` says (module docstring).
+@dataclasses.dataclass(frozen=True)
+class TrainLoaderSettings:
+    """How ``create_train_loader`` loads: the run's config (``from_config``) and where this process stands in it."""
+    batch_size: int                         # per process
+    aug: Any                                # the recipe's ``aug`` node: the training transform's augmentation
+    num_workers: Union[int, str] = 0        # loader processes per training process, or ``auto`` (loader_workers)
+    subset: Optional[int] = None            # the first n samples only; None: all
+    drop_last: bool = False                 # drop a short last batch (mixup / cutmix pair the images)
+    num_replicas: int = 1                   # training processes, each reading its own shard of one order
+    rank: int = 0                           # this process's shard
+    repeated_aug: int = 0                   # DeiT's repeated augmentation: each image this many times (0, 1: off)
+    seed: int = 0                           # order and augmentation are functions of (seed, epoch)
+    batch_augment: Union[bool, str] = 'auto'  # per batch or per sample (batched_dataset)
+    local_processes: int = 1                # training processes on this node, sharing its CPUs (loader_workers)
+    on_cpu: bool = True                     # training on the CPU: a batched data set needs no worker
 
-    ``subset``: the first n samples only. Every process reads its own shard of one global order
-    (``sampling.train_sampler``). Call ``sampling.set_loader_epoch(loader, epoch)`` before every epoch: order
-    and augmentation are then functions of (seed, epoch). ``num_workers``: a number or ``auto``
-    (``loader_workers`` with ``local_processes`` training processes on this node).
+    @classmethod
+    def from_config(cls, cfg, num_replicas: int, rank: int, on_cpu: bool, drop_last: bool) -> 'TrainLoaderSettings':
+        """train.py's settings from its Hydra config ``cfg``; the process layout from Accelerate."""
+        return cls(int(cfg.batch_size), cfg.aug, num_workers=cfg.workers, subset=cfg.train_subset,
+                   drop_last=drop_last, num_replicas=num_replicas, rank=rank, repeated_aug=int(cfg.repeated_aug or 0),
+                   seed=int(cfg.seed), batch_augment=cfg.batch_augment, on_cpu=on_cpu,
+                   local_processes=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
+
+    def for_eval(self) -> Dict[str, Any]:
+        """The keywords of ``create_eval_loader`` that the evaluation loader shares with the training one."""
+        return dict(num_workers=self.num_workers, batch_augment=self.batch_augment,
+                    local_processes=self.local_processes, on_cpu=self.on_cpu)
+
+
+def create_train_loader(dataset: Dataset, data_config: dict, settings: TrainLoaderSettings) -> DataLoader:
+    """The shuffled training loader of ``dataset`` (``create_dataset(data_cfg, 'train')``, no transform), with
+    the training transform of ``data_config`` (``timm.data.resolve_data_config`` of the model) and
+    ``settings.aug``, per batch or per sample as ``settings.batch_augment`` says (module docstring).
+
+    Every process reads its own shard of one global order (``sampling.train_sampler``). Call
+    ``sampling.set_loader_epoch(loader, epoch)`` before every epoch: order and augmentation are then functions of
+    (seed, epoch).
     """
-    transform = build_transform(data_config, True, aug_cfg)
+    s = settings
+    transform = build_transform(data_config, True, s.aug)
     if isinstance(dataset, StreamingImages):
-        return _streaming_train_loader(dataset, transform, batch_size, num_workers, subset, num_replicas, rank,
-                                       repeated_aug, seed, local_processes, on_cpu)
-    batched = batched_dataset(dataset, transform, batch_augment)
+        return _streaming_train_loader(dataset, transform, s)
+    batched = batched_dataset(dataset, transform, s.batch_augment)
     # the sampler yields (index, seed) pairs: InMemoryImages takes them per batch, SeededDataset per sample
-    ds = _head(batched, subset) if batched is not None else SeededDataset(_head(Transformed(dataset, transform),
-                                                                                 subset))
-    workers = loader_workers(num_workers, local_processes, batched is not None, on_cpu)
+    ds = _head(batched, s.subset) if batched is not None else SeededDataset(_head(Transformed(dataset, transform),
+                                                                                   s.subset))
+    workers = loader_workers(s.num_workers, s.local_processes, batched is not None, s.on_cpu)
     generator = torch.Generator()  # the workers' base seed, reseeded every epoch
-    return DataLoader(ds, batch_size=batch_size, drop_last=drop_last, generator=generator,
-                      sampler=train_sampler(ds, seed, num_replicas, rank, repeated_aug, drop_last),
+    return DataLoader(ds, batch_size=s.batch_size, drop_last=s.drop_last, generator=generator,
+                      sampler=train_sampler(ds, s.seed, s.num_replicas, s.rank, s.repeated_aug, s.drop_last),
                       collate_fn=collate_batched if batched is not None else None, **_worker_kwargs(workers))
 
 
-def _streaming_train_loader(dataset: StreamingImages, transform, batch_size: int, num_workers, subset, num_replicas: int,
-                            rank: int, repeated_aug: int, seed: int, local_processes: int, on_cpu: bool) -> DataLoader:
+def _streaming_train_loader(dataset: StreamingImages, transform, s: TrainLoaderSettings) -> DataLoader:
     """The training loader of a WebDataset (streaming.py): timm's reader shards, shuffles and counts; every
     worker yields whole batches, so ``drop_last`` has nothing to drop. ``workers=auto`` is capped at the shards
     each process has (every worker needs one)."""
-    if num_replicas > 1 and repeated_aug and repeated_aug > 1:
-        raise UserError(f'repeated_aug={repeated_aug} repeats indices of a map-style data set; the stream '
+    if s.num_replicas > 1 and s.repeated_aug and s.repeated_aug > 1:
+        raise UserError(f'repeated_aug={s.repeated_aug} repeats indices of a map-style data set; the stream '
                         f'{dataset.name} has none: set repeated_aug=0')
-    workers = loader_workers(num_workers, local_processes, False, on_cpu)
-    if num_workers == 'auto':
-        workers = min(workers, max(1, dataset.num_shards // max(1, num_replicas)))
-    dataset.configure(transform, batch_size, workers, seed, rank, num_replicas, subset)
+    workers = loader_workers(s.num_workers, s.local_processes, False, s.on_cpu)
+    if s.num_workers == 'auto':
+        workers = min(workers, max(1, dataset.num_shards // max(1, s.num_replicas)))
+    dataset.configure(transform, s.batch_size, workers, s.seed, s.rank, s.num_replicas, s.subset)
     generator = torch.Generator()  # the workers' base seed (and so their shuffle buffers'), reseeded every epoch
-    return DataLoader(dataset, batch_size=batch_size, generator=generator, **_worker_kwargs(workers))
+    return DataLoader(dataset, batch_size=s.batch_size, generator=generator, **_worker_kwargs(workers))

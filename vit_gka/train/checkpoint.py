@@ -10,20 +10,14 @@ removed. At every instant ``last`` or, between the two renames, ``last.prev`` is
 ``state.find_checkpoint`` takes ``last`` and falls back to ``last.prev``. Leftovers of a killed write
 (``last.tmp-*``, ``last.trash-*``) never carry a name that is read, and the next write removes them.
 
-Test hook: ``VIT_GKA_TEST_PAUSE_IN_CHECKPOINT=<write|swap>[@n][:<file>]`` makes the n-th (default 2nd: the first
-that replaces one) ``write_checkpoint`` of the process sleep (10 minutes, or until ``<file>`` exists), either after
-``model.safetensors`` is written into the temporary folder (``write``) or between the two renames (``swap``), so
-that a test can ``kill -9`` it there, or do something while it is surely running; ``model[:<file>]`` pauses the
-model/ folder's write (``save_model_folder``) the same way, before its folder is swapped in.
-
 A full disk or an I/O error while a checkpoint is written (torch's and safetensors' writers raise RuntimeError and
 SafetensorError for it, not OSError) ends in ``CheckpointWriteError``: one line naming the checkpoint that failed,
 why, and the last good one, which is left as it was (exit status 74, EX_IOERR of sysexits.h); the temporary
-folder is removed. Test hook: ``VIT_GKA_TEST_FAIL_CHECKPOINT=<n>`` makes the n-th ``write_checkpoint`` of the
-process raise ``OSError(ENOSPC)`` after its ``model.safetensors`` is written. Every other file of a run and of the
-tools is written by ``write_text`` / ``save_weights`` / ``atomic_dir`` too: a failure leaves the old file (or
-none), never a half-written one, and ends in ``WriteError``, one line, exit 74 (``VIT_GKA_TEST_FAIL_WRITE=<name>``
-injects ENOSPC into the write of that file).
+folder is removed. Every other file of a run and of the tools is written by ``write_text`` / ``save_weights`` /
+``atomic_dir`` too: a failure leaves the old file (or none), never a half-written one, and ends in ``WriteError``,
+one line, exit 74.
+
+The tests' faults in these writes (a pause mid-write, ENOSPC) are faults.py's.
 """
 import contextlib
 import errno
@@ -31,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -40,18 +33,17 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vit_gka.errors import UserError
+from vit_gka.train.faults import fail_checkpoint, pause_in_checkpoint, test_fail_write
 
 __all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text', 'atomic_dir',
-           'CheckpointWriteError', 'WriteError', 'write_failed', 'test_fail_write', 'FAIL_WRITE_ENV', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE', 'PAUSE_ENV', 'FAIL_ENV', 'EXIT_IO_ERROR']
+           'CheckpointWriteError', 'WriteError', 'write_failed', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE',
+           'EXIT_IO_ERROR']
 
 MODEL_FILE = 'model.safetensors'
 EMA_FILE = 'model_ema.safetensors'
 STATE_FILE = 'state.pt'
-PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT'
-FAIL_ENV = 'VIT_GKA_TEST_FAIL_CHECKPOINT'
-FAIL_WRITE_ENV = 'VIT_GKA_TEST_FAIL_WRITE'
 EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR
-_saved = 0  # write_checkpoint calls of this process (for the test pause)
+_saved = 0  # write_checkpoint calls of this process: the n of faults.py's checkpoint faults
 
 
 def _fsync_file(path: str) -> None:
@@ -72,31 +64,6 @@ def _fsync_dir(path: str) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _test_pause(stage: str) -> None:
-    spec = os.environ.get(PAUSE_ENV)
-    if spec:
-        spec, _, until = spec.partition(':')
-        where, _, nth = spec.partition('@')
-        if where == stage and (stage == 'model' or _saved == int(nth or 2)):
-            deadline = time.time() + 600
-            while time.time() < deadline and not (until and os.path.exists(until)):
-                time.sleep(0.05)
-
-
-def test_fail_write(path: str) -> None:
-    """Test hook ``VIT_GKA_TEST_FAIL_WRITE=<name>``: ENOSPC for the write of the file or folder called ``name``
-    (best.safetensors, model, results.json, steps.jsonl, eval.json, ...), after its bytes went to a temporary."""
-    name = os.environ.get(FAIL_WRITE_ENV)
-    if name and os.path.basename(os.path.normpath(path)) == name:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-
-
-def _test_fail(path: str) -> None:
-    nth = os.environ.get(FAIL_ENV)
-    if nth and _saved == int(nth):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 class WriteError(UserError):
@@ -220,7 +187,7 @@ def replace_dir(tmp: str, dst: str) -> None:
         if os.path.isdir(prev):
             _discard(prev)
         os.rename(dst, prev)
-        _test_pause('swap')
+        pause_in_checkpoint('swap', _saved)
     # else: a ``prev`` left by a crash between the renames is the only complete copy: keep it until dst exists
     os.rename(tmp, dst)
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
@@ -266,8 +233,8 @@ def write_checkpoint(
     try:
         with atomic_dir(folder) as tmp:
             _save_file(model_state, os.path.join(tmp, MODEL_FILE))
-            _test_pause('write')
-            _test_fail(os.path.join(tmp, EMA_FILE if ema_state is not None else STATE_FILE))
+            pause_in_checkpoint('write', _saved)
+            fail_checkpoint(os.path.join(tmp, EMA_FILE if ema_state is not None else STATE_FILE), _saved)
             if ema_state is not None:
                 _save_file(ema_state, os.path.join(tmp, EMA_FILE))
             _torch_save(record, os.path.join(tmp, STATE_FILE))
@@ -286,5 +253,5 @@ def save_model_folder(model: torch.nn.Module, folder: str, model_args: Optional[
     with atomic_dir(folder) as tmp:
         save_for_hf(model, tmp, model_config={'label_names': list(label_names)} if label_names else None,
                     model_args=model_args, safe_serialization=True)
-        _test_pause('model')
+        pause_in_checkpoint('model', _saved)
     return folder

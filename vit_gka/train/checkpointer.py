@@ -6,8 +6,9 @@ ends the run with ``Stopped``. ``last_good`` is the checkpoint a non-finite stop
 """
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Optional
 
+from vit_gka.train.loop import UpdateInfo
 from vit_gka.train.preemption import Stopped
 from vit_gka.train.results import RunRecords
 from vit_gka.train.state import TrainParts, TrainState, run_dir_of, save_checkpoint
@@ -45,16 +46,16 @@ class Checkpointer:
             return f'{self.last_dir} (update {self.saved_at})'
         return self.resumed.folder if self.resumed is not None else None
 
-    def on_update(self, info: Dict[str, Any]) -> None:
+    def on_update(self, info: UpdateInfo) -> None:
         """After every optimizer update: its record, a checkpoint when due or when a stop signal came (mid-epoch;
         at an epoch's end the epoch's own checkpoint comes after its evaluation)."""
         self.records.step(info)
-        mid_epoch = info['step'] < len(self.parts.train_loader)
-        if mid_epoch and (info['stop'] or self.every and info['update'] % self.every == 0):
+        mid_epoch = info.step < len(self.parts.train_loader)
+        if mid_epoch and (info.stop or self.every and info.update % self.every == 0):
             if self.saved_at != self.state.num_updates:
                 self.save()
-        if mid_epoch and info['stop']:
-            self.stopped(info['stop'], f"at epoch {info['epoch'] + 1}, step {info['step']} (update {info['update']})")
+        if mid_epoch and info.stop:
+            self.stopped(info.stop, f'at epoch {info.epoch + 1}, step {info.step} (update {info.update})')
 
     def stopped(self, signal_name: str, where: str) -> None:
         """End the run after the checkpoint of that update (preemption.py)."""

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 
 from vit_gka.data.batched import InMemoryImages
 from vit_gka.data.datasets import class_names, create_dataset, unreadable_images
-from vit_gka.data.loaders import create_eval_loader, create_train_loader
+from vit_gka.data.loaders import TrainLoaderSettings, create_eval_loader, create_train_loader
 from vit_gka.data.sampling import set_loader_epoch
 from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import NonFiniteError, UserError
@@ -55,7 +55,7 @@ from vit_gka.train.checkpointer import Checkpointer
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
 from vit_gka.train.finetune import apply_finetune
 from vit_gka.train.guards import check_class_maps, check_patch_grid, refuse_finished
-from vit_gka.train.loop import evaluate, train_one_epoch
+from vit_gka.train.loop import EpochStats, evaluate, train_one_epoch
 from vit_gka.train.preemption import StopSignals, shield_workers
 from vit_gka.train.results import RunRecords, summary_line
 from vit_gka.train.state import TrainParts, TrainState, resume, resume_checkpoint, run_dir_of
@@ -155,7 +155,7 @@ def train_epochs(run: Run) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str,
                 raise e.with_checkpoint(saver.last_good()) from None
             finally:
                 records.close_steps()
-            state.end_epoch(stats)
+            state.end_epoch(dataclasses.asdict(stats))  # TrainState.end_epoch reads the numbers by name
             _warn_unreadable(run)
             evaluated = state.epoch == run.stop_epoch or (
                 int(run.cfg.eval_interval or 0) > 0 and state.epoch % int(run.cfg.eval_interval) == 0)
@@ -198,7 +198,7 @@ def finish(run: Run, metrics, ema_metrics) -> Dict[str, Any]:
     return results
 
 
-def _end_epoch(run: Run, stats: Dict[str, Any], metrics, ema_metrics, sparsity) -> None:
+def _end_epoch(run: Run, stats: EpochStats, metrics, ema_metrics, sparsity) -> None:
     """An epoch's records (history, summary.csv, TensorBoard), its checkpoint, then best.safetensors if it is the
     best (never ahead of the checkpoint), and its log line."""
     state, parts, records, saver = run.state, run.parts, run.records, run.saver
@@ -278,15 +278,13 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     world, batch_size = accelerator.num_processes, int(cfg.batch_size)
     global_batch = batch_size * world * int(cfg.grad_accum)
     mixup_fn = recipe.create_mixup(cfg, num_classes)
-    loading = dict(num_workers=cfg.workers, batch_augment=cfg.batch_augment, on_cpu=accelerator.device.type == 'cpu',
-                   local_processes=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))  # set by torchrun / accelerate
-    train_loader = create_train_loader(
-        dataset_train, data_config, batch_size, cfg.aug, subset=cfg.train_subset, drop_last=mixup_fn is not None,
-        num_replicas=world, rank=accelerator.process_index, repeated_aug=int(cfg.repeated_aug or 0),
-        seed=int(cfg.seed), **loading)
+    loader_settings = TrainLoaderSettings.from_config(
+        cfg, world, accelerator.process_index, on_cpu=accelerator.device.type == 'cpu', drop_last=mixup_fn is not None)
+    train_loader = create_train_loader(dataset_train, data_config, loader_settings)
     if len(train_loader) == 0:
         raise UserError(f'no training batches: {len(train_loader.dataset)} samples, batch_size={cfg.batch_size}')
-    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size), **loading)
+    eval_loader, _ = create_eval_loader(cfg.data, data_config, int(cfg.eval_batch_size or 2 * batch_size),
+                                        **loader_settings.for_eval())
     check_class_maps(cfg.data, dataset_train, eval_loader.dataset)
     shield_workers(train_loader)  # loader workers outlive a cluster's SIGTERM to every process (preemption.py)
     shield_workers(eval_loader)
@@ -309,7 +307,9 @@ def build_parts(cfg: DictConfig, accelerator, finetune: bool = True) -> Tuple[Tr
     model_ema = recipe.create_ema(raw_model, cfg.ema)
     parts = TrainParts(accelerator, model, raw_model, model_ema, optimizer, lr_scheduler, loss_fn, mixup_fn,
                        train_loader, eval_loader, clip_grad=cfg.clip_grad, nonfinite=str(cfg.nonfinite),
-                       log_interval=int(cfg.log_interval), progress=cfg.progress is True or (cfg.progress == 'auto' and sys.stderr.isatty()), stop=StopSignals())
+                       log_interval=int(cfg.log_interval),
+                       progress=cfg.progress is True or (cfg.progress == 'auto' and sys.stderr.isatty()),
+                       stop=StopSignals())
 
     setup = RunSetup(dataset_train, num_classes, model_name, model_args, data_config, global_batch, lr, num_epochs,
                      updates_per_epoch)
@@ -338,13 +338,13 @@ def _test(parts: TrainParts) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
     return metrics, evaluate(ema.module, parts.eval_loader, parts.accelerator) if ema is not None else None
 
 
-def _epoch_summary(done: int, num_epochs: int, stats: Dict[str, Any], evaluated: bool, metrics, ema_metrics,
+def _epoch_summary(done: int, num_epochs: int, stats: EpochStats, evaluated: bool, metrics, ema_metrics,
                    sparsity) -> Tuple[Dict[str, Any], str]:
     """The epoch's record in results.json's history and its log line."""
-    line = (f"epoch {done}/{num_epochs}  train loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
-            f"{stats['images_per_s']:.0f} img/s  {stats['time_s']:.0f} s  data wait {stats['data_wait_fraction']:.0%}")
-    record = {'epoch': done, 'train_loss': stats['loss'], 'lr': stats['lr'],
-              'train_images_per_s': stats['images_per_s'], 'data_wait_fraction': stats['data_wait_fraction']}
+    line = (f'epoch {done}/{num_epochs}  train loss {stats.loss:.4f}  lr {stats.lr:.2e}  '
+            f'{stats.images_per_s:.0f} img/s  {stats.time_s:.0f} s  data wait {stats.data_wait_fraction:.0%}')
+    record = {'epoch': done, 'train_loss': stats.loss, 'lr': stats.lr,
+              'train_images_per_s': stats.images_per_s, 'data_wait_fraction': stats.data_wait_fraction}
     if evaluated:
         line += f"  |  test top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}"
         record.update(top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'])

@@ -17,35 +17,33 @@ Weights that turn non-finite although the loss and the gradient were finite (an 
 overflows) are caught where they would be kept: no checkpoint, best.safetensors or model/ is written from them
 (state.require_finite), and the run stops as under ``stop``, naming the last good checkpoint.
 
-Test hook, never for real runs: ``VIT_GKA_TEST_NONFINITE=<update>[:loss|:grad|:weight]`` poisons that update
-(1-based): its loss is multiplied by NaN (``loss``, the default), one gradient is set to inf (``grad``), or one
-weight is set to inf after its optimizer step (``weight``). ``VIT_GKA_TEST_RAISE=<update>`` raises a
-``RuntimeError`` (a bug, not a user error) at that update, to test that every exit path ends the loader workers.
+The tests' non-finite updates (``VIT_GKA_TEST_NONFINITE``) are faults.py's.
 """
+import dataclasses
 import logging
 import math
-import os
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 
 from vit_gka.errors import NonFiniteError, UserError
 
-__all__ = ['UpdateGuard', 'NONFINITE_POLICIES', 'POISON_ENV', 'RAISE_ENV']
+__all__ = ['UpdateGuard', 'Verdict', 'NONFINITE_POLICIES']
 
 log = logging.getLogger('vit_gka.train')
 
 NONFINITE_POLICIES = ('stop', 'skip')
-POISON_ENV = 'VIT_GKA_TEST_NONFINITE'
-RAISE_ENV = 'VIT_GKA_TEST_RAISE'
 
 
-def _poison() -> Optional[tuple]:
-    spec = os.environ.get(POISON_ENV)
-    if not spec:
-        return None
-    update, _, kind = spec.partition(':')
-    return int(update), kind or 'loss'
+@dataclasses.dataclass
+class Verdict:
+    """One optimizer update's verdict (``UpdateGuard.verdict``): may the optimizer step, and the update's numbers."""
+    ok: bool                    # loss and gradient norm finite: the optimizer may step
+    loss: float                 # the update's mean loss over all processes' images (nan or inf when not finite)
+    loss_sum: float             # this process's loss summed over its images of the update
+    images: int                 # this process's images of the update
+    grad_norm: Optional[float]  # the gradient norm (the clipping's, before clipping); None when not computed
+    stop: Optional[str]         # the stop signal any process has received by this update (preemption.py); None: none
 
 
 class UpdateGuard:
@@ -57,18 +55,11 @@ class UpdateGuard:
         self.accelerator = accelerator
         self.policy = policy
         self.stop = stop  # preemption.StopSignals: its flags ride on the loss all-reduce, so every process agrees
-        self.poison = _poison()
         self.check_grads = getattr(accelerator, 'scaler', None) is None
         # the update's loss sum stays a tensor on the device (float64 but on Apple's MPS, which has none): the
         # only host sync of an update is its verdict, however many micro-batches it has
         self.dtype = torch.float32 if accelerator.device.type == 'mps' else torch.float64
         self.loss_sum, self.images = None, 0
-
-    def loss(self, loss: torch.Tensor, update: int) -> torch.Tensor:
-        """The micro-batch loss to back-propagate (poisoned when the test hook says so)."""
-        if self.poison is not None and self.poison == (update, 'loss'):
-            return loss * float('nan')
-        return loss
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         """A micro-batch's mean loss over its ``images`` (a tensor: read at the update's verdict)."""
@@ -76,25 +67,9 @@ class UpdateGuard:
         self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
         self.images += images
 
-    def grads(self, model, update: int) -> None:
-        """After backward, before clipping: poison a gradient when the test hook says so."""
-        if self.poison is not None and self.poison == (update, 'grad'):
-            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float('inf'))
-
-    def weights(self, model, update: int) -> None:
-        """After the optimizer step: poison a weight, or fail, when a test hook says so."""
-        if os.environ.get(RAISE_ENV) == str(update):
-            raise RuntimeError(f'{RAISE_ENV}: a failure injected at update {update}')
-        if self.poison is not None and self.poison == (update, 'weight'):
-            with torch.no_grad():
-                next(p for p in model.parameters() if p.requires_grad).fill_(float('inf'))
-
-    def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-        """At the update (after backward, before the optimizer step): ``{'ok', 'loss', 'loss_sum', 'images',
-        'grad_norm', 'stop'}`` with ``loss`` the mean over all processes' images, ``loss_sum`` / ``images`` this
-        process's, ``grad_norm`` the gradient norm (the clipping's, before clipping; None when not computed) and
-        ``stop`` the stop signal any process has received (None: none); raises ``NonFiniteError`` under ``stop``.
-        One host sync: every number comes back in one ``tolist``."""
+    def verdict(self, model, update: int, where: str, grad_norm: Optional[torch.Tensor] = None) -> Verdict:
+        """At the update (after backward, before the optimizer step): the ``Verdict``; raises ``NonFiniteError``
+        under ``stop``. One host sync: every number comes back in one ``tolist``."""
         params = [p for p in model.parameters() if p.grad is not None]
         flags = self.stop.flags() if self.stop is not None else []
         device = self.accelerator.device
@@ -114,8 +89,8 @@ class UpdateGuard:
             problem = f'non-finite loss {mean}'
         elif self.check_grads and norm is not None and not math.isfinite(norm):
             problem = f'non-finite gradient (norm {norm})'
-        out = {'ok': problem is None, 'loss': mean, 'loss_sum': own_sum, 'images': self.images,
-               'grad_norm': norm, 'stop': self.stop.name(flags) if self.stop is not None else None}
+        out = Verdict(ok=problem is None, loss=mean, loss_sum=own_sum, images=self.images, grad_norm=norm,
+                      stop=self.stop.name(flags) if self.stop is not None else None)
         self.loss_sum, self.images = None, 0
         if problem is not None:
             message = f'{problem} at {where} (update {update})'

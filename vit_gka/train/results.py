@@ -14,10 +14,11 @@
     best.safetensors   the best weights by test top-1 (raw or EMA, results.json says which)
     model/             timm save_for_hf folder of the final weights (the better of raw and EMA):
                        timm.create_model('local-dir:<run>/model', pretrained=True)
-    results.json       the numbers: the dict ``RunRecords.results`` writes
+    results.json       the numbers: ``RunResults``, which ``RunRecords.results`` writes
 """
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -31,14 +32,15 @@ from safetensors import SafetensorError
 
 from vit_gka.measure.flops import model_stats
 from vit_gka.measure.attention import model_sparsity
-from vit_gka.train.checkpoint import save_model_folder, save_weights, test_fail_write, write_failed, write_text
-from vit_gka.train.loop import sigma_stats
+from vit_gka.train.checkpoint import save_model_folder, save_weights, write_failed, write_text
+from vit_gka.train.faults import test_fail_write
+from vit_gka.train.loop import EpochStats, UpdateInfo, sigma_stats
 from vit_gka.train.trackers import finish_trackers, start_trackers
 from vit_gka.train.state import require_finite
 
 log = logging.getLogger('vit_gka.train')
 
-__all__ = ['RunRecords', 'summary_line', 'STEP_LOG']
+__all__ = ['RunRecords', 'RunResults', 'summary_line', 'STEP_LOG']
 
 STEP_LOG = 'steps.jsonl'
 _STEP_KEYS = ('step', 'update', 'loss', 'lr', 'skipped')  # after 'epoch', in this order
@@ -110,6 +112,58 @@ SUMMARY_COLUMNS = (('epoch', 'epoch'), ('train_loss', 'train_loss'), ('eval_loss
                    ('train_images_per_s', 'train_images_per_s'), ('data_wait_fraction', 'data_wait_fraction'))
 
 
+@dataclasses.dataclass
+class RunResults:
+    """results.json: its keys, in the file's order (``RunRecords.results`` writes it with ``dataclasses.asdict``)."""
+    model: str                          # the timm model name
+    model_config: str                   # train.py's model= choice
+    model_args: Dict[str, Any]          # the create_model keywords (state.TrainState.model_args)
+    data: str                           # data.name
+    num_classes: int
+    img_size: Any                       # the input's side, or [height, width] when not square
+    epochs: int                         # the schedule's epochs
+    epochs_done: int
+    seed: int
+    global_batch_size: int              # per process x processes x accumulation
+    train_subset: Optional[int]         # the first n training images only; None: all
+    # the autocast of training and of every evaluation (no | bf16 | fp16 | fp8): eval.py evaluates the same
+    mixed_precision: str
+    # torch.compile'd (its fused kernels round differently from eager ones: eval.py allows for it)
+    compiled: bool
+    params: int                         # measure.flops.model_stats of the raw model, from here to size_mb
+    params_attn: Optional[int]
+    params_mlp: Optional[int]
+    params_other: Optional[int]
+    gmacs: Optional[float]
+    gflops: Optional[float]
+    size_mb: Optional[float]
+    top1: float                         # the last evaluation of the raw model: test top-1 (percent)
+    top5: float
+    loss: float
+    test_images: int                    # on every process together
+    ema_top1: Optional[float]           # the last evaluation of the EMA; None without one
+    ema_top5: Optional[float]
+    best_top1: Optional[float]          # the best test top-1 of any evaluation (best.safetensors)
+    best_epoch: Optional[int]
+    best_is_ema: bool
+    model_folder_weights: str           # which weights model/ holds: 'ema' or 'model'
+    eval_images_per_s: float
+    train_images_per_s: float
+    # the share of training time spent waiting for the loader: near 0 when the model is the bottleneck
+    data_wait_fraction: float
+    # this process's allocator peak (weights, optimizer state, activations), CUDA only
+    peak_gpu_mem_mb: Optional[float]
+    wall_time_s: float
+    host: str                           # where the job ran: the report measures speeds only on that machine
+    sigma_init: Optional[float]         # the GKA bandwidth's initial value; None without GKA
+    sigma: Dict[str, Dict[str, float]]  # per block of the model/ weights: mean / min / max sigma (loop.sigma_stats)
+    # of the model/ weights on the first test images (job.SPARSITY_IMAGES); None without kernel attention
+    sparsity: Optional[Dict[str, Any]]
+    nonfinite_skipped: int              # updates skipped as non-finite (nonfinite.UpdateGuard)
+    unreadable_images: int              # data.datasets.CheckedImageFolder
+    history: List[Dict[str, Any]]       # one record per epoch (job.py)
+
+
 class RunRecords:
     """The run folder's records (module docstring). Every method does nothing on other processes than the main
     one (``enabled=False``)."""
@@ -160,14 +214,15 @@ class RunRecords:
         if self.tracking:
             self.accelerator.log(values, step=update)
 
-    def step(self, info: Dict[str, Any]) -> None:
+    def step(self, info: UpdateInfo) -> None:
         """steps.jsonl's line of one update (``info``: what loop.train_one_epoch passes its ``on_update``)."""
         if not self._step_log:
             return
         with self._writing(STEP_LOG) as path:  # a line cut short by a full disk is dropped when it resumes
             if self._steps is None:
                 self._steps = open(path, 'a')
-            self._steps.write(json.dumps({'epoch': info['epoch'] + 1, **{k: info[k] for k in _STEP_KEYS}}) + '\n')
+            record = dataclasses.asdict(info)
+            self._steps.write(json.dumps({'epoch': record['epoch'] + 1, **{k: record[k] for k in _STEP_KEYS}}) + '\n')
             self._steps.flush()
             test_fail_write(path)
 
@@ -191,13 +246,13 @@ class RunRecords:
         with self._writing('summary.csv') as path:
             write_text(path, out.getvalue())
 
-    def epoch(self, done: int, update: int, stats: Dict[str, Any], raw_model, metrics: Optional[Dict[str, Any]],
+    def epoch(self, done: int, update: int, stats: EpochStats, raw_model, metrics: Optional[Dict[str, Any]],
               ema_metrics: Optional[Dict[str, Any]], sparsity: Optional[Dict[str, Any]]) -> None:
         """The trackers' values of epoch ``done``, at its last update (``metrics`` None: not evaluated)."""
         if not self.tracking:
             return
-        values = {'train/epoch': done, 'train/epoch_loss': stats['loss'], 'train/images_per_s': stats['images_per_s'],
-                  'train/epoch_data_wait_fraction': stats['data_wait_fraction']}
+        values = {'train/epoch': done, 'train/epoch_loss': stats.loss, 'train/images_per_s': stats.images_per_s,
+                  'train/epoch_data_wait_fraction': stats.data_wait_fraction}
         if next(raw_model.parameters()).is_cuda:
             values['train/peak_gpu_mem_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
         for layer, sig in sigma_stats(raw_model).items():
@@ -222,8 +277,8 @@ class RunRecords:
                 sparsity_images=None, unreadable_images: int = 0,
                 label_names: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         """Export the better of the raw and EMA weights to ``<run>/model`` (``save_model``) and write
-        ``<run>/results.json`` from the run's parts (``state.TrainParts``) and state (``state.TrainState``);
-        returns its content (None on other processes)."""
+        ``<run>/results.json`` (``RunResults``) from the run's parts (``state.TrainParts``) and state
+        (``state.TrainState``); returns its content as a dict (None on other processes)."""
         if not self.enabled:
             return None
         cfg, raw_model, model_ema = self.cfg, parts.raw_model, parts.model_ema
@@ -235,63 +290,59 @@ class RunRecords:
                 save_model_folder(final, path, _architecture_args(state.model_args), label_names)
         stats = _model_stats(raw_model)
         best = state.best
-        results = {
-            'model': state.model_name,
-            'model_config': cfg.model_choice,
-            'model_args': state.model_args,
-            'data': str(cfg.data.name),
-            'num_classes': state.model_args['num_classes'],
-            'img_size': _img_size(raw_model),
-            'epochs': state.epochs,
-            'epochs_done': state.epoch,
-            'seed': int(cfg.seed),
-            'global_batch_size': state.global_batch_size,
-            'train_subset': cfg.train_subset,
-            # the autocast of training and of every evaluation (no | bf16 | fp16 | fp8): eval.py evaluates the same
-            'mixed_precision': str(parts.accelerator.mixed_precision),
-            # torch.compile'd (its fused kernels round differently from eager ones: eval.py allows for it)
-            'compiled': isinstance(parts.accelerator.unwrap_model(parts.model, keep_torch_compile=True),
-                                   torch._dynamo.eval_frame.OptimizedModule),
-            'params': stats['params'],
-            'params_attn': stats.get('params_attn'),
-            'params_mlp': stats.get('params_mlp'),
-            'params_other': stats.get('params_other'),
-            'gmacs': stats.get('gmacs'),
-            'gflops': stats.get('gflops'),
-            'size_mb': stats.get('size_mb'),
-            'top1': metrics['top1'],
-            'top5': metrics['top5'],
-            'loss': metrics['loss'],
-            'test_images': metrics['num_images'],  # on every process together
-            'ema_top1': ema_metrics['top1'] if ema_metrics is not None else None,
-            'ema_top5': ema_metrics['top5'] if ema_metrics is not None else None,
-            'best_top1': best['top1'] if best['epoch'] is not None else None,
-            'best_epoch': best['epoch'],
-            'best_is_ema': best['ema'],
-            'model_folder_weights': 'ema' if use_ema else 'model',
-            'eval_images_per_s': metrics['images_per_s'],
-            'train_images_per_s': state.train_images / max(state.train_time_s, 1e-9),
-            # the share of training time spent waiting for the loader: near 0 when the model is the bottleneck
-            'data_wait_fraction': state.train_data_wait_s / max(state.train_time_s, 1e-9),
-            # this process's allocator peak (weights, optimizer state, activations), CUDA only
-            'peak_gpu_mem_mb': torch.cuda.max_memory_allocated() / 2 ** 20
+        results = RunResults(
+            model=state.model_name,
+            model_config=cfg.model_choice,
+            model_args=state.model_args,
+            data=str(cfg.data.name),
+            num_classes=state.model_args['num_classes'],
+            img_size=_img_size(raw_model),
+            epochs=state.epochs,
+            epochs_done=state.epoch,
+            seed=int(cfg.seed),
+            global_batch_size=state.global_batch_size,
+            train_subset=cfg.train_subset,
+            mixed_precision=str(parts.accelerator.mixed_precision),
+            compiled=isinstance(parts.accelerator.unwrap_model(parts.model, keep_torch_compile=True),
+                                torch._dynamo.eval_frame.OptimizedModule),
+            params=stats['params'],
+            params_attn=stats.get('params_attn'),
+            params_mlp=stats.get('params_mlp'),
+            params_other=stats.get('params_other'),
+            gmacs=stats.get('gmacs'),
+            gflops=stats.get('gflops'),
+            size_mb=stats.get('size_mb'),
+            top1=metrics['top1'],
+            top5=metrics['top5'],
+            loss=metrics['loss'],
+            test_images=metrics['num_images'],
+            ema_top1=ema_metrics['top1'] if ema_metrics is not None else None,
+            ema_top5=ema_metrics['top5'] if ema_metrics is not None else None,
+            best_top1=best['top1'] if best['epoch'] is not None else None,
+            best_epoch=best['epoch'],
+            best_is_ema=best['ema'],
+            model_folder_weights='ema' if use_ema else 'model',
+            eval_images_per_s=metrics['images_per_s'],
+            train_images_per_s=state.train_images / max(state.train_time_s, 1e-9),
+            data_wait_fraction=state.train_data_wait_s / max(state.train_time_s, 1e-9),
+            peak_gpu_mem_mb=torch.cuda.max_memory_allocated() / 2 ** 20
             if parts.accelerator.device.type == 'cuda' else None,
-            'wall_time_s': state.wall_time(),
-            'host': socket.gethostname(),  # where the job ran: the report measures speeds only on that machine
-            'sigma_init': _sigma_init(raw_model),
-            'sigma': {str(k): v for k, v in sigma_stats(final).items()},
-            # of the model/ weights on the first test images (job.SPARSITY_IMAGES); None without kernel attention
-            'sparsity': (model_sparsity(final, sparsity_images, parts.accelerator.autocast)
-                         if sparsity_images is not None else None),
-            'nonfinite_skipped': state.nonfinite_skipped,  # nonfinite.UpdateGuard
-            'unreadable_images': unreadable_images,  # data.datasets.CheckedImageFolder
-            'history': state.history,
-        }
+            wall_time_s=state.wall_time(),
+            host=socket.gethostname(),
+            sigma_init=_sigma_init(raw_model),
+            sigma={str(k): v for k, v in sigma_stats(final).items()},
+            sparsity=(model_sparsity(final, sparsity_images, parts.accelerator.autocast)
+                      if sparsity_images is not None else None),
+            nonfinite_skipped=state.nonfinite_skipped,
+            unreadable_images=unreadable_images,
+            history=state.history,
+        )
+        content = dataclasses.asdict(results)
         with self._writing('results.json') as path:
-            write_text(path, json.dumps(results, indent=2) + '\n')
+            write_text(path, json.dumps(content, indent=2) + '\n')
         if self.tracking:  # TensorBoard's hparams view: the configuration with the final top-1
-            finish_trackers(self.accelerator, results)
-        return results
+            finish_trackers(self.accelerator, content)
+        return content
 
     def close(self) -> None:
         self.close_steps()
