@@ -46,7 +46,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -59,6 +58,7 @@ from vit_gka.analysis.runs import pair_key as _pair_key
 from vit_gka.analysis.summary import collect
 from vit_gka.analysis.tables import TABLE2, TABLE4, table2, table4
 from vit_gka.measure.tables import markdown, write_csv
+from vit_gka.train.faults import pause_in_report
 
 log = logging.getLogger('vit_gka.analysis.report')
 
@@ -160,7 +160,6 @@ def seed_table(rows: List[Dict]) -> List[Dict]:
 
 
 TMP_PREFIX = '.report.tmp-'
-PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_REPORT'
 
 
 def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: int = 64) -> Dict[str, str]:
@@ -168,9 +167,8 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
 
     Everything is made in a temporary folder inside ``out`` and then renamed into place, report.md last: a report
     stopped midway (a signal, a full disk) leaves the files of the previous report, or none, never a half-written
-    one; the next report removes the leftovers of one that was killed. Test hook, never for real runs:
-    ``VIT_GKA_TEST_PAUSE_IN_REPORT=<file>`` holds the report, made but not yet moved into place, until ``<file>``
-    exists (10 minutes at most), so that a test can signal it there."""
+    one; the next report removes the leftovers of one that was killed (a test can hold it before the move:
+    ``vit_gka.train.faults.pause_in_report``)."""
     paths = [os.path.abspath(p) for p in paths]
     rows = load_runs(find_runs(paths))
     out = os.path.abspath(out or (os.path.join(paths[0], 'report') if len(paths) == 1 else 'report'))
@@ -182,7 +180,7 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
     tmp = tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX)
     try:
         made_files = _write_report(rows, paths, tmp, num_images)
-        _test_pause()
+        pause_in_report()
         files = {}
         for name in sorted(made_files, key=lambda n: n == 'report.md'):
             files[name] = os.path.join(out, name)
@@ -192,13 +190,6 @@ def build_report(paths: Sequence[str], out: Optional[str] = None, num_images: in
         shutil.rmtree(tmp, ignore_errors=True)
         if made and not os.listdir(out):
             os.rmdir(out)
-
-
-def _test_pause() -> None:
-    until = os.environ.get(PAUSE_ENV)
-    deadline = time.time() + 600
-    while until and not os.path.exists(until) and time.time() < deadline:
-        time.sleep(0.05)
 
 
 def _write_report(rows: List[Dict], paths: List[str], out: str, num_images: int) -> Dict[str, str]:

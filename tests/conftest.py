@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
 
 import vit_gka  # noqa: E402,F401  (registers the models)
 
+# pytest-xdist's workers (pyproject: -n auto) share the cores: each computes on its share, not on all of them
+if os.environ.get('PYTEST_XDIST_WORKER_COUNT'):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ['PYTEST_XDIST_WORKER_COUNT'])))
+
 from helpers import FINISHED, HAS_FMNIST, ROOT, check, run  # noqa: E402
 
 

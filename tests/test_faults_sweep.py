@@ -12,7 +12,8 @@ import pytest
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from vit_gka.analysis.report import PAUSE_ENV, TMP_PREFIX, ReportCallback
+from vit_gka.analysis.report import TMP_PREFIX, ReportCallback
+from vit_gka.train.faults import REPORT_PAUSE_ENV as PAUSE_ENV
 from vit_gka.analysis.summary import SweepSummary
 from helpers import ROOT, _command, check, needs_data, one_line_error, run, wait_for
 

@@ -51,19 +51,32 @@ def test_models_build_without_the_training_stack():
     assert 'built 28' in proc.stdout
 
 
+# the folders of the installed package vit_gka (pyproject's package-dir): the top-level analysis/ and conf/ in it
+FOLDERS = {'vit_gka': 'vit_gka', 'analysis': 'vit_gka.analysis', 'conf': 'vit_gka.conf'}
+
+
 def module_name(path):
-    rel = os.path.relpath(path, ROOT)[:-len('.py')].replace(os.sep, '.')
-    return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+    top, _, rel = os.path.relpath(path, ROOT)[:-len('.py')].partition(os.sep)
+    name = '.'.join([FOLDERS[top], *rel.split(os.sep)])
+    return name[:-len('.__init__')] if name.endswith('.__init__') else name
 
 
 def modules():
-    """{module name: path} of every vit_gka module."""
+    """{module name: path} of every module of the installed package vit_gka."""
     found = {}
-    for dirpath, _, files in os.walk(PACKAGE):
-        for f in files:
-            if f.endswith('.py'):
-                found[module_name(os.path.join(dirpath, f))] = os.path.join(dirpath, f)
+    for top in FOLDERS:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if f.endswith('.py'):
+                    found[module_name(os.path.join(dirpath, f))] = os.path.join(dirpath, f)
     return found
+
+
+def test_nothing_in_the_package_folder_imports_the_report():
+    """analysis/ reads the package; the package (vit_gka/) never imports analysis/, at any depth of a module."""
+    found = {name: [m for m in imports(name, path, top_level_only=False) if m.startswith('vit_gka.analysis')]
+             for name, path in modules().items() if path.startswith(PACKAGE + os.sep)}
+    assert {name: m for name, m in found.items() if m} == {}
 
 
 def imports(name, path, top_level_only):

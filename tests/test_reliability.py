@@ -1,4 +1,4 @@
-"""Reliability (issue 5): train.py in subprocesses on tiny Fashion-MNIST subsets, CPU, about 1.5 minutes on 2 cores.
+"""Reliability: train.py in subprocesses on tiny Fashion-MNIST subsets, on the CPU.
 
 * ``kill -9`` mid-epoch, while a checkpoint is written and between its two renames: the last complete
   checkpoint loads, ``resume=`` finishes, and the per-update losses (steps.jsonl) and final weights equal

@@ -1,7 +1,7 @@
 """train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
 multirun, the run folder's contents and their reload through timm, exact resume, a 2-process run, a compiled
 run, and one-line errors for user mistakes that leave an existing run folder as it was; the recipe's model
-arguments and unknown-model message. About 3 minutes on 2 cores. The helpers are tests/helpers.py."""
+arguments and unknown-model message. The helpers are tests/helpers.py."""
 import csv
 import glob
 import json

@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vit_gka.measure.benchmark import benchmark_models, with_baseline
 from vit_gka.errors import UserError, require_path
-from vit_gka.train.loading import (EMA_FILE, MODEL_DIR, MODEL_FILE, describe_load_error, find_folder,
-                                   load_model_folder, load_weights)
+from vit_gka.train.checkpoint import EMA_FILE, MODEL_DIR, MODEL_FILE
+from vit_gka.train.loading import describe_load_error, find_folder, load_model_folder, load_weights
 from vit_gka.train.recipe import record_preprocessing
 from vit_gka.train.validation import EVAL_CHOICES, check_choice
 

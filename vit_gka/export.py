@@ -31,10 +31,10 @@ def load_for_export(source: str) -> torch.nn.Module:
     """A run folder's ``model/``, a ``model/`` folder itself, or a registered timm name (random weights)."""
     import timm
     import vit_gka  # noqa: F401  (registers the models)
-    from vit_gka.train.loading import load_model_folder
-    for folder in (os.path.join(source, 'model'), source):
-        if os.path.isfile(os.path.join(folder, 'config.json')):
-            return load_model_folder(folder)
+    from vit_gka.train.loading import find_folder, load_model_folder
+    folder = find_folder(source, ['config.json'], model=True)
+    if folder is not None:
+        return load_model_folder(folder)
     if os.path.exists(source):
         raise UserError(f'{source} holds no model/ folder (config.json); give a training run folder or its model/')
     if not timm.is_model(source):
@@ -74,7 +74,8 @@ def _export_checked(model, path, tmp, example, input_size, generator, atol) -> f
     import onnxruntime
     from timm.utils.onnx import onnx_export
 
-    from vit_gka.train.checkpoint import test_fail_write, write_failed
+    from vit_gka.train.checkpoint import write_failed
+    from vit_gka.train.faults import test_fail_write
     try:
         onnx_export(model, tmp, example_input=example, check=True, use_dynamo=False,
                     input_names=['input0'], output_names=['output0'])

@@ -36,9 +36,18 @@ from vit_gka.errors import UserError
 from vit_gka.train.faults import fail_checkpoint, pause_in_checkpoint, test_fail_write
 
 __all__ = ['write_checkpoint', 'save_weights', 'save_model_folder', 'replace_dir', 'write_text', 'atomic_dir',
-           'CheckpointWriteError', 'WriteError', 'write_failed', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE',
+           'CheckpointWriteError', 'WriteError', 'write_failed', 'CHECKPOINTS', 'LAST', 'PREV', 'MODEL_DIR', 'BEST_FILE',
+           'MODEL_FILE', 'EMA_FILE', 'STATE_FILE',
            'EXIT_IO_ERROR']
 
+# A run folder's names, written here and read by loading.py: <run>/checkpoints/last/ (MODEL_FILE, EMA_FILE,
+# STATE_FILE), the .prev a crash between the two renames of a checkpoint write leaves beside it, <run>/model/ (timm's
+# save_for_hf folder, its weights in MODEL_FILE too) and <run>/best.safetensors.
+CHECKPOINTS = 'checkpoints'
+LAST = 'last'
+PREV = '.prev'
+MODEL_DIR = 'model'
+BEST_FILE = 'best.safetensors'
 MODEL_FILE = 'model.safetensors'
 EMA_FILE = 'model_ema.safetensors'
 STATE_FILE = 'state.pt'
@@ -106,13 +115,13 @@ def _reason(error: BaseException, folder: str) -> str:
 
 def _write_failed(folder: str, error: BaseException, previous: Optional[str]) -> CheckpointWriteError:
     """The one-line error of a failed checkpoint write: what failed, why, and the last good checkpoint."""
-    good = next((f for f in (folder, folder + '.prev') if _complete(f)), None)
+    good = next((f for f in (folder, folder + PREV) if _complete(f)), None)
     message = f'cannot write checkpoint {folder}: {_reason(error, os.path.dirname(folder))}; '
     if good is None:
         return CheckpointWriteError(message + 'no checkpoint was written before it; make room (or fix the disk) and '
                                               'start again')
     parent = os.path.dirname(good)
-    run = os.path.dirname(parent) if os.path.basename(parent) == 'checkpoints' else parent
+    run = os.path.dirname(parent) if os.path.basename(parent) == CHECKPOINTS else parent
     return CheckpointWriteError(message + f'the last good checkpoint is {good}' + (f' ({previous})' if previous else '')
                                 + f', left as it was; make room (or fix the disk), then continue with resume={run} '
                                   f'hydra.run.dir={run}')
@@ -175,7 +184,7 @@ def write_text(path: str, text: str) -> None:
 
 def _discard(path: str) -> None:
     """Remove a folder without a partly deleted copy ever carrying its name."""
-    trash = f'{path.rsplit(".prev", 1)[0]}.trash-{uuid.uuid4().hex[:8]}'
+    trash = f'{path.rsplit(PREV, 1)[0]}.trash-{uuid.uuid4().hex[:8]}'
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 

@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Optional
 
+from vit_gka.train.checkpoint import CHECKPOINTS, LAST
 from vit_gka.train.loop import UpdateInfo
 from vit_gka.train.preemption import Stopped
 from vit_gka.train.results import RunRecords
@@ -25,7 +26,7 @@ class Checkpointer:
     def __init__(self, run_dir: str, state: TrainState, parts: TrainParts, records: RunRecords, resumed,
                  every_steps: Optional[int]):
         self.run_dir, self.state, self.parts, self.records = run_dir, state, parts, records
-        self.last_dir = os.path.join(run_dir, 'checkpoints', 'last')
+        self.last_dir = os.path.join(run_dir, CHECKPOINTS, LAST)
         self.every = int(every_steps) if every_steps else 0
         self.resumed = resumed  # the checkpoint this job resumed from, or None
         self.saved_at: Optional[int] = None  # the update of the last checkpoint this job wrote

@@ -26,6 +26,11 @@ Writes:
 * ``VIT_GKA_TEST_FAIL_WRITE=<name>`` raises ``OSError(ENOSPC)`` in the write of the file or folder called
   ``<name>`` (best.safetensors, model, results.json, steps.jsonl, eval.json, ...), after its bytes went to a
   temporary.
+
+The report (analysis/report.py):
+
+* ``VIT_GKA_TEST_PAUSE_IN_REPORT=<file>`` holds a report, made but not yet moved into place, until ``<file>``
+  exists (10 minutes at most), so that a test can signal it there.
 """
 import errno
 import os
@@ -35,13 +40,14 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ['UpdateFaults', 'pause_in_checkpoint', 'fail_checkpoint', 'test_fail_write', 'POISON_ENV', 'RAISE_ENV',
-           'PAUSE_ENV', 'FAIL_ENV', 'FAIL_WRITE_ENV']
+           'PAUSE_ENV', 'FAIL_ENV', 'FAIL_WRITE_ENV', 'pause_in_report', 'REPORT_PAUSE_ENV']
 
 POISON_ENV = 'VIT_GKA_TEST_NONFINITE'
 RAISE_ENV = 'VIT_GKA_TEST_RAISE'
 PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT'
 FAIL_ENV = 'VIT_GKA_TEST_FAIL_CHECKPOINT'
 FAIL_WRITE_ENV = 'VIT_GKA_TEST_FAIL_WRITE'
+REPORT_PAUSE_ENV = 'VIT_GKA_TEST_PAUSE_IN_REPORT'
 
 
 def _poison() -> Optional[Tuple[int, str]]:
@@ -89,6 +95,14 @@ def pause_in_checkpoint(stage: str, nth: int) -> None:
             deadline = time.time() + 600
             while time.time() < deadline and not (until and os.path.exists(until)):
                 time.sleep(0.05)
+
+
+def pause_in_report() -> None:
+    """``VIT_GKA_TEST_PAUSE_IN_REPORT=<file>``: hold the report before it is moved into place."""
+    until = os.environ.get(REPORT_PAUSE_ENV)
+    deadline = time.time() + 600
+    while until and not os.path.exists(until) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def fail_checkpoint(path: str, nth: int) -> None:

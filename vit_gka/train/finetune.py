@@ -15,7 +15,8 @@ from typing import Dict
 import torch
 
 from vit_gka.errors import UserError
-from vit_gka.train.loading import MODEL_FILE, find_folder, load_weights
+from vit_gka.train.checkpoint import MODEL_FILE
+from vit_gka.train.loading import find_folder, load_weights
 
 __all__ = ['finetune_weights', 'apply_finetune']
 

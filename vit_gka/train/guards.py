@@ -4,7 +4,7 @@ import os
 
 from vit_gka.data.datasets import class_names
 from vit_gka.errors import UserError
-from vit_gka.train.loading import CHECKPOINTS, LAST, MODEL_DIR, PREV
+from vit_gka.train.checkpoint import CHECKPOINTS, LAST, MODEL_DIR, PREV
 
 __all__ = ['refuse_finished', 'check_patch_grid', 'check_class_maps']
 

@@ -50,6 +50,7 @@ from vit_gka.data.streaming import StreamingImages
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.measure.attention import AttentionSparsity, model_sparsity
 from vit_gka.train import recipe
+from vit_gka.train.checkpoint import BEST_FILE
 from vit_gka.train.checkpoint_history import keep_epoch_checkpoint
 from vit_gka.train.checkpointer import Checkpointer
 from vit_gka.train.distributed import from_main_process, lock_run_dir, make_accelerator, shared_run_dir
@@ -126,7 +127,7 @@ def start(cfg: DictConfig) -> Run:
     records = RunRecords(cfg, run_dir, enabled=main, accelerator=accelerator)
     records.open(run_dir_of(chk.folder) if chk is not None else None, state.num_updates)
     if chk is not None and not state.step and state.best['epoch'] == state.epoch and \
-            not os.path.exists(os.path.join(run_dir, 'best.safetensors')):  # lost to a failed write after the checkpoint
+            not os.path.exists(os.path.join(run_dir, BEST_FILE)):  # lost to a failed write after the checkpoint
         records.best((parts.model_ema.module if state.best['ema'] else parts.raw_model).state_dict(), state.num_updates)
     _log_setup(cfg, accelerator, run_dir, parts, setup)
     stop_epoch = min(int(cfg.stop_epoch), setup.num_epochs) if cfg.stop_epoch is not None else setup.num_epochs

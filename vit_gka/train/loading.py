@@ -26,19 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from vit_gka.errors import UserError
-from vit_gka.train.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE
+from vit_gka.train.checkpoint import CHECKPOINTS, LAST, MODEL_DIR, MODEL_FILE, PREV
 
 __all__ = ['load_weights', 'load_state', 'check_weights', 'describe_load_error', 'first_line', 'load_model_folder',
-           'model_folder_files', 'nonfinite_tensors', 'find_folder', 'last_checkpoint', 'run_dir_of', 'CHECKPOINTS',
-           'LAST', 'PREV', 'MODEL_DIR', 'MODEL_FILE', 'EMA_FILE', 'STATE_FILE']
+           'model_folder_files', 'nonfinite_tensors', 'find_folder', 'last_checkpoint', 'run_dir_of']
 
-# A run folder as the readers find their way in it: <run>/checkpoints/last/ (MODEL_FILE, EMA_FILE, STATE_FILE), the
-# .prev a crash between the two renames of a checkpoint write leaves beside it, and <run>/model/ (timm's
-# save_for_hf folder, its weights in MODEL_FILE too).
-CHECKPOINTS = 'checkpoints'
-LAST = 'last'
-PREV = '.prev'
-MODEL_DIR = 'model'
 
 
 def last_checkpoint(run_dir: str) -> str:

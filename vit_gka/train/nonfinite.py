@@ -26,13 +26,13 @@ from typing import Optional
 
 import torch
 
-from vit_gka.errors import NonFiniteError, UserError
+from vit_gka.errors import NonFiniteError
+from vit_gka.train.validation import check_choice
 
-__all__ = ['UpdateGuard', 'Verdict', 'NONFINITE_POLICIES']
+__all__ = ['UpdateGuard', 'Verdict']
 
 log = logging.getLogger('vit_gka.train')
 
-NONFINITE_POLICIES = ('stop', 'skip')
 
 
 @dataclasses.dataclass
@@ -50,10 +50,8 @@ class UpdateGuard:
     """Collects one optimizer update's micro-batch losses and decides, at the update, whether it may step."""
 
     def __init__(self, accelerator, policy: str = 'stop', stop=None):
-        if policy not in NONFINITE_POLICIES:
-            raise UserError(f"nonfinite must be stop or skip, not '{policy}'")
         self.accelerator = accelerator
-        self.policy = policy
+        self.policy = check_choice('nonfinite', policy)
         self.stop = stop  # preemption.StopSignals: its flags ride on the loss all-reduce, so every process agrees
         self.check_grads = getattr(accelerator, 'scaler', None) is None
         # the update's loss sum stays a tensor on the device (float64 but on Apple's MPS, which has none): the

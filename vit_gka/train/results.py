@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 
 from vit_gka.measure.flops import model_stats
 from vit_gka.measure.attention import model_sparsity
-from vit_gka.train.checkpoint import save_model_folder, save_weights, write_failed, write_text
+from vit_gka.train.checkpoint import (BEST_FILE, CHECKPOINTS, LAST, MODEL_DIR, PREV, save_model_folder, save_weights,
+                                      write_failed, write_text)
 from vit_gka.train.faults import test_fail_write
 from vit_gka.train.loop import EpochStats, UpdateInfo, sigma_stats
 from vit_gka.train.trackers import finish_trackers, start_trackers
@@ -197,8 +198,8 @@ class RunRecords:
         try:
             yield path
         except (OSError, SafetensorError) as e:
-            last = os.path.join(self.run_dir, 'checkpoints', 'last')
-            if os.path.isdir(last) or os.path.isdir(last + '.prev'):
+            last = os.path.join(self.run_dir, CHECKPOINTS, LAST)
+            if os.path.isdir(last) or os.path.isdir(last + PREV):
                 then = (f'the checkpoint {last} is intact: make room (or fix the disk), then continue with '
                         f'resume=auto hydra.run.dir={self.run_dir}')
             else:
@@ -270,7 +271,7 @@ class RunRecords:
         """best.safetensors (never from non-finite weights: ``state.require_finite``)."""
         if self.enabled:
             require_finite(weights, 'best weights', update)
-            with self._writing('best.safetensors') as path:
+            with self._writing(BEST_FILE) as path:
                 save_weights(weights, path)
 
     def results(self, parts, state, metrics: Dict[str, Any], ema_metrics: Optional[Dict[str, Any]],
@@ -286,7 +287,7 @@ class RunRecords:
         final = model_ema.module if use_ema else raw_model
         if cfg.save_model:
             require_finite(final.state_dict(), 'final weights', state.num_updates)
-            with self._writing('model') as path:
+            with self._writing(MODEL_DIR) as path:
                 save_model_folder(final, path, _architecture_args(state.model_args), label_names)
         stats = _model_stats(raw_model)
         best = state.best

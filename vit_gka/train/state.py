@@ -30,8 +30,9 @@ import torch
 
 from vit_gka.errors import NonFiniteError, UserError
 from vit_gka.train.checkpoint import CheckpointWriteError, write_checkpoint
-from vit_gka.train.loading import (CHECKPOINTS, EMA_FILE, MODEL_FILE, PREV, STATE_FILE, check_weights, find_folder,
-                                   first_line, last_checkpoint, load_state, load_weights, nonfinite_tensors, run_dir_of)
+from vit_gka.train.checkpoint import CHECKPOINTS, EMA_FILE, MODEL_FILE, PREV, STATE_FILE
+from vit_gka.train.loading import (check_weights, find_folder, first_line, last_checkpoint, load_state, load_weights,
+                                   nonfinite_tensors, run_dir_of)
 
 log = logging.getLogger('vit_gka.train')
 
