@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import forked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
 HAS_FMNIST = os.path.isdir('/usr/share/datasets/fashion-mnist')
@@ -65,14 +67,24 @@ def _command(args, launcher=None, env=None):
 
 
 def run(args, cwd, timeout=300, launcher=None, env=None):
+    """``python train.py <args>`` in a process of its own: forked from the preloaded fork server (forked.py), or,
+    under a launcher (torchrun, accelerate launch), a plain subprocess."""
     cmd, env = _command(args, launcher, env)
+    if launcher is None:
+        return forked.run(TRAIN, list(args), env, cwd, timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def script(name, args, cwd, env=None, timeout=300):
+    """``python <name> <args>`` for the repository's ``train.py`` or ``eval.py``, forked as ``run`` forks train.py;
+    ``env`` replaces the environment (default: this one)."""
+    return forked.run(os.path.join(ROOT, name), list(args), dict(os.environ if env is None else env), cwd, timeout)
+
+
 def popen(args, cwd, env=None):
-    """train.py in the background (to be killed), output discarded."""
-    cmd, env = _command(args, env=env)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """train.py in the background (to be killed; a forked run, see ``run``), output discarded."""
+    _, env = _command(args, env=env)
+    return forked.ForkedRun(TRAIN, list(args), env, cwd)
 
 
 def copy_run(run_dir, tmp_path, name='run'):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from helpers import ROOT, check, needs_data, one_line_error, run
+from helpers import ROOT, check, needs_data, one_line_error, run, script
 
 EVAL = os.path.join(ROOT, 'eval.py')
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0'}
@@ -21,8 +21,7 @@ def _python(code, cwd=ROOT):
 
 
 def _eval(args, cwd):
-    return subprocess.run([sys.executable, EVAL, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return script('eval.py', args, cwd=cwd, env=ENV)
 
 
 def test_entry_modules_import_no_torch():

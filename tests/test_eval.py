@@ -2,8 +2,6 @@
 raw / EMA checkpoints and bare weight files, benchmarks against the baseline, and reports user errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +12,7 @@ from vit_gka.measure.benchmark import baseline_name
 from vit_gka.errors import UserError
 from vit_gka.cli import CONF_DIR
 
-from helpers import Payload, copy_run
+from helpers import Payload, copy_run, script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +31,7 @@ def eval_cfg(*overrides):
 
 def test_eval_py_reproduces_the_recorded_top1(run, tmp_path):
     folder, res = str(copy_run(run[0], tmp_path)), run[1]  # eval.py writes eval.json into the run folder
-    proc = subprocess.run([sys.executable, 'eval.py', f'run={folder}', 'workers=0', f'hydra.run.dir={folder}/eval_hydra'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = script('eval.py', [f'run={folder}', 'workers=0', f'hydra.run.dir={folder}/eval_hydra'], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(folder, 'eval.json')) as f:
         out = json.load(f)
@@ -94,8 +91,7 @@ def test_user_errors_in_process(run, tmp_path):
 
 def test_user_errors_are_one_line(tmp_path):
     for args in (['run=/no/such/run'], ['model_name=no_such_model', f'ckpt={tmp_path}']):
-        proc = subprocess.run([sys.executable, 'eval.py', *args, f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        proc = script('eval.py', [*args, f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert proc.stderr.startswith('error: ') and 'Traceback' not in proc.stderr, args
 
@@ -131,8 +127,8 @@ def test_bad_checkpoints_are_refused_in_one_line(run, tmp_path, case, message):
     else:
         save_file(timm.create_model('deit_tiny_patch16_224', **args, num_classes=10).state_dict(), path)
     before = digest(folder)
-    proc = subprocess.run([sys.executable, 'eval.py', f'run={folder}', f'ckpt={path}', 'workers=0',
-                           f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = script('eval.py', [f'run={folder}', f'ckpt={path}', 'workers=0', f'hydra.run.dir={tmp_path}/hydra'],
+                  cwd=ROOT, timeout=120)
     one_line_error(proc, message)
     assert digest(folder) == before and not (tmp_path / 'hydra').exists() and not marker.exists()
 

@@ -3,8 +3,6 @@ in the package, offline, and eval.py on them scores the top-1 the README states.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -12,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import vit_gka  # noqa: F401  (registers the models)
-from helpers import ROOT, check
+from helpers import ROOT, check, script
 from vit_gka.models.gka_deit import FMNIST_LABELS, FMNIST_TOP1, FMNIST_WEIGHTS
 
 NAME = 'gka_deit_fmnist_patch7_28'
@@ -43,8 +41,8 @@ def test_eval_py_reproduces_the_stated_top1(tmp_path):
     """eval.py model_name=<name>: the Fashion-MNIST test set (10,000 images), eager float32 on the CPU. The README
     states FMNIST_TOP1; another CPU's kernels may round a borderline logit the other way, hence 0.05 points
     (5 images) of tolerance."""
-    check(subprocess.run([sys.executable, 'eval.py', f'model_name={NAME}', 'workers=0', f'out={tmp_path}',
-                          f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=600))
+    check(script('eval.py', [f'model_name={NAME}', 'workers=0', f'out={tmp_path}', f'hydra.run.dir={tmp_path}/hydra'],
+                 cwd=ROOT, timeout=600))
     out = json.loads((tmp_path / 'eval.json').read_text())
     assert out['num_images'] == 10000 and out['data'] == 'fashion_mnist'
     assert out['top1'] == pytest.approx(FMNIST_TOP1, abs=0.05) and FMNIST_TOP1 >= 91.0

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from helpers import ROOT, TRAIN, check, free_port, imagenet_folder, needs_jpegs, run, steps
+from helpers import TRAIN, check, free_port, imagenet_folder, needs_jpegs, run, script, steps
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.faults import PAUSE_ENV
@@ -191,9 +191,8 @@ def test_gpu_recipe_on_the_cpu(gpu_recipe_run):
 
     # eval.py: model/ through local-dir:, on the run's own data, under the run's bf16 autocast, reproduces the
     # run's last evaluation (top-1 and the loss itself: in float32 the loss would differ in the 6th digit).
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), f'run={run_dir}', 'workers=0',
-                           f'hydra.run.dir={run_dir}/eval_hydra'], cwd=run_dir.parent, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    proc = script('eval.py', [f'run={run_dir}', 'workers=0', f'hydra.run.dir={run_dir}/eval_hydra'], cwd=run_dir.parent,
+                  env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((run_dir / 'eval.json').read_text())
     assert out['weights'] == f'{run_dir}/model' and out['mixed_precision'] == 'bf16' and out['num_images'] == 20

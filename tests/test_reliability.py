@@ -192,13 +192,11 @@ def _craft(folder, case, marker):
 @needs_data
 @pytest.mark.parametrize('case, message', [
     ('pickle', 'refusing to load'),
-    ('architecture', 'is another architecture: 11 not in the model (e.g. blocks.1.'),
     ('classes', 'has 7 classes (head.weight [7, 128]), the model 10'),
-    ('truncated weights', 'model.safetensors is truncated or not a safetensors file'),
-    ('truncated state', 'state.pt is truncated or not a checkpoint'),
-    ('not a checkpoint', 'state.pt is truncated or not a checkpoint'),
 ])
 def test_resume_refuses_a_bad_checkpoint_in_one_line(straight, tmp_path, case, message):
+    """train.py resume=<bad checkpoint>: one line, the checkpoint folder unchanged, the job's own folder gone, and a
+    pickle's payload never run (the other kinds of damage: test_resume_names_each_kind_of_damage)."""
     import shutil
     folder = tmp_path / 'bad'
     shutil.copytree(straight / 'checkpoints', folder / 'checkpoints')
@@ -213,6 +211,27 @@ def test_resume_refuses_a_bad_checkpoint_in_one_line(straight, tmp_path, case, m
     if case == 'pickle':  # the payload is live: an unsafe load would have run it
         torch.load(folder / 'checkpoints' / 'last' / ckpt.STATE_FILE, weights_only=False)
         assert marker.exists()
+
+
+@needs_data
+@pytest.mark.parametrize('case, message', [
+    ('architecture', 'is another architecture: 11 not in the model (e.g. blocks.1.'),
+    ('truncated weights', 'model.safetensors is truncated or not a safetensors file'),
+    ('truncated state', 'state.pt is truncated or not a checkpoint'),
+    ('not a checkpoint', 'state.pt is truncated or not a checkpoint'),
+])
+def test_resume_names_each_kind_of_damage(straight, tmp_path, case, message):
+    """What resume= reads of a damaged checkpoint, in this process: the checkpoint, then its weights against the
+    run's model (as run_training's start does), each kind of damage named."""
+    import shutil
+    folder = tmp_path / 'bad'
+    shutil.copytree(straight / 'checkpoints', folder / 'checkpoints')
+    _craft(folder, case, tmp_path / 'payload_ran')
+    with pytest.raises(UserError) as e:
+        chk = load_checkpoint(str(folder))
+        loading.check_weights(timm.create_model('gka_deit_tiny_patch16_224', depth=1, **SMALL), chk.model,
+                              f'checkpoint {chk.folder}')
+    assert message in str(e.value)
 
 
 def test_a_mismatch_is_named_before_anything_is_loaded():

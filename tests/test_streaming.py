@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import check, run
+from helpers import check, run, script
 from test_data import data_cfg
 from vit_gka.data.datasets import create_dataset
 from vit_gka.data.loaders import TrainLoaderSettings, create_eval_loader, create_train_loader
@@ -133,7 +133,6 @@ def test_train_py_on_webdataset_shards_stops_and_resumes(shards, tmp_path):
 def test_two_processes_on_webdataset_shards_evaluate_every_test_image_once(shards, tmp_path):
     """torchrun, 2 processes: each trains on its own shards; Accelerate shards the test stream (read whole by the
     reader) and the run's top-1 is eval.py's on one process, image for image."""
-    import subprocess
     import sys
 
     from helpers import ROOT, free_port
@@ -146,7 +145,6 @@ def test_two_processes_on_webdataset_shards_evaluate_every_test_image_once(shard
     steps = [json.loads(line) for line in (run_dir / 'steps.jsonl').read_text().splitlines()]
     assert [s['update'] for s in steps] == [1, 2, 3]  # 24 samples / (2 processes x 4)
     assert json.loads((run_dir / 'results.json').read_text())['test_images'] == 12
-    check(subprocess.run([sys.executable, 'eval.py', f'run={run_dir}', 'workers=0',
-                          f'hydra.run.dir={tmp_path}/eval_hydra'], cwd=ROOT, capture_output=True, text=True))
+    check(script('eval.py', [f'run={run_dir}', 'workers=0', f'hydra.run.dir={tmp_path}/eval_hydra'], cwd=ROOT))
     out = json.loads((run_dir / 'eval.json').read_text())
     assert out['num_images'] == 12 and out['matches_recorded'] is True, out

@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import matplotlib.image as mpimg
 import pytest
@@ -16,7 +14,7 @@ from omegaconf import OmegaConf
 
 from vit_gka.analysis import report, runtime
 from vit_gka.analysis.summary import SweepSummary
-from helpers import ROOT, needs_data
+from helpers import ROOT, needs_data, script
 
 TINY_RUN = ['epochs=1', 'train_subset=128', 'data.eval_subset=64', 'batch_size=32', 'workers=0', 'progress=false',
             'model.args.depth=1', 'hydra.callbacks.report.num_images=8']
@@ -24,9 +22,8 @@ DIVERGES = '1e30'  # AdamW steps of 1e28: the LayerNorm's variance overflows, th
 
 
 def _sweep(folder, *args):
-    return subprocess.run([sys.executable, 'train.py', '-m', *args, *TINY_RUN, f'hydra.sweep.dir={folder}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    return script('train.py', ['-m', *args, *TINY_RUN, f'hydra.sweep.dir={folder}'], cwd=ROOT, timeout=600,
+                  env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
 def _rows(folder):
@@ -129,8 +126,7 @@ def test_eval_py_on_the_sweep_folder_writes_one_results_file(sweep, tmp_path):
     folder, _ = sweep
     copy = tmp_path / 'sweep'
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns('report'))
-    proc = subprocess.run([sys.executable, 'eval.py', f'run={copy}', 'workers=0', 'progress=false',
-                           f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = script('eval.py', [f'run={copy}', 'workers=0', 'progress=false', f'hydra.run.dir={tmp_path}/hydra'], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(copy / 'results.csv') as f:
         rows = list(csv.DictReader(f))

@@ -4,14 +4,12 @@ sweep's project, named after the job."""
 import glob
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from helpers import ROOT, needs_data
+from helpers import ROOT, needs_data, script
 
 HAS_WANDB = importlib.util.find_spec('wandb') is not None
 TINY = ['epochs=1', 'train_subset=64', 'data.eval_subset=32', 'batch_size=32', 'workers=0', 'progress=false',
@@ -39,9 +37,9 @@ def _hparams_view(run_dir):
 def test_sweep_runs_compare_in_tensorboard_and_wandb(tmp_path):
     folder = tmp_path / 'lr_sweep'
     log_with = 'log_with=[tensorboard,wandb]' if HAS_WANDB else 'log_with=tensorboard'
-    proc = subprocess.run([sys.executable, 'train.py', '-m', 'model=gka', 'shape=fmnist', 'lr=8e-3,4e-3', log_with,
-                           *TINY, f'hydra.sweep.dir={folder}'], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+    proc = script('train.py', ['-m', 'model=gka', 'shape=fmnist', 'lr=8e-3,4e-3', log_with, *TINY,
+                               f'hydra.sweep.dir={folder}'], cwd=ROOT, timeout=600,
+                  env={**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, lr in (('0_gka_fmnist', 8e-3), ('1_gka_fmnist', 4e-3)):
         metrics, hparams = _hparams_view(folder / job)

@@ -1,0 +1,127 @@
+"""train.py as a process of its own without paying its imports each time: Python's multiprocessing forkserver,
+preloaded with torch, timm and the training package, forks one process per run.
+
+Most of the suite's time is train.py in child processes, and most of a tiny run's time is its imports (torch,
+timm, torchvision, Hydra, Accelerate: about 8 of 11 s on a 2-core machine). A forked run is still a process of its
+own: its own argv, environment, working folder, stdout and stderr, exit status, signals and pid (tests kill it), and
+the same code from ``train.py``'s ``__main__`` on. What it shares with the other runs is only what the imports left
+behind, which is what ``python train.py`` would have built again. Runs that need an interpreter of their own (a
+launcher such as torchrun, another ``PYTHONPATH``) are started as ordinary subprocesses by helpers.py.
+"""
+import atexit
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+
+PRELOAD = ['torch', 'timm', 'hydra', 'vit_gka.train.main', 'vit_gka.train.job']
+_CTX = multiprocessing.get_context('forkserver')
+_started = []
+
+
+def _ensure_forkserver():
+    """Start the fork server once per test process, with one intra-op thread (as OMP_NUM_THREADS=1, which the
+    OpenMP runtime reads when torch loads)."""
+    if not _started:
+        _CTX.set_forkserver_preload(PRELOAD)
+        before = os.environ.get('OMP_NUM_THREADS')
+        os.environ['OMP_NUM_THREADS'] = '1'
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if before is None:
+                del os.environ['OMP_NUM_THREADS']
+            else:
+                os.environ['OMP_NUM_THREADS'] = before
+        _started.append(True)
+
+
+def _main(script, args, env, cwd, out, err):
+    """The forked process: ``python <script> <args>`` from here on, as the interpreter would run it."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores Ctrl-C; python does not
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    code = 0
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + '\n')
+            code = 1
+        else:
+            code = e.code or 0
+    except BaseException:  # what the interpreter prints for an exception nobody caught
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # the interpreter's exit: logging flushed, loader workers ended, ...
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class ForkedRun:
+    """The parts of ``subprocess.Popen`` the tests use, for a forked run."""
+
+    def __init__(self, script, args, env, cwd):
+        _ensure_forkserver()
+        self.args = [sys.executable, script, *args]
+        self._folder = tempfile.mkdtemp(prefix='forked-')
+        self._out, self._err = os.path.join(self._folder, 'stdout'), os.path.join(self._folder, 'stderr')
+        self._process = _CTX.Process(target=_main, args=(script, list(args), dict(env), str(cwd), self._out, self._err))
+        self._process.start()
+        self.pid = self._process.pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and self._process.exitcode is not None:
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def output(self):
+        """(stdout, stderr) as text, once the run has ended; the files are removed."""
+        texts = []
+        for path in (self._out, self._err):
+            with open(path, errors='replace') as f:
+                texts.append(f.read())
+            os.remove(path)
+        os.rmdir(self._folder)
+        return texts
+
+
+def run(script, args, env, cwd, timeout):
+    """``subprocess.run([python, script, *args], capture_output=True, text=True)`` of a forked run."""
+    proc = ForkedRun(script, args, env, cwd)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    out, err = proc.output()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
