@@ -6,7 +6,8 @@ timm, torchvision, Hydra, Accelerate: about 8 of 11 s on a 2-core machine). A fo
 own: its own argv, environment, working folder, stdout and stderr, exit status, signals and pid (tests kill it), and
 the same code from ``train.py``'s ``__main__`` on. What it shares with the other runs is only what the imports left
 behind, which is what ``python train.py`` would have built again. Runs that need an interpreter of their own (a
-launcher such as torchrun, another ``PYTHONPATH``) are started as ordinary subprocesses by helpers.py.
+launcher such as torchrun, or an environment variable that a library reads when it is imported, such as
+``PYTHONPATH`` or ``HF_HUB_OFFLINE``: ``forkable``) are started as ordinary subprocesses by helpers.py.
 """
 import atexit
 import multiprocessing
@@ -20,8 +21,22 @@ import tempfile
 import traceback
 
 PRELOAD = ['torch', 'timm', 'hydra', 'vit_gka.train.main', 'vit_gka.train.job']
+# Variables read when a library is imported (the interpreter's, Hugging Face Hub's, Triton's, the OpenMP runtime's):
+# a run that sets one to another value than the fork server had needs an interpreter of its own.
+IMPORT_TIME = ('PYTHON', 'HF_', 'HUGGINGFACE_', 'TRITON_', 'OMP_', 'MKL_', 'CUDA_', 'TORCH')
 _CTX = multiprocessing.get_context('forkserver')
 _started = []
+
+
+def _server_env():
+    return {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def forkable(env) -> bool:
+    """Whether a run with environment ``env`` can be forked: no import-time variable differs from the server's."""
+    server = _server_env()
+    keys = {k for k in {*env, *server} if k.startswith(IMPORT_TIME)}
+    return all(env.get(k) == server.get(k) for k in keys)
 
 
 def _ensure_forkserver():
@@ -53,6 +68,7 @@ def _main(script, args, env, cwd, out, err):
         os.dup2(target, fd)
         os.close(target)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores Ctrl-C; python does not
+    multiprocessing.set_start_method(None, force=True)  # the platform's default, as in a fresh interpreter
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0

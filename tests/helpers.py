@@ -70,7 +70,7 @@ def run(args, cwd, timeout=300, launcher=None, env=None):
     """``python train.py <args>`` in a process of its own: forked from the preloaded fork server (forked.py), or,
     under a launcher (torchrun, accelerate launch), a plain subprocess."""
     cmd, env = _command(args, launcher, env)
-    if launcher is None:
+    if launcher is None and forked.forkable(env):
         return forked.run(TRAIN, list(args), env, cwd, timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -78,13 +78,19 @@ def run(args, cwd, timeout=300, launcher=None, env=None):
 def script(name, args, cwd, env=None, timeout=300):
     """``python <name> <args>`` for the repository's ``train.py`` or ``eval.py``, forked as ``run`` forks train.py;
     ``env`` replaces the environment (default: this one)."""
-    return forked.run(os.path.join(ROOT, name), list(args), dict(os.environ if env is None else env), cwd, timeout)
+    env = dict(os.environ if env is None else env)
+    if forked.forkable(env):
+        return forked.run(os.path.join(ROOT, name), list(args), env, cwd, timeout)
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def popen(args, cwd, env=None):
-    """train.py in the background (to be killed; a forked run, see ``run``), output discarded."""
-    _, env = _command(args, env=env)
-    return forked.ForkedRun(TRAIN, list(args), env, cwd)
+    """train.py in the background (to be killed; forked where it can be, see ``run``), output discarded."""
+    cmd, env = _command(args, env=env)
+    if forked.forkable(env):
+        return forked.ForkedRun(TRAIN, list(args), env, cwd)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def copy_run(run_dir, tmp_path, name='run'):

@@ -136,7 +136,7 @@ def test_compact_kernel_sparsity_in_results_tensorboard_and_report(sweep):
     assert float(row['sparsity']) == pytest.approx(sparsity['mean']) and rows['deit_fmnist']['sparsity'] == ''
     img = mpimg.imread(out / 'sparsity.png')
     assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 0.01
-    assert (out / 'sigma_0_eka_adaptive_fmnist.png').is_file()
+    assert (out / f'sigma_{EKA}.png').is_file()
     md = (out / 'report.md').read_text()
     assert '## Attention sparsity' in md and '![sparsity.png](sparsity.png)' in md
     assert f"- eka_adaptive_fmnist (epanechnikov / adaptive): mean {sparsity['mean']:.3f}" in md
@@ -174,7 +174,7 @@ def test_data_dependent_bandwidths_in_the_report(sweep):
         rows = {r['label']: r for r in csv.DictReader(f)}
     row = rows['gka_k_fmnist']
     assert row['kind'] == 'GKA' and row['attention'] == 'GKA, sigma per key' and row['baseline'] == 'deit_fmnist'
-    img = mpimg.imread(out / 'token_sigma_0_gka_k_fmnist.png')
+    img = mpimg.imread(out / f'token_sigma_{GKA_K}.png')
     assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 0.01
     md = (out / 'report.md').read_text()
     assert '- gka_k_fmnist: sigma per token from ' in md and 'std of log sigma over tokens, per layer: ' in md
