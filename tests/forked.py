@@ -10,6 +10,7 @@ launcher such as torchrun, or an environment variable that a library reads when 
 ``PYTHONPATH`` or ``HF_HUB_OFFLINE``: ``forkable``) are started as ordinary subprocesses by helpers.py.
 """
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -26,6 +27,7 @@ PRELOAD = ['torch', 'timm', 'hydra', 'vit_gka.train.main', 'vit_gka.train.job']
 IMPORT_TIME = ('PYTHON', 'HF_', 'HUGGINGFACE_', 'TRITON_', 'OMP_', 'MKL_', 'CUDA_', 'TORCH')
 _CTX = multiprocessing.get_context('forkserver')
 _started = []
+_running = set()  # the runs not yet waited for, killed when the test process ends
 
 
 def _server_env():
@@ -58,6 +60,7 @@ def _ensure_forkserver():
 
 def _main(script, args, env, cwd, out, err):
     """The forked process: ``python <script> <args>`` from here on, as the interpreter would run it."""
+    os.setpgid(0, 0)  # a process group of its own, with its loader workers: killed as one, as a job is
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -103,10 +106,12 @@ class ForkedRun:
         self._process.start()
         self.pid = self._process.pid
         self.returncode = None
+        _running.add(self)
 
     def poll(self):
         if self.returncode is None and self._process.exitcode is not None:
             self.returncode = self._process.exitcode
+            _running.discard(self)
         return self.returncode
 
     def wait(self, timeout=None):
@@ -116,8 +121,9 @@ class ForkedRun:
         return self.returncode
 
     def kill(self):
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+        """SIGKILL to the run and every process it started (its loader workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
     def output(self):
         """(stdout, stderr) as text, once the run has ended; the files are removed."""
@@ -128,6 +134,12 @@ class ForkedRun:
             os.remove(path)
         os.rmdir(self._folder)
         return texts
+
+
+@atexit.register
+def _kill_leftovers():
+    for proc in list(_running):
+        proc.kill()
 
 
 def run(script, args, env, cwd, timeout):
