@@ -345,13 +345,12 @@ def _check_values(cfg, multirun: bool, validate: Optional[Callable[[Any], None]]
     """``validate`` and the output folder of one composed configuration (with its ``hydra`` node)."""
     from omegaconf import OmegaConf
 
-    from vit_gka.train.validation import check_output_dir
     key = 'hydra.sweep.dir' if multirun else 'hydra.run.dir'
     raw = str(OmegaConf.to_container(cfg.hydra.sweep if multirun else cfg.hydra.run, resolve=False)['dir'])
     try:
         if validate is not None:
             validate(cfg)
-        folders.EXISTING[:] = [check_output_dir(raw.split('${')[0] or '.', key)]
+        folders.EXISTING[:] = [folders.check_output_dir(raw.split('${')[0] or '.', key)]
     except UserError as e:
         fail(str(e))
     folder = os.path.abspath(os.path.expanduser(raw))

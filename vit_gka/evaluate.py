@@ -29,7 +29,7 @@ from vit_gka.errors import UserError, require_path
 from vit_gka.train.checkpoint import EMA_FILE, MODEL_DIR, MODEL_FILE
 from vit_gka.train.loading import describe_load_error, find_folder, load_model_folder, load_weights
 from vit_gka.train.recipe import record_preprocessing
-from vit_gka.train.validation import EVAL_CHOICES, check_choice
+from vit_gka.train.choices import EVAL_CHOICES, check_choice
 
 __all__ = ['run_config', 'run_results', 'weights_file', 'model_spec', 'load_model', 'eval_autocast', 'evaluate_model',
            'compare_to_run', 'benchmark', 'summary_line', 'write_json']

@@ -5,6 +5,8 @@ import os
 import shutil
 from typing import Any, Dict, List
 
+from vit_gka.errors import UserError
+
 HYDRA_FILES: Dict[str, Dict[str, Any]] = {}  # output folder -> what Hydra will touch, as it was
 EXISTING: List[str] = []  # the nearest existing ancestor of the output folder, before Hydra ran
 
@@ -56,3 +58,18 @@ def put_back(folder: str) -> None:
                 os.truncate(path, before['logs'][name])
             else:
                 os.remove(path)
+
+
+def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:
+    """``UserError`` when the folder ``path`` cannot be created or written (its nearest existing ancestor is
+    a file, or is not writable); else that nearest existing ancestor (``path`` itself if it exists)."""
+    full = os.path.abspath(os.path.expanduser(str(path)))
+    probe = full
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f'cannot create the output folder {path}: {probe} is a file; choose another {key}=<folder>')
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'cannot write the output folder {path}: {probe} is not writable; '
+                        f'choose another {key}=<folder>')
+    return probe

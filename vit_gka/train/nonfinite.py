@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from vit_gka.errors import NonFiniteError
-from vit_gka.train.validation import check_choice
+from vit_gka.train.choices import check_choice
 
 __all__ = ['UpdateGuard', 'Verdict']
 

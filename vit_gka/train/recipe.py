@@ -15,7 +15,7 @@ from timm.models.vision_transformer import ATTN_LAYERS  # names a timm ViT's att
 from vit_gka import models as registered  # importing the package registers its models with timm
 from vit_gka.data.datasets import data_preprocessing
 from vit_gka.errors import UserError
-from vit_gka.train.validation import check_choice
+from vit_gka.train.choices import check_choice
 
 __all__ = ['model_args', 'vit_gka_models', 'create_model', 'record_preprocessing', 'create_loss', 'create_mixup',
            'scaled_lr', 'create_optimizer', 'create_scheduler', 'create_ema']

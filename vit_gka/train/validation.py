@@ -9,8 +9,9 @@ from typing import Dict, List, Optional
 
 from vit_gka.cli import CONF_DIR, options
 from vit_gka.errors import UserError
+from vit_gka.train.choices import check_choice
 
-__all__ = ['validate', 'check_choice', 'CHOICES', 'EVAL_CHOICES', 'check_output_dir', 'trackers', 'families',
+__all__ = ['validate', 'trackers', 'families',
            'family_names', 'check_model']
 
 # key -> (what it is, smallest value); the optional ones may be null
@@ -53,19 +54,6 @@ _RANGES = {
     'model.args.proj_drop_rate': (0.0, 1.0, False, 'the projection dropout rate'),
     'model.args.pos_drop_rate': (0.0, 1.0, False, 'the position-embedding dropout rate'),
 }
-# key -> the values it takes, the first the one a message suggests (lr_scale: checked where recipe.scaled_lr reads
-# it, which also takes null for none)
-CHOICES = {
-    'mixed_precision': ('auto', 'no', 'bf16', 'fp16', 'fp8'),
-    'nonfinite': ('stop', 'skip'),
-    'lr_scale': ('linear', 'sqrt', 'none'),
-}
-# eval.py's settings: the autocast it evaluates under (auto: the run's own, bf16 for an fp8 run) and which weights
-# of a checkpoint folder
-EVAL_CHOICES = {
-    'mixed_precision': ('auto', 'no', 'bf16', 'fp16'),
-    'weights': ('model', 'ema'),
-}
 # model.args keys of the GKA / kernel attention: (test, what it must be, what to give instead)
 _MODEL_ARGS = {
     'sigma_init': (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0,
@@ -85,14 +73,6 @@ def _int_check(cfg, key: str, what: str, low: int, optional: bool) -> None:
         kind = 'an integer' if isinstance(value, bool) or not isinstance(value, int) else f'>= {low}'
         raise UserError(f'{key} must be {kind} ({what}), got {value!r}; set {key}=<integer >= {low}>'
                         + (' or null' if optional else ''))
-
-
-def check_choice(key: str, value, choices: Dict[str, tuple] = CHOICES):
-    """``value`` if it is one of ``choices[key]``, else ``UserError`` naming them."""
-    allowed = choices[key]
-    if value not in allowed:
-        raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}; set {key}={allowed[0]}")
-    return value
 
 
 def trackers(log_with) -> list:
@@ -347,18 +327,3 @@ def check_model(cfg) -> str:
                         f"shape={', '.join(family_names(family))}")
     raise UserError(f"unknown timm model '{name}' (model.name); the attention families are "
                     f"model={', '.join(families())} with a shape=, any timm model: model=timm model.name=<name>")
-
-
-def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:
-    """``UserError`` when the folder ``path`` cannot be created or written (its nearest existing ancestor is
-    a file, or is not writable); else that nearest existing ancestor (``path`` itself if it exists)."""
-    full = os.path.abspath(os.path.expanduser(str(path)))
-    probe = full
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UserError(f'cannot create the output folder {path}: {probe} is a file; choose another {key}=<folder>')
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f'cannot write the output folder {path}: {probe} is not writable; '
-                        f'choose another {key}=<folder>')
-    return probe
