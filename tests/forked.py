@@ -58,8 +58,9 @@ def _ensure_forkserver():
         _started.append(True)
 
 
-def _main(script, args, env, cwd, out, err):
-    """The forked process: ``python <script> <args>`` from here on, as the interpreter would run it."""
+def _main(argv, env, cwd, out, err):
+    """The forked process: ``python <argv>`` from here on (a script, or ``-m <module>``), as the interpreter would
+    run it."""
     os.setpgid(0, 0)  # a process group of its own, with its loader workers: killed as one, as a job is
     os.environ.clear()
     os.environ.update(env)
@@ -72,11 +73,18 @@ def _main(script, args, env, cwd, out, err):
         os.close(target)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores Ctrl-C; python does not
     multiprocessing.set_start_method(None, force=True)  # the platform's default, as in a fresh interpreter
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0
     try:
-        runpy.run_path(script, run_name='__main__')
+        if argv[0] == '-m':  # as ``python -m``: the working folder first on the path, argv[0] the module's file
+            module = argv[1]
+            sys.path[0] = os.getcwd()
+            sys.argv = [module, *argv[2:]]
+            sys.modules.pop(module, None)  # preloaded as an import: run afresh as __main__, as python -m does
+            runpy.run_module(module, run_name='__main__', alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name='__main__')
     except SystemExit as e:
         if isinstance(e.code, str):
             sys.stderr.write(e.code + '\n')
@@ -97,12 +105,12 @@ def _main(script, args, env, cwd, out, err):
 class ForkedRun:
     """The parts of ``subprocess.Popen`` the tests use, for a forked run."""
 
-    def __init__(self, script, args, env, cwd):
+    def __init__(self, argv, env, cwd):
         _ensure_forkserver()
-        self.args = [sys.executable, script, *args]
+        self.args = [sys.executable, *argv]
         self._folder = tempfile.mkdtemp(prefix='forked-')
         self._out, self._err = os.path.join(self._folder, 'stdout'), os.path.join(self._folder, 'stderr')
-        self._process = _CTX.Process(target=_main, args=(script, list(args), dict(env), str(cwd), self._out, self._err))
+        self._process = _CTX.Process(target=_main, args=(list(argv), dict(env), str(cwd), self._out, self._err))
         self._process.start()
         self.pid = self._process.pid
         self.returncode = None
@@ -142,9 +150,9 @@ def _kill_leftovers():
         proc.kill()
 
 
-def run(script, args, env, cwd, timeout):
-    """``subprocess.run([python, script, *args], capture_output=True, text=True)`` of a forked run."""
-    proc = ForkedRun(script, args, env, cwd)
+def run(argv, env, cwd, timeout):
+    """``subprocess.run([python, *argv], capture_output=True, text=True)`` of a forked run."""
+    proc = ForkedRun(argv, env, cwd)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

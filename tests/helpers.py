@@ -66,30 +66,36 @@ def _command(args, launcher=None, env=None):
     return (launcher or [sys.executable]) + [TRAIN] + list(args), env
 
 
+def python(argv, cwd, env=None, timeout=300):
+    """``python <argv>`` (a script and its arguments, or ``-m <module> ...``) in a process of its own, as
+    ``subprocess.run(..., capture_output=True, text=True)``: forked from the preloaded fork server (forked.py) where
+    the environment allows, else a plain subprocess. ``env`` replaces the environment (default: this one); one
+    intra-op thread unless it says otherwise (the suite's workers share the cores)."""
+    env = {'OMP_NUM_THREADS': '1', **(os.environ if env is None else env)}
+    if forked.forkable(env):
+        return forked.run(list(argv), env, cwd, timeout)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run(args, cwd, timeout=300, launcher=None, env=None):
-    """``python train.py <args>`` in a process of its own: forked from the preloaded fork server (forked.py), or,
-    under a launcher (torchrun, accelerate launch), a plain subprocess."""
+    """``python train.py <args>`` (``python`` above), or under a launcher (torchrun, accelerate launch) a plain
+    subprocess."""
     cmd, env = _command(args, launcher, env)
-    if launcher is None and forked.forkable(env):
-        return forked.run(TRAIN, list(args), env, cwd, timeout)
+    if launcher is None:
+        return python([TRAIN, *args], cwd, env, timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def script(name, args, cwd, env=None, timeout=300):
-    """``python <name> <args>`` for the repository's ``train.py`` or ``eval.py``, forked as ``run`` forks train.py;
-    ``env`` replaces the environment (default: this one)."""
-    env = dict(os.environ if env is None else env)
-    if forked.forkable(env):
-        return forked.run(os.path.join(ROOT, name), list(args), env, cwd, timeout)
-    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """``python <name> <args>`` for the repository's ``train.py`` or ``eval.py`` (``python`` above)."""
+    return python([os.path.join(ROOT, name), *args], cwd, env, timeout)
 
 
 def popen(args, cwd, env=None):
-    """train.py in the background (to be killed; forked where it can be, see ``run``), output discarded."""
+    """train.py in the background (to be killed; forked where it can be, see ``python``), output discarded."""
     cmd, env = _command(args, env=env)
     if forked.forkable(env):
-        return forked.ForkedRun(TRAIN, list(args), env, cwd)
+        return forked.ForkedRun([TRAIN, *args], env, cwd)
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

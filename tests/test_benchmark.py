@@ -12,9 +12,8 @@ import torch
 from vit_gka.measure import benchmark as harness
 from vit_gka.errors import UserError
 
-from helpers import needs_data
+from helpers import ROOT, needs_data, python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
 BENCH_KEYS = {'label', 'model', 'batch_size', 'input_size', 'device', 'dtype', 'compiled', 'steps', 'rounds', 'torch',
               'timm', 'infer_images_per_s', 'train_images_per_s', 'infer_peak_mem_mb', 'train_peak_mem_mb', 'baseline'}
@@ -190,9 +189,8 @@ def test_training_benchmark_times_the_loop_and_the_bare_step(tmp_path):
     """benchmarks/training.py on a few steps of the small quickstart shape: both ways for both models, the profile's
     labels (set by loop.py), and one line for a model train.py does not have."""
     out = tmp_path / 'training.json'
-    run = [sys.executable, '-m', 'benchmarks.training', '--shape', 'tiny_fmnist', '--steps', '2', '--reps', '1']
-    proc = subprocess.run(run + ['--profile', '--out', str(out), '--', 'batch_size=16'], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    run = ['-m', 'benchmarks.training', '--shape', 'tiny_fmnist', '--steps', '2', '--reps', '1']
+    proc = python(run + ['--profile', '--out', str(out), '--', 'batch_size=16', 'model.args.depth=1'], ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r['model'] for r in data['rows']] == ['gka', 'deit'] and data['rows'][1]['loop vs DeiT'] == 1.0
@@ -201,5 +199,5 @@ def test_training_benchmark_times_the_loop_and_the_bare_step(tmp_path):
     assert set(profile) == {'data', 'forward', 'backward', 'optimizer', 'ema', 'rest', 'step'}
     assert profile['forward'] > 0 and profile['backward'] > 0 and profile['data'] > 0
     assert '### Training images/s' in proc.stdout and 'shape=tiny_fmnist' in proc.stdout
-    bad = subprocess.run(run + ['--models', 'gka,nope'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = python(run + ['--models', 'gka,nope'], ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith('error: ') and "'model/nope'" in bad.stderr

@@ -2,12 +2,10 @@
 run and of eval.py, the export and publish ends in one line, exit 74, leaves no half-written file, and the rerun
 after making room finishes."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT, TINY, check, needs_data, one_line_error, run
+from helpers import check, needs_data, one_line_error, python, ROOT, run, TINY
 
 pytestmark = needs_data
 
@@ -41,7 +39,7 @@ def test_a_full_disk_in_a_run_is_one_line_and_the_rerun_finishes(tmp_path, name,
 
 def _tool(args, cwd, fail):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'VIT_GKA_TEST_FAIL_WRITE': fail}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return python(args, cwd, env)
 
 
 def test_a_full_disk_under_eval_export_and_publish(finished_run, tmp_path):

@@ -3,13 +3,11 @@ before any of it runs, by eval.py, the export and publish, on the oldest timm re
 own ``local-dir:`` loader would unpickle it); a corrupt folder is one line as well. One tiny run serves all."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, Payload, check, copy_run, needs_data, one_line_error
+from helpers import check, copy_run, needs_data, one_line_error, Payload, python, ROOT
 from test_oldest_timm import FOLDER as OLDEST_FOLDER, OLDEST
 
 pytestmark = needs_data
@@ -21,7 +19,7 @@ def _tool(args, oldest=False, cwd=ROOT):
     if oldest:
         # that timm's import under this torch warns of torch.jit.interface: not the line under test
         env.update(PYTHONPATH=os.pathsep.join([OLDEST_FOLDER, ROOT]), PYTHONWARNINGS='ignore::FutureWarning')
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return python(args, cwd, env)
 
 
 def _plant(run_dir, marker):

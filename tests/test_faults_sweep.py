@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 from hydra.types import RunMode
@@ -15,7 +14,7 @@ from omegaconf import OmegaConf
 from vit_gka.analysis.report import TMP_PREFIX, ReportCallback
 from vit_gka.train.faults import REPORT_PAUSE_ENV as PAUSE_ENV
 from vit_gka.analysis.summary import SweepSummary
-from helpers import ROOT, _command, check, needs_data, one_line_error, run, wait_for
+from helpers import check, _command, needs_data, one_line_error, python, ROOT, run, wait_for
 
 pytestmark = needs_data
 
@@ -40,8 +39,7 @@ def _finish(proc, timeout=120):
 
 
 def _tool(module, *args):
-    return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    return python(['-m', module, *args], ROOT, {**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
 def _skipped(stderr):

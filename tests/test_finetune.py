@@ -5,13 +5,11 @@ classifier dropped only when the classes differ, log_sigma kept; mistakes end in
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, check, needs_data, one_line_error, run
+from helpers import check, needs_data, one_line_error, python, ROOT, run
 
 pytestmark = needs_data
 COMMON = ['epochs=1', 'batch_size=64', 'model.args.depth=2', 'workers=0', 'progress=false', 'data.eval_subset=256']
@@ -48,9 +46,8 @@ def test_higher_resolution_starts_from_the_trained_model(pretrained, tmp_path):
 
 def test_another_data_set_with_five_classes_gets_a_new_classifier(pretrained, tmp_path):
     folder = tmp_path / 'five'
-    check(subprocess.run([sys.executable, '-m', 'benchmarks.fmnist_folder', str(folder), '--size', '28',
-                          '--train-per-class', '100', '--val-per-class', '40', '--workers', '2'],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300))
+    check(python(['-m', 'benchmarks.fmnist_folder', str(folder), '--size', '28', '--train-per-class', '100',
+                  '--val-per-class', '40', '--workers', '2'], ROOT))
     for split in ('train', 'val'):
         for name in sorted(os.listdir(folder / split))[5:]:
             shutil.rmtree(folder / split / name)

@@ -2,8 +2,6 @@
 torch's FlopCounterMode; its command line (python -m vit_gka.measure.flops, the vit-gka-flops command)."""
 import functools
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -15,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit_gka.measure import flops as flops_cli
 from vit_gka.measure.flops import count_impl, model_stats
 
-ROOT = __import__('os').path.dirname(__import__('os').path.dirname(__file__))
+from helpers import ROOT, python
+
 SHAPES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
 DEIT_GMACS = {'tiny': 1.26, 'small': 4.61, 'base': 17.58}  # timm / DeiT paper
 GKA_GFLOPS = {'tiny': 1.98, 'small': 7.11, 'base': 26.76}  # GKA paper, Table 2 (2 x MACs)
@@ -107,7 +106,7 @@ def test_every_registered_model_is_fully_counted():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, '-m', 'vit_gka.measure.flops', *args], cwd=ROOT, capture_output=True, text=True)
+    return python(['-m', 'vit_gka.measure.flops', *args], ROOT)
 
 
 def test_cli_json(capsys):

@@ -2,21 +2,18 @@
 offline up to the upload (which, offline, ends in one line with the folder kept)."""
 import json
 import os
-import subprocess
-import sys
 
 import timm
 import torch
 from huggingface_hub import ModelCard
 
-from helpers import needs_data, one_line_error
+from helpers import needs_data, one_line_error, python
 
 import vit_gka  # noqa: F401
 
 
 def _publish(*args, env=None):
-    return subprocess.run([sys.executable, '-m', 'vit_gka.publish', *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return python(['-m', 'vit_gka.publish', *map(str, args)], os.getcwd(), {**os.environ, **(env or {})})
 
 
 @needs_data
