@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,11 +106,13 @@ def _main(argv, env, cwd, out, err):
 class ForkedRun:
     """The parts of ``subprocess.Popen`` the tests use, for a forked run."""
 
-    def __init__(self, argv, env, cwd):
+    def __init__(self, argv, env, cwd, stdout=None, stderr=None):
+        """``stdout``, ``stderr``: files for its output (default: a temporary folder's, read by ``output``)."""
         _ensure_forkserver()
         self.args = [sys.executable, *argv]
-        self._folder = tempfile.mkdtemp(prefix='forked-')
-        self._out, self._err = os.path.join(self._folder, 'stdout'), os.path.join(self._folder, 'stderr')
+        self._folder = None if stdout and stderr else tempfile.mkdtemp(prefix='forked-')
+        self._out = str(stdout) if stdout else os.path.join(self._folder, 'stdout')
+        self._err = str(stderr) if stderr else os.path.join(self._folder, 'stderr')
         self._process = _CTX.Process(target=_main, args=(list(argv), dict(env), str(cwd), self._out, self._err))
         self._process.start()
         self.pid = self._process.pid
@@ -134,13 +137,13 @@ class ForkedRun:
             os.killpg(self.pid, signal.SIGKILL)
 
     def output(self):
-        """(stdout, stderr) as text, once the run has ended; the files are removed."""
+        """(stdout, stderr) as text, once the run has ended; temporary files are removed."""
         texts = []
         for path in (self._out, self._err):
             with open(path, errors='replace') as f:
                 texts.append(f.read())
-            os.remove(path)
-        os.rmdir(self._folder)
+        if self._folder:
+            shutil.rmtree(self._folder)
         return texts
 
 

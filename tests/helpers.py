@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -97,6 +98,30 @@ def popen(args, cwd, env=None):
     if forked.forkable(env):
         return forked.ForkedRun([TRAIN, *args], env, cwd)
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start(args, cwd, env=None, launcher=None):
+    """train.py in the background, in a process group of its own (forked where it can be, see ``python``; under a
+    launcher a plain subprocess), stdout and stderr to ``cwd``/stdout.txt and stderr.txt."""
+    cmd, env = _command(args, launcher, env)
+    out, err = cwd / 'stdout.txt', cwd / 'stderr.txt'
+    if launcher is None and forked.forkable(env):
+        return forked.ForkedRun([TRAIN, *args], env, cwd, stdout=out, stderr=err)
+    with open(out, 'w') as stdout, open(err, 'w') as stderr:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def finish(proc, cwd, timeout=120):
+    """Wait for ``start``'s run (killed with its process group after ``timeout`` s): what ``subprocess.run``
+    returns."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / 'stdout.txt').read_text(),
+                                       (cwd / 'stderr.txt').read_text())
 
 
 def copy_run(run_dir, tmp_path, name='run'):

@@ -3,7 +3,7 @@ gives PyTorch's logits on a batch of another size; mistakes end in one line."""
 
 import pytest
 
-from helpers import needs_data, one_line_error, python, ROOT
+from helpers import ROOT, needs_data, one_line_error, python
 
 pytest.importorskip('onnxruntime', reason="needs pip install '.[onnx]'")
 

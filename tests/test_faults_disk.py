@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import check, needs_data, one_line_error, python, ROOT, run, TINY
+from helpers import ROOT, TINY, check, needs_data, one_line_error, python, run
 
 pytestmark = needs_data
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import check, copy_run, needs_data, one_line_error, Payload, python, ROOT
+from helpers import Payload, ROOT, check, copy_run, needs_data, one_line_error, python
 from test_oldest_timm import FOLDER as OLDEST_FOLDER, OLDEST
 
 pytestmark = needs_data

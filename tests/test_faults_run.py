@@ -8,8 +8,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY, check, digest, lines, needs_data, one_line_error, run, steps, wait_for
-from test_preemption import finish, start
+from helpers import TINY, check, digest, finish, lines, needs_data, one_line_error, run, start, steps, wait_for
 
 pytestmark = needs_data
 

@@ -5,7 +5,6 @@ while the end-of-sweep report is made stops in one line and leaves no half-writt
 import os
 import shutil
 import signal
-import subprocess
 
 import pytest
 from hydra.types import RunMode
@@ -14,28 +13,13 @@ from omegaconf import OmegaConf
 from vit_gka.analysis.report import TMP_PREFIX, ReportCallback
 from vit_gka.train.faults import REPORT_PAUSE_ENV as PAUSE_ENV
 from vit_gka.analysis.summary import SweepSummary
-from helpers import check, _command, needs_data, one_line_error, python, ROOT, run, wait_for
+from helpers import ROOT, check, finish, needs_data, one_line_error, python, run, start, wait_for
 
 pytestmark = needs_data
 
 # one block, 64 images: one job of a sweep in a few seconds
 SWEEP = ['-m', 'model=gka', 'shape=fmnist', 'epochs=1', 'train_subset=64', 'data.eval_subset=32', 'batch_size=32',
          'workers=0', 'progress=false', 'model.args.depth=1', 'hydra.callbacks.report.num_images=8']
-
-
-def _start(args, cwd, env=None):
-    """train.py in the background, in its own process group, its output in cwd/stdout.txt and stderr.txt."""
-    cmd, env = _command(args, env=env)
-    out, err = open(cwd / 'stdout.txt', 'w'), open(cwd / 'stderr.txt', 'w')
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
-
-
-def _finish(proc, timeout=120):
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 def _tool(module, *args):
@@ -106,7 +90,7 @@ def test_the_end_of_sweep_callbacks_skip_a_damaged_run(damaged_sweep, capsys):
 def test_a_second_sweep_onto_a_running_job_is_refused_before_anything_is_written(tmp_path):
     folder, go = tmp_path / 'sweep', tmp_path / 'go'
     job = folder / '0_gka_fmnist'
-    first = _start([*SWEEP, f'hydra.sweep.dir={folder}'], tmp_path, env={'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT': f'model:{go}'})
+    first = start([*SWEEP, f'hydra.sweep.dir={folder}'], tmp_path, env={'VIT_GKA_TEST_PAUSE_IN_CHECKPOINT': f'model:{go}'})
     try:
         # the job holds its lock while its model/ write is held
         wait_for(lambda: job.is_dir() and any(n.startswith('model.tmp-') for n in os.listdir(job)), first)
@@ -117,20 +101,20 @@ def test_a_second_sweep_onto_a_running_job_is_refused_before_anything_is_written
         assert {p: (folder / p).read_bytes() for p in before} == before
     finally:
         go.touch()
-    assert _finish(first) == 0, (tmp_path / 'stderr.txt').read_text()[-3000:]
+    assert finish(first, tmp_path).returncode == 0, (tmp_path / 'stderr.txt').read_text()[-3000:]
     assert (job / 'results.json').is_file()
 
 
 def test_sigterm_while_the_sweep_report_is_written_stops_in_one_line(tmp_path):
     folder, go = tmp_path / 'sweep', tmp_path / 'go'
     report = folder / 'report'
-    proc = _start([*SWEEP, f'hydra.sweep.dir={folder}'], tmp_path, env={PAUSE_ENV: str(go)})
+    proc = start([*SWEEP, f'hydra.sweep.dir={folder}'], tmp_path, env={PAUSE_ENV: str(go)})
     try:
         # the report is made (its tables in the temporary folder) and not yet moved into place
         wait_for(lambda: report.is_dir() and any((report / n / 'table2.csv').is_file() for n in os.listdir(report)
                                                  if n.startswith(TMP_PREFIX)), proc)
         os.killpg(proc.pid, signal.SIGTERM)
-        code = _finish(proc)
+        code = finish(proc, tmp_path).returncode
     finally:
         go.touch()
     stderr = (tmp_path / 'stderr.txt').read_text()

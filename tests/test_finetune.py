@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from helpers import check, needs_data, one_line_error, python, ROOT, run
+from helpers import ROOT, check, needs_data, one_line_error, python, run
 
 pytestmark = needs_data
 COMMON = ['epochs=1', 'batch_size=64', 'model.args.depth=2', 'workers=0', 'progress=false', 'data.eval_subset=256']

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TRAIN, check, lines, needs_data, one_line_error, run, steps, wait_for
+from helpers import check, finish, lines, needs_data, one_line_error, run, start, steps, wait_for
 from vit_gka.errors import UserError
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.faults import FAIL_ENV, PAUSE_ENV
@@ -35,31 +35,6 @@ from vit_gka.train.state import load_checkpoint
 RUN = ['train_subset=96', 'data.eval_subset=32', 'batch_size=16', 'progress=false', 'model.args.depth=1',
        'save_model=false', 'epochs=2', 'drop_path=0.1', 'aug.mixup=0.8', 'aug.cutmix=1.0', 'aug.re_prob=0.25',
        'workers=1']
-
-
-
-
-
-
-def start(args, cwd, env=None, launcher=None):
-    """train.py in the background, in its own process group, stdout and stderr to files in ``cwd``."""
-    cmd = (launcher or [sys.executable]) + [TRAIN] + list(args)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
-    out, err = open(cwd / 'stdout.txt', 'w'), open(cwd / 'stderr.txt', 'w')
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
-
-
-def finish(proc, cwd, timeout=120):
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / 'stdout.txt').read_text(),
-                                       (cwd / 'stderr.txt').read_text())
-
-
 
 
 def same_run(straight, run_dir):
@@ -198,6 +173,22 @@ def test_two_processes_stop_after_the_same_update(tmp_path):
     chk = load_checkpoint(str(run_dir))
     assert chk.state.num_updates == int(match.group(1)) == lines(run_dir / 'steps.jsonl') < 8
     assert [p['totals']['images'] for p in chk.record['procs']] == [8 * chk.state.num_updates] * 2
+
+
+def test_a_forked_process_has_its_own_exit_flag_for_its_loader_workers():
+    # The flag that lets loader workers end on SIGTERM once their training process exits is shared memory. A process
+    # forked from one that imported the module (a fork server's children) gets its own: the exit of one child must
+    # not turn SIGTERM into an exit for the loader workers of its parent or of a sibling that is still training.
+    flag = preemption._IgnoreStopSignals().releasing  # this process's, as its loader workers inherit it
+    pid = os.fork()
+    if pid == 0:  # a sibling run that ends
+        preemption.release_workers()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert flag.value == 0
+    preemption.release_workers()  # this process's own exit does set it
+    assert flag.value == 1
+    flag.value = 0
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_named(tmp_path):

@@ -1,18 +1,17 @@
 """Hydra's submitit launcher, offline: ``hydra/launcher=submitit_local`` runs a sweep of two jobs, and a job sent
 submitit's preemption signal (SIGUSR2) checkpoints at the next update, is requeued by submitit and, with
-``resume=auto``, continues to the same steps and final weights as a job nobody interrupted. Needs the ``slurm``
+``resume=auto``, continues to the same steps and final weights as a run nobody interrupted. Needs the ``slurm``
 extra (``hydra-submitit-launcher``; setup.sh installs it)."""
 import glob
 import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import TINY, TRAIN, check, lines, needs_data, run, steps, wait_for
+from helpers import TINY, check, finish, lines, needs_data, run, start, steps, wait_for
 
 pytest.importorskip('hydra_plugins.hydra_submitit_launcher', reason="needs pip install '.[slurm]'")
 pytestmark = needs_data
@@ -39,18 +38,15 @@ def _job_process():
 
 
 def test_requeued_job_continues_exactly(tmp_path):
-    check(run([*LOCAL, *REQUEUE, f'hydra.sweep.dir={tmp_path}/whole'], cwd=tmp_path))
-    whole = tmp_path / 'whole' / '0_gka_fmnist'
+    whole = tmp_path / 'whole'  # the same training, uninterrupted and without a launcher
+    check(run([*REQUEUE, f'hydra.run.dir={whole}'], cwd=tmp_path))
 
     sweep = tmp_path / 'requeued'
-    cmd = [sys.executable, TRAIN, *LOCAL, *REQUEUE, f'hydra.sweep.dir={sweep}']
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})  # as helpers.run: the same arithmetic
+    proc = start([*LOCAL, *REQUEUE, f'hydra.sweep.dir={sweep}'], tmp_path)
     job = sweep / '0_gka_fmnist'
     wait_for(lambda: lines(job / 'steps.jsonl') >= 10 and _job_process() is not None, proc)
     os.kill(_job_process(), signal.SIGUSR2)  # what Slurm sends ahead of the time limit when submitit asks
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    check(finish(proc, tmp_path, timeout=300))
 
     log = (job / 'train.log').read_text()
     assert 'stopped by SIGUSR2 at epoch 1' in log and 'passing SIGUSR2 on to' in log

@@ -130,7 +130,7 @@ class _IgnoreStopSignals:
 
     def __init__(self, init=None):
         self.init = init
-        self.releasing = _RELEASING
+        self.releasing = _releasing()  # made in the training process, shared with the workers it forks
 
     def _signal(self, signum, frame) -> None:
         if signum == signal.SIGTERM and self.releasing.value:
@@ -143,14 +143,25 @@ class _IgnoreStopSignals:
             self.init(worker_id)
 
 
-# Set when this process exits: its loader workers then end on SIGTERM (shared memory, inherited by the workers).
-_RELEASING = multiprocessing.RawValue('b', 0)
+# Set when this process exits: its loader workers then end on SIGTERM. Shared memory, inherited by the workers;
+# one per process, made on first use rather than at import: a process forked from another that imported this
+# module (a fork server's child) must not share its parent's, or the parent's other children's, exit.
+_RELEASING: Dict[int, Any] = {}
+
+
+def _releasing() -> Any:
+    """This process's flag (a ``multiprocessing.RawValue``)."""
+    pid = os.getpid()
+    if pid not in _RELEASING:
+        _RELEASING.clear()
+        _RELEASING[pid] = multiprocessing.RawValue('b', 0)
+    return _RELEASING[pid]
 
 
 def release_workers() -> None:
     """Let this process's loader workers end on SIGTERM (at exit: atexit, before multiprocessing's own handler,
     which terminates and joins them)."""
-    _RELEASING.value = 1
+    _releasing().value = 1
 
 
 def shield_workers(loader) -> Any:
