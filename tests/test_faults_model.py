@@ -31,8 +31,9 @@ def _plant(run_dir, marker):
 def test_pickle_in_model_folder_refused_on_the_oldest_timm(finished_run, tmp_path):
     run_dir, marker = copy_run(finished_run, tmp_path), tmp_path / 'pwned'
     _plant(run_dir, marker)
-    proc = _tool(['-c', 'import timm, sys; print(timm.__version__)'], oldest=True)
-    assert proc.stdout.strip() == OLDEST
+    # the tools below import that timm (its version: test_oldest_timm.py), found without importing it
+    proc = _tool(['-c', 'import importlib.util; print(importlib.util.find_spec("timm").origin)'], oldest=True)
+    assert proc.stdout.strip() == os.path.join(OLDEST_FOLDER, 'timm', '__init__.py')
     proc = _tool(['eval.py', f'run={run_dir}', 'workers=0', f'hydra.run.dir={tmp_path}/h'], oldest=True)
     one_line_error(proc, 'pytorch_model.bin is a pickle')
     proc = _tool(['-m', 'vit_gka.export', str(run_dir), str(tmp_path / 'm.onnx')], oldest=True)

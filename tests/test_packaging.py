@@ -2,7 +2,6 @@
 `pip install -e .` maps the same three folders, the console scripts are installed, the package works from a
 folder outside the checkout, and every tool answers --help."""
 import ast
-import concurrent.futures
 import importlib
 import importlib.metadata
 import os
@@ -13,7 +12,8 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, python
+
 BIN = os.path.dirname(sys.executable)
 SCRIPTS = ('vit-gka-train', 'vit-gka-eval', 'vit-gka-export', 'vit-gka-publish', 'vit-gka-flops', 'vit-gka-report',
            'vit-gka-summary')
@@ -172,18 +172,18 @@ def _run(args, cwd):
 
 
 def test_outside_the_checkout_and_every_tool_answers_help(tmp_path):
-    """`import vit_gka` and timm's registry from another folder; each tool's --help (exit 0) from the root.
-    Two at a time: each one pays the torch / timm import."""
-    outside = ([sys.executable, '-c', "import os, timm, vit_gka; timm.create_model('gka_deit_small_patch16_224'); "
-                                      "print(os.path.dirname(vit_gka.__file__))"], str(tmp_path))
-    jobs = [outside] + [([sys.executable, *args], ROOT) for args in HELP]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        procs = list(pool.map(lambda job: _run(*job), jobs))
-    proc = procs[0]
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == os.path.join(ROOT, 'vit_gka')  # the editable install of this checkout
+    """`import vit_gka` and timm's registry from another folder, in a fresh interpreter; meanwhile each tool's --help
+    (exit 0) from the root."""
+    outside = subprocess.Popen([sys.executable, '-c', "import os, timm, vit_gka; "
+                                "timm.create_model('gka_deit_small_patch16_224'); print(os.path.dirname(vit_gka.__file__))"],
+                               cwd=tmp_path, env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    procs = {args: python(args, ROOT) for args in HELP}
+    out, err = outside.communicate(timeout=300)
+    assert outside.returncode == 0, err[-3000:]
+    assert out.strip() == os.path.join(ROOT, 'vit_gka')  # the editable install of this checkout
     failed = [f"{' '.join(args)}: exit {p.returncode}: {(p.stderr or p.stdout)[-300:]}"
-              for args, p in zip(HELP, procs[1:]) if p.returncode != 0 or HELP[args] not in p.stdout]
+              for args, p in procs.items() if p.returncode != 0 or HELP[args] not in p.stdout]
     assert not failed, '\n'.join(failed)
 
 
