@@ -63,8 +63,20 @@ def imagenet_folder(root):
 
 
 def _command(args, launcher=None, env=None):
+    """train.py's command line under ``launcher`` (default: python), and its environment."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
     return (launcher or [sys.executable]) + [TRAIN] + list(args), env
+
+
+def torchrun(nproc=2):
+    """torchrun's command line for ``nproc`` processes on this machine (gloo on the CPU), on a free port. It is a
+    Python module: forked as any other (``python``), its processes are fresh interpreters."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
+            str(free_port())]
+
+
+def _forks(cmd, env):
+    return cmd[0] == sys.executable and forked.forkable(env)
 
 
 def python(argv, cwd, env=None, timeout=300):
@@ -79,11 +91,11 @@ def python(argv, cwd, env=None, timeout=300):
 
 
 def run(args, cwd, timeout=300, launcher=None, env=None):
-    """``python train.py <args>`` (``python`` above), or under a launcher (torchrun, accelerate launch) a plain
-    subprocess."""
+    """``python train.py <args>``, or ``<launcher> train.py <args>`` (torchrun: ``torchrun()``, or any command): as
+    ``python`` runs it where the launcher is Python, else a plain subprocess."""
     cmd, env = _command(args, launcher, env)
-    if launcher is None:
-        return python([TRAIN, *args], cwd, env, timeout)
+    if cmd[0] == sys.executable:
+        return python(cmd[1:], cwd, env, timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -95,18 +107,18 @@ def script(name, args, cwd, env=None, timeout=300):
 def popen(args, cwd, env=None):
     """train.py in the background (to be killed; forked where it can be, see ``python``), output discarded."""
     cmd, env = _command(args, env=env)
-    if forked.forkable(env):
-        return forked.ForkedRun([TRAIN, *args], env, cwd)
+    if _forks(cmd, env):
+        return forked.ForkedRun(cmd[1:], env, cwd)
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start(args, cwd, env=None, launcher=None):
-    """train.py in the background, in a process group of its own (forked where it can be, see ``python``; under a
-    launcher a plain subprocess), stdout and stderr to ``cwd``/stdout.txt and stderr.txt."""
+    """train.py (under ``launcher``, as ``run``) in the background, in a process group of its own (forked where it
+    can be, see ``python``), stdout and stderr to ``cwd``/stdout.txt and stderr.txt."""
     cmd, env = _command(args, launcher, env)
     out, err = cwd / 'stdout.txt', cwd / 'stderr.txt'
-    if launcher is None and forked.forkable(env):
-        return forked.ForkedRun([TRAIN, *args], env, cwd, stdout=out, stderr=err)
+    if _forks(cmd, env):
+        return forked.ForkedRun(cmd[1:], env, cwd, stdout=out, stderr=err)
     with open(out, 'w') as stdout, open(err, 'w') as stderr:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
 

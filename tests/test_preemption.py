@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import check, finish, lines, needs_data, one_line_error, run, start, steps, wait_for
+from helpers import check, finish, lines, needs_data, one_line_error, run, start, steps, torchrun, wait_for
 from vit_gka.errors import UserError
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.faults import FAIL_ENV, PAUSE_ENV
@@ -154,14 +154,10 @@ def _rank_pid(parent, rank):
 
 @needs_data
 def test_two_processes_stop_after_the_same_update(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     run_dir = tmp_path / 'run'
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port)]
     args = ['train_subset=128', 'data.eval_subset=32', 'batch_size=8', 'workers=0', 'progress=false',
             'model.args.depth=1', 'epochs=1', 'save_model=false', f'hydra.run.dir={run_dir}']
-    proc = start(args, cwd=tmp_path, launcher=launcher)
+    proc = start(args, cwd=tmp_path, launcher=torchrun())
     wait_for(lambda: lines(run_dir / 'steps.jsonl') >= 2, proc)
     rank1 = _rank_pid(proc.pid, 1)
     assert rank1 is not None

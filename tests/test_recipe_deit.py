@@ -18,8 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -29,7 +27,7 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from helpers import TRAIN, check, free_port, imagenet_folder, needs_jpegs, run, script, steps
+from helpers import check, imagenet_folder, needs_jpegs, run, script, start, steps, torchrun
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.faults import PAUSE_ENV
@@ -125,16 +123,8 @@ GPU_RECIPE = ['model=gka', 'shape=tiny', 'data=folder', 'recipe=deit', 'epochs=2
 UPDATES = [(1, 2, 1), (1, 4, 2), (1, 5, 3), (2, 2, 4), (2, 4, 5), (2, 5, 6)]  # (epoch, step, update)
 
 
-def _torchrun(args, env=None):
-    """The command line and environment of train.py in 2 processes (torchrun, gloo on the CPU)."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-           str(free_port()), TRAIN, *args]
-    return cmd, {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', **(env or {})}
-
-
 def _train_two_processes(args, cwd, timeout=300):
-    cmd, env = _torchrun(args)
-    return check(subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout))
+    return check(run(args, cwd, timeout=timeout, launcher=torchrun()))
 
 
 @pytest.fixture(scope='module')
@@ -145,26 +135,22 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
     args = [*GPU_RECIPE, f'data.root={jpegs}', f'hydra.run.dir={run_dir}']
     # The main process pauses in its 5th checkpoint write (after update 5, model.safetensors written into the
     # temporary folder): the kill then surely comes mid-epoch, with update 4's checkpoint the last complete one.
-    cmd, env = _torchrun(args, env={PAUSE_ENV: 'write@5'})
-
     def paused():
         return (os.path.isfile(run_dir / 'steps.jsonl') and (run_dir / 'steps.jsonl').read_text().count('\n') >= 5
                 and any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')))
 
-    with open(run_dir.parent / 'killed.log', 'w') as out:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while not paused():
-                assert proc.poll() is None, (run_dir.parent / 'killed.log').read_text()[-5000:]
-                assert time.time() < deadline, 'timed out waiting for the 5th checkpoint'
-                time.sleep(0.05)
-        finally:  # as a cluster's kill: every process (torchrun puts each of its ranks in a session of its own)
-            for pid in [proc.pid, *_descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+    proc = start(args, run_dir.parent, env={PAUSE_ENV: 'write@5'}, launcher=torchrun())
+    try:
+        deadline = time.time() + 240
+        while not paused():
+            assert proc.poll() is None, (run_dir.parent / 'stderr.txt').read_text()[-5000:]
+            assert time.time() < deadline, 'timed out waiting for the 5th checkpoint'
+            time.sleep(0.05)
+    finally:  # as a cluster's kill: every process (torchrun puts each of its ranks in a session of its own)
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
     state = load_checkpoint(str(run_dir)).state
     assert (state.epoch, state.step, state.num_updates) == (1, 2, 4)  # mid-epoch 2
     resumed = _train_two_processes([*args, f'resume={run_dir}'], run_dir.parent)

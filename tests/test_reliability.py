@@ -14,7 +14,6 @@
 import json
 import math
 import os
-import sys
 
 import pytest
 import timm
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import Payload, check, digest, free_port, lines, needs_data, one_line_error, popen, run, steps, wait_for
+from helpers import Payload, check, digest, lines, needs_data, one_line_error, popen, run, steps, torchrun, wait_for
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
@@ -155,9 +154,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
             'epochs=2', 'save_model=false']
     one, two = tmp_path / 'one', tmp_path / 'two'
     check(run([*args, 'batch_size=32', f'hydra.run.dir={one}'], cwd=tmp_path))
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                '--master_port', str(free_port())]
-    check(run([*args, 'batch_size=16', f'hydra.run.dir={two}'], cwd=tmp_path, launcher=launcher))
+    check(run([*args, 'batch_size=16', f'hydra.run.dir={two}'], cwd=tmp_path, launcher=torchrun()))
     a, b = steps(one), steps(two)
     assert [r['update'] for r in a] == [r['update'] for r in b] == list(range(1, 9))
     assert [r['lr'] for r in a] == [r['lr'] for r in b]

@@ -133,15 +133,11 @@ def test_train_py_on_webdataset_shards_stops_and_resumes(shards, tmp_path):
 def test_two_processes_on_webdataset_shards_evaluate_every_test_image_once(shards, tmp_path):
     """torchrun, 2 processes: each trains on its own shards; Accelerate shards the test stream (read whole by the
     reader) and the run's top-1 is eval.py's on one process, image for image."""
-    import sys
-
-    from helpers import ROOT, free_port
+    from helpers import ROOT, torchrun
     run_dir = tmp_path / 'run'
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                str(free_port())]
     check(run(['data=timm', 'data.name=wds/tiny', f'data.root={shards}', 'data.num_classes=2', 'data.in_chans=1',
                'epochs=1', 'batch_size=4', 'workers=0', 'progress=false', 'model.args.depth=1', 'log_with=none',
-               f'hydra.run.dir={run_dir}'], cwd=tmp_path, launcher=launcher))
+               f'hydra.run.dir={run_dir}'], cwd=tmp_path, launcher=torchrun()))
     steps = [json.loads(line) for line in (run_dir / 'steps.jsonl').read_text().splitlines()]
     assert [s['update'] for s in steps] == [1, 2, 3]  # 24 samples / (2 processes x 4)
     assert json.loads((run_dir / 'results.json').read_text())['test_images'] == 12

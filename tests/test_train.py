@@ -6,8 +6,6 @@ import csv
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -15,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import vit_gka  # noqa: F401
-from helpers import TINY, check, digest, needs_data, one_line_error, run
+from helpers import TINY, check, digest, needs_data, one_line_error, python, run, torchrun
 from omegaconf import OmegaConf
 from vit_gka.errors import UserError
 from vit_gka.train import recipe
@@ -150,10 +148,8 @@ def test_two_processes_share_one_run_dir(tmp_path):
     script, out = tmp_path / 'train_recording.py', tmp_path / 'returned'
     script.write_text(RECORDING_TRAIN_PY)
     out.mkdir()
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'RESULTS_OUT': str(out)}
-    proc = check(subprocess.run([*launcher, str(script), 'epochs=1', *TINY, 'save_model=false'], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=300))
+    proc = check(python([*torchrun()[1:], str(script), 'epochs=1', *TINY, 'save_model=false'], tmp_path, env))
     results = glob.glob(f'{tmp_path}/runs/*/*/results.json')
     assert len(results) == 1, results
     assert len(glob.glob(f'{tmp_path}/runs/*/*')) == 1  # no stray folder of the second process
