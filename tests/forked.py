@@ -1,13 +1,15 @@
-"""train.py as a process of its own without paying its imports each time: Python's multiprocessing forkserver,
-preloaded with torch, timm and the training package, forks one process per run.
+"""``python <script>`` and ``python -m <module>`` as processes of their own without paying their imports each time:
+Python's multiprocessing forkserver, preloaded with torch, timm and the training package, forks one process per run.
 
 Most of the suite's time is train.py in child processes, and most of a tiny run's time is its imports (torch,
 timm, torchvision, Hydra, Accelerate: about 8 of 11 s on a 2-core machine). A forked run is still a process of its
 own: its own argv, environment, working folder, stdout and stderr, exit status, signals and pid (tests kill it), and
-the same code from ``train.py``'s ``__main__`` on. What it shares with the other runs is only what the imports left
-behind, which is what ``python train.py`` would have built again. Runs that need an interpreter of their own (a
-launcher such as torchrun, or an environment variable that a library reads when it is imported, such as
-``PYTHONPATH`` or ``HF_HUB_OFFLINE``: ``forkable``) are started as ordinary subprocesses by helpers.py.
+the same code from the script's (or module's) ``__main__`` on. What it shares with the other runs is only what the
+imports left behind, which is what a fresh interpreter would have built again; shared memory made at import would
+be shared by every run, so the package makes such things per process (preemption's exit flag for loader workers).
+A launcher that is a Python module (torchrun) is forked too; the processes it starts are fresh interpreters. Runs
+that need an interpreter of their own (another launcher, or an environment variable that a library reads when it
+is imported, such as ``PYTHONPATH`` or ``HF_HUB_OFFLINE``: ``forkable``) are ordinary subprocesses (helpers.py).
 """
 import atexit
 import contextlib
