@@ -63,8 +63,7 @@ def put_back(folder: str) -> None:
 def check_output_dir(path: str, key: str = 'hydra.run.dir') -> str:
     """``UserError`` when the folder ``path`` cannot be created or written (its nearest existing ancestor is
     a file, or is not writable); else that nearest existing ancestor (``path`` itself if it exists)."""
-    full = os.path.abspath(os.path.expanduser(str(path)))
-    probe = full
+    probe = os.path.abspath(os.path.expanduser(str(path)))
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):

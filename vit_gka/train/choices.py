@@ -21,6 +21,7 @@ EVAL_CHOICES = {
     'weights': ('model', 'ema'),
 }
 
+
 def check_choice(key: str, value, choices: Dict[str, tuple] = CHOICES):
     """``value`` if it is one of ``choices[key]``, else ``UserError`` naming them."""
     allowed = choices[key]
