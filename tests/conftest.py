@@ -7,6 +7,10 @@ import torch
 # chosen before triton is first imported, and importing timm imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
+# No test reaches the network (CI has none): Hugging Face Hub offline, for this process and every run it starts. The
+# Hub reads the variable when it is imported, so it is set before anything imports it, and the runs that
+# forked.py forks inherit it.
+os.environ['HF_HUB_OFFLINE'] = '1'
 
 import vit_gka  # noqa: E402,F401  (registers the models)
 

@@ -38,7 +38,7 @@ def test_interval_sweep_is_left_to_a_sampling_sweeper(tmp_path):
     from vit_gka.cli import CONF_DIR
     with initialize_config_dir(CONF_DIR, version_base='1.3'):
         variants, sampled = _variants(ConfigGroups('config', []), ['lr=interval(1e-4,1e-3)', 'seed=0,1'],
-                                      multirun=True, base_choices=['model', 'shape'])
+                                      multirun=True)
     assert sampled == ['lr=interval(1e-4,1e-3)'] and variants == [['seed=0'], ['seed=1']]
     proc = run(['-m', 'lr=interval(1e-4,1e-3)', f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path, timeout=120)
     one_line_error(proc, "lr=interval(1e-4,1e-3) needs a sweeper that samples it (pip install '.[sweep]'")

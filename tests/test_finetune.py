@@ -68,5 +68,5 @@ def test_finetune_mistakes_give_one_line(pretrained, tmp_path):
                    'another architecture')
     offline = run(['recipe=finetune', 'epochs=1', 'train_subset=8', 'data.eval_subset=8', 'batch_size=8', 'workers=0',
                    'model=deit', 'shape=small', '+model.args.depth=1', 'finetune=deit_small_patch16_224',
-                   f'hydra.run.dir={tmp_path}/c'], cwd=tmp_path, env={'HF_HUB_OFFLINE': '1'})
+                   f'hydra.run.dir={tmp_path}/c'], cwd=tmp_path)  # offline: conftest.py
     one_line_error(offline, 'finetune=deit_small_patch16_224: could not load its published weights')

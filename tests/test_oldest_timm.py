@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from helpers import ROOT, TINY, check, needs_data, run
+from helpers import ROOT, needs_data
 
 OLDEST = re.search(r'^timm>=([0-9.]+)', open(os.path.join(ROOT, 'requirements.txt')).read(), re.M).group(1)
 FOLDER = os.path.join(ROOT, '.venv', 'oldest-timm')
@@ -30,9 +30,8 @@ with torch.no_grad():
 @needs_data
 @pytest.mark.skipif(not os.path.isdir(os.path.join(FOLDER, 'timm')),
                     reason=f'needs timm {OLDEST} in .venv/oldest-timm (bash setup.sh installs it)')
-def test_model_folder_reloads_on_the_oldest_timm(tmp_path):
-    run_dir = tmp_path / 'run'
-    check(run(['epochs=1', *TINY, f'hydra.run.dir={run_dir}'], cwd=tmp_path))
+def test_model_folder_reloads_on_the_oldest_timm(finished_run, tmp_path):
+    run_dir = finished_run
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([FOLDER, ROOT])}
     proc = subprocess.run([sys.executable, '-c', RELOAD, str(run_dir / 'model'), OLDEST], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -39,7 +39,7 @@ def test_published_folder_loads_and_has_a_model_card(finished_run, tmp_path):
 
     again = _publish(run_dir, out)  # never writes into a folder that holds something
     one_line_error(again, 'exists and is not empty')
-    offline = _publish(run_dir, tmp_path / 'hub2', '--repo-id', 'me/gka', env={'HF_HUB_OFFLINE': '1'})
+    offline = _publish(run_dir, tmp_path / 'hub2', '--repo-id', 'me/gka')  # offline: conftest.py
     one_line_error(offline, 'could not upload')
     assert 'hf-hub:me/gka' in (tmp_path / 'hub2' / 'README.md').read_text()  # the folder is ready all the same
 

@@ -130,21 +130,23 @@ def _train_two_processes(args, cwd, timeout=300):
 @pytest.fixture(scope='module')
 def gpu_recipe_run(jpegs, tmp_path_factory):
     """The GPU recipe killed (SIGKILL to torchrun, both processes and their loader and compile workers) during its
-    5th checkpoint write, mid-epoch 2, then resumed in place: (run dir, the resumed run's output, the data root)."""
+    2nd checkpoint write, mid-epoch 1, then resumed in place: (run dir, the resumed run's output, the data root).
+    Killed before the first evaluation, the run compiles each graph cold once: training in the killed job,
+    evaluation in the resumed one (which finds training's compiled in the cache)."""
     run_dir = tmp_path_factory.mktemp('gpu_recipe') / 'run'
     args = [*GPU_RECIPE, f'data.root={jpegs}', f'hydra.run.dir={run_dir}']
-    # The main process pauses in its 5th checkpoint write (after update 5, model.safetensors written into the
-    # temporary folder): the kill then surely comes mid-epoch, with update 4's checkpoint the last complete one.
+    # The main process pauses in its 2nd checkpoint write (after update 2, model.safetensors written into the
+    # temporary folder): the kill then surely comes mid-epoch, with update 1's checkpoint the last complete one.
     def paused():
-        return (os.path.isfile(run_dir / 'steps.jsonl') and (run_dir / 'steps.jsonl').read_text().count('\n') >= 5
+        return (os.path.isfile(run_dir / 'steps.jsonl') and (run_dir / 'steps.jsonl').read_text().count('\n') >= 2
                 and any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')))
 
-    proc = start(args, run_dir.parent, env={PAUSE_ENV: 'write@5'}, launcher=torchrun())
+    proc = start(args, run_dir.parent, env={PAUSE_ENV: 'write@2'}, launcher=torchrun())
     try:
         deadline = time.time() + 240
         while not paused():
             assert proc.poll() is None, (run_dir.parent / 'stderr.txt').read_text()[-5000:]
-            assert time.time() < deadline, 'timed out waiting for the 5th checkpoint'
+            assert time.time() < deadline, 'timed out waiting for the 2nd checkpoint'
             time.sleep(0.05)
     finally:  # as a cluster's kill: every process (torchrun puts each of its ranks in a session of its own)
         for pid in [proc.pid, *_descendants(proc.pid)]:
@@ -152,7 +154,7 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
     state = load_checkpoint(str(run_dir)).state
-    assert (state.epoch, state.step, state.num_updates) == (1, 2, 4)  # mid-epoch 2
+    assert (state.epoch, state.step, state.num_updates) == (0, 2, 1)  # mid-epoch 1
     resumed = _train_two_processes([*args, f'resume={run_dir}'], run_dir.parent)
     return run_dir, resumed.stdout + resumed.stderr, jpegs
 
@@ -160,7 +162,7 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
 @needs_jpegs
 def test_gpu_recipe_on_the_cpu(gpu_recipe_run):
     run_dir, log, _ = gpu_recipe_run
-    assert 'resumed from' in log and 'at epoch 2, step 2 (after 4 updates)' in log
+    assert 'resumed from' in log and 'at epoch 1, step 2 (after 1 updates)' in log
     assert 'global batch 8 = 2 per process x 2 processes x 2 accumulation' in log and 'mixed precision bf16' in log
     assert 'data folder (20 train / 20 test images, 19 classes, transformed per sample, 2 loader workers per process), input (3, 224, 224)' in log
     assert [(s['epoch'], s['step'], s['update']) for s in steps(run_dir)] == UPDATES  # carried over, then resumed

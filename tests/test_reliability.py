@@ -5,15 +5,18 @@
   those of an uninterrupted run, step for step;
 * a non-finite loss or gradient (injected by the test hook) stops the run in one line, keeping the last good
   checkpoint, or skips the update with ``nonfinite=skip``;
-* two processes (gloo) with batch b give what one process with batch 2b gives;
+* two processes (gloo) with batch b give what one process with batch 2b gives, in one run folder, and each
+  returns its results;
 * safe loading: a pickle that would create a file is refused and the file is not created; checkpoints of
   another architecture, with other classes, truncated or not checkpoints give one line, nothing is loaded
   and nothing in their folder changes;
 * unreadable images in an ImageFolder are skipped and counted.
 """
+import glob
 import json
 import math
 import os
+import pathlib
 
 import pytest
 import timm
@@ -21,7 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import Payload, check, digest, lines, needs_data, one_line_error, popen, run, steps, torchrun, wait_for
+from helpers import (Payload, check, digest, lines, needs_data, one_line_error, popen, python, run, steps, torchrun,
+                     wait_for)
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
 from vit_gka.errors import UserError
@@ -148,13 +152,41 @@ def test_nonfinite_skip_drops_the_update(tmp_path):
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
+# train.py, with run_training wrapped to record what it returns on each process.
+RECORDING_TRAIN_PY = """
+import json, os
+import vit_gka.train.job as job
+from vit_gka.train.main import main
+
+def run_training(cfg, _run=job.run_training):
+    results = _run(cfg)
+    with open(os.path.join(os.environ['RESULTS_OUT'], 'rank%s.json' % os.environ.get('RANK', '0')), 'w') as f:
+        json.dump(results, f)
+    return results
+
+job.run_training = run_training
+main()
+"""
+
+
 @needs_data
 def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
     args = ['train_subset=128', 'data.eval_subset=32', 'workers=0', 'progress=false', 'model.args.depth=2',
             'epochs=2', 'save_model=false']
-    one, two = tmp_path / 'one', tmp_path / 'two'
+    one = tmp_path / 'one'
     check(run([*args, 'batch_size=32', f'hydra.run.dir={one}'], cwd=tmp_path))
-    check(run([*args, 'batch_size=16', f'hydra.run.dir={two}'], cwd=tmp_path, launcher=torchrun()))
+    # torchrun (what `accelerate launch --multi_gpu` runs), gloo on the CPU, train.py recording what each process
+    # returns, in Hydra's own run dir: both processes write to one folder and return its results.
+    recording, returned = tmp_path / 'train_recording.py', tmp_path / 'returned'
+    recording.write_text(RECORDING_TRAIN_PY)
+    returned.mkdir()
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'RESULTS_OUT': str(returned)}
+    proc = check(python([*torchrun()[1:], str(recording), *args, 'batch_size=16'], tmp_path, env))
+    assert 'global batch 32 = 16 per process x 2 processes x 1 accumulation' in proc.stdout + proc.stderr
+    folders = glob.glob(f'{tmp_path}/runs/*/*')
+    assert len(folders) == 1, folders  # no stray folder of the second process
+    two = pathlib.Path(folders[0])
+
     a, b = steps(one), steps(two)
     assert [r['update'] for r in a] == [r['update'] for r in b] == list(range(1, 9))
     assert [r['lr'] for r in a] == [r['lr'] for r in b]
@@ -165,7 +197,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
     ra, rb = (json.load(open(d / 'results.json')) for d in (one, two))
     assert ra['global_batch_size'] == rb['global_batch_size'] == 32
     assert rb['loss'] == pytest.approx(ra['loss'], rel=LOSS_RTOL)
-
+    assert [json.load(open(returned / f'rank{rank}.json')) for rank in (0, 1)] == [rb, rb]
 
 
 def _craft(folder, case, marker):

@@ -212,8 +212,15 @@ def _searchpath(overrides: List[str], config_dirs: List[str]) -> List[str]:
     return paths
 
 
-def _variants(groups: ConfigGroups, overrides: List[str], multirun: bool,
-              base_choices: Sequence[str]) -> Tuple[List[List[str]], List[str]]:
+def _not_an_option(groups: ConfigGroups, key: str) -> str:
+    """The one-line message for a config group that exists but is not in this command's defaults list."""
+    if groups.config_name == 'eval':
+        return (f'{key}= is a training option, not one of eval.py: eval.py takes the model (and its shape) from '
+                f'run=<run dir>, or model_name= with model_args= (its options: python eval.py --help)')
+    return f'{key}= is not an option of this command (see --help)'
+
+
+def _variants(groups: ConfigGroups, overrides: List[str], multirun: bool) -> Tuple[List[List[str]], List[str]]:
     """The plain override lists to compose for this command line: every combination of the config-group
     sweeps (``model=gka,deit shape=fmnist,tiny_fmnist``; ``glob()`` expanded against the group's options), each
     value of every other enumerable sweep once; a sweep that cannot be enumerated (``interval()``, a ``glob()``
@@ -231,10 +238,6 @@ def _variants(groups: ConfigGroups, overrides: List[str], multirun: bool,
     for text, ov in zip(overrides, parsed):
         key, group = ov.get_key_element(), ov.key_or_group
         is_group = (group in names or '/' in group) and not ov.is_delete()
-        if is_group and '/' not in group and group not in base_choices and not ov.is_add():
-            fail(f'{key}= is a training option, not one of eval.py: eval.py takes the model (and its shape) from '
-                 f'run=<run dir>, or model_name= with model_args= (its options: python eval.py --help)'
-                 if groups.config_name == 'eval' else f'{key}= is not an option of this command (see --help)')
         if ov.is_sweep_override() and not multirun:
             fail(f'{text} is a sweep: add -m to run one job per value (a list value: {key}=[a,b]; '
                  f"a string with a comma: {key}='a,b')")
@@ -303,11 +306,8 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base='1.3'):
-            searchpath_override = extra or [o for o in overrides if o.startswith('hydra.searchpath=')]
-            base = compose(config_name=config_name, overrides=searchpath_override, return_hydra_config=True)
-            known = [k for k in _config_keys(base) if k != 'hydra' and not k.startswith('hydra.')]
             groups = ConfigGroups(config_name, searchpath)
-            variants, sampled = _variants(groups, overrides, multirun, list(base.hydra.runtime.choices))
+            variants, sampled = _variants(groups, overrides, multirun)
             for variant in variants:
                 if extra:  # one hydra.searchpath: the --config-dir folders with the user's own
                     variant = extra + [o for o in variant if not o.startswith('hydra.searchpath=')]
@@ -326,6 +326,12 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                     hint = ''
                     if bad is not None and 'override' in message:
                         key = bad.partition('=')[0].lstrip('+~')
+                        if 'No match in the defaults list' in message and key in groups.names():
+                            fail(_not_an_option(groups, key))
+                        # the keys of the plain configuration, for a hint (composed here: only a mistake pays it)
+                        base = compose(config_name=config_name, return_hydra_config=True,
+                                       overrides=extra or [o for o in overrides if o.startswith('hydra.searchpath=')])
+                        known = [k for k in _config_keys(base) if k != 'hydra' and not k.startswith('hydra.')]
                         hint = _hint(key, [k for k in known if k != key and not key.startswith(k + '.')])
                         if key.startswith('model.args.') and (key in known or not hint):
                             hint = (f' (model.args has only the keys that this shape= sets; a new create_model '
