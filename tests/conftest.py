@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# torch.compile (the GPU recipe, compiled benchmarks) compiles in its own process: the pool of compile worker
+# processes Inductor starts otherwise (fresh interpreters, each importing torch) costs the suite more CPU than its
+# parallel builds save, as pytest-xdist's workers already use every core. Inductor reads this when it is imported.
+os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels (impl='triton', tests/test_gka_triton.py) run in Triton's CPU interpreter. It must be
 # chosen before triton is first imported, and importing timm imports it.

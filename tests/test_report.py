@@ -1,5 +1,7 @@
-"""analysis/report.py on a real short sweep of four models (train.py -m, report built by the Hydra callback)."""
+"""train.py -m on a real short sweep of four models: the sweep folder, each run folder, and analysis/report.py's
+report that the Hydra callback builds at its end."""
 import csv
+import glob
 import json
 import os
 import pathlib
@@ -8,6 +10,7 @@ import matplotlib.image as mpimg
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from vit_gka.analysis import report
 from vit_gka.measure.attention import mean_attention_distance, sigma_table
@@ -18,16 +21,97 @@ GKA, EKA, GKA_K, DEIT = '0_gka_fmnist', '1_eka_adaptive_fmnist', '2_gka_k_fmnist
 
 
 @pytest.fixture(scope='module')
-def sweep(tmp_path_factory):
+def sweep_run(tmp_path_factory):
     """One tiny sweep of GKA, a compact kernel (EKA, sparsemax) and GKA with a sigma per key, each paired with their
-    same-shape DeiT in the report the sweep ends with."""
+    same-shape DeiT in the report the sweep ends with: (sweep folder, train.py's finished process)."""
     if not HAS_FMNIST:
         pytest.skip('needs the Debian package dataset-fashion-mnist')
     folder = str(tmp_path_factory.mktemp('sweep'))
-    proc = check(run(['-m', 'model=gka,eka_adaptive,gka_k,deit', 'shape=fmnist', 'epochs=1', *TINY,
-                      f'hydra.sweep.dir={folder}', 'hydra.callbacks.report.num_images=8'], cwd=folder))
+    proc = check(run(['-m', 'model=gka,eka_adaptive,gka_k,deit', 'shape=fmnist', 'epochs=1',
+                      *[a for a in TINY if a != 'progress=false'], f'hydra.sweep.dir={folder}',
+                      'hydra.callbacks.report.num_images=8'], cwd=folder))
     assert 'report: ' in proc.stdout  # every -m sweep ends with the report
-    return folder
+    return folder, proc
+
+
+@pytest.fixture(scope='module')
+def sweep(sweep_run):
+    return sweep_run[0]
+
+
+def test_the_sweep_and_its_run_folders(sweep_run):
+    """train.py -m as the quickstart runs it: one folder per job, the sweep's table, and in each run folder what
+    a run leaves (weights, checkpoint, results, TensorBoard, timm's summary.csv, model/), reloaded through timm."""
+    folder, proc = sweep_run
+    names = [GKA, EKA, GKA_K, DEIT]
+    runs = sorted(glob.glob(f'{folder}/*_*fmnist'))
+    assert [os.path.basename(r) for r in runs] == names
+    assert '| run' in proc.stdout and all(name in proc.stdout for name in names)
+    # progress=auto without a terminal (a log file): a line per log_interval updates and per epoch end, no bar
+    assert '-m' in proc.args and 'progress=false' not in proc.args and 'it/s' not in proc.stdout + proc.stderr
+    assert 'epoch 1/1  step 6/6  update 6  loss ' in proc.stdout
+    # the sweep table, saved next to the report
+    assert '(runs.md, runs.csv)' in proc.stdout
+    assert open(os.path.join(folder, 'runs.md')).read().count('_fmnist') == 8  # run and model columns, 4 rows
+    table = list(csv.DictReader(open(os.path.join(folder, 'runs.csv'))))
+    assert [r['run'] for r in table] == names and float(table[0]['top-1']) >= 0
+
+    for run_dir, arch, attn in zip([runs[0], runs[3]], ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
+                                   ['GaussianKernelAttention', 'Attention']):
+        for path in ('.hydra/config.yaml', 'config.yaml', 'best.safetensors', 'results.json',
+                     'checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors',
+                     'checkpoints/last/state.pt', 'model/config.json', 'model/model.safetensors'):
+            assert os.path.isfile(os.path.join(run_dir, path)), path
+        assert glob.glob(os.path.join(run_dir, 'tb', 'events.out.tfevents.*'))
+        assert not glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp-*'))
+
+        results = json.load(open(os.path.join(run_dir, 'results.json')))
+        summary = list(csv.DictReader(open(os.path.join(run_dir, 'summary.csv'))))  # as timm's train.py writes it
+        assert len(summary) == 1 and list(summary[0])[:6] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1',
+                                                               'eval_top5', 'lr']
+        assert float(summary[0]['eval_top1']) == pytest.approx(results['top1'])
+        for key in ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
+                    'params', 'top1', 'top5', 'ema_top1', 'ema_top5', 'loss', 'train_images_per_s', 'wall_time_s',
+                    'sigma_init'):
+            assert key in results, key
+        assert results['model'] == arch and results['data'] == 'fashion_mnist' and results['num_classes'] == 10
+        assert results['img_size'] == 28 and results['global_batch_size'] == 32 and results['epochs'] == 1
+        assert results['model_args']['in_chans'] == 1 and results['model_args']['depth'] == 2
+        assert 0 <= results['top1'] <= 100 and results['train_images_per_s'] > 0
+        # whether the loader is the bottleneck: the share of training time spent waiting for batches
+        assert 0 <= results['data_wait_fraction'] < 1 and results['peak_gpu_mem_mb'] is None  # CPU
+        assert 0 <= results['history'][0]['data_wait_fraction'] < 1 and results['compiled'] is False
+        assert (results['sigma_init'] is None) == (arch == 'deit_tiny_patch16_224')
+        assert results['params'] == sum(p.numel() for p in timm.create_model(arch, **results['model_args']).parameters())
+        for key in ('params_attn', 'params_mlp', 'gmacs', 'gflops'):  # fvcore's count (vit_gka/measure/flops.py)
+            assert results[key] is not None and results[key] > 0, key
+        assert results['params_attn'] + results['params_mlp'] < results['params']
+
+        # The raw checkpoint loads through timm's pretrained path, the state with weights_only=True.
+        weights = os.path.join(run_dir, 'checkpoints', 'last', 'model.safetensors')
+        model = timm.create_model(arch, pretrained=True, **results['model_args'],
+                                  pretrained_cfg_overlay=dict(file=weights, num_classes=10))
+        saved = load_file(weights)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+        state = torch.load(os.path.join(run_dir, 'checkpoints', 'last', 'state.pt'), weights_only=True)
+        assert state['epoch'] == 1 and state['num_updates'] == 6 and 'optimizer' in state and 'rng' in state
+
+        # The model folder rebuilds the exact model with no other argument; its config.json holds the
+        # create_model arguments (what timm < 1.0.31 needs) and the class names.
+        config = json.load(open(os.path.join(run_dir, 'model', 'config.json')))
+        assert config['model_args']['patch_size'] == 7 and config['model_args']['in_chans'] == 1
+        assert config['model_args']['img_size'] in (28, [28, 28])
+        assert config['label_names'][:2] == ['T-shirt/top', 'Trouser'] and len(config['label_names']) == 10
+        folder = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True)
+        assert type(folder.blocks[0].attn).__name__ == attn
+        assert folder.num_classes == 10 and tuple(folder.patch_embed.img_size) == (28, 28)
+        final = load_file(os.path.join(run_dir, 'model', 'model.safetensors'))
+        assert all(torch.equal(folder.state_dict()[k], v) for k, v in final.items())
+        which = 'model_ema' if results['model_folder_weights'] == 'ema' else 'model'
+        ref = load_file(os.path.join(run_dir, 'checkpoints', 'last', f'{which}.safetensors'))
+        assert all(torch.equal(ref[k], v) for k, v in final.items())
+        cfg = timm.data.resolve_data_config({}, model=folder)
+        assert cfg['input_size'] == (1, 28, 28) and len(cfg['mean']) == 1
 
 
 def test_callback_writes_tables_and_plots(sweep):

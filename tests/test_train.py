@@ -1,9 +1,6 @@
-"""train.py end to end on tiny Fashion-MNIST subsets (CPU): a GKA model and its baseline as one Hydra
-multirun, the run folder's contents and their reload through timm, exact resume, a compiled run's model, and
-one-line errors for user mistakes that leave an existing run folder as it was; the recipe's model arguments and
-unknown-model message. The helpers are tests/helpers.py."""
-import csv
-import glob
+"""train.py end to end on tiny Fashion-MNIST subsets (CPU): exact resume, a compiled run's model, and one-line
+errors for user mistakes that leave an existing run folder as it was; the recipe's model arguments and
+unknown-model message (a sweep and its run folders: test_report.py). The helpers are tests/helpers.py."""
 import json
 import os
 
@@ -20,80 +17,6 @@ from vit_gka.train import recipe
 from vit_gka.cli import check_overrides
 from vit_gka.cli import CONF_DIR
 from vit_gka.train.validation import validate
-
-@needs_data
-def test_gka_and_baseline_multirun(tmp_path):
-    proc = check(run(['-m', 'model=gka,deit', 'shape=fmnist', 'epochs=1', *[a for a in TINY if a != 'progress=false'],
-                      f'hydra.sweep.dir={tmp_path}/sweep'], cwd=tmp_path))
-    runs = sorted(glob.glob(f'{tmp_path}/sweep/*_*fmnist'))
-    assert [os.path.basename(r) for r in runs] == ['0_gka_fmnist', '1_deit_fmnist']
-    assert '| run' in proc.stdout and '0_gka_fmnist' in proc.stdout and '1_deit_fmnist' in proc.stdout
-    # progress=auto without a terminal (a log file): a line per log_interval updates and per epoch end, no bar
-    assert '-m' in proc.args and 'progress=false' not in proc.args and 'it/s' not in proc.stdout + proc.stderr
-    assert 'epoch 1/1  step 6/6  update 6  loss ' in proc.stdout
-    # the sweep table, saved next to the report
-    assert '(runs.md, runs.csv)' in proc.stdout
-    assert (tmp_path / 'sweep' / 'runs.md').read_text().count('_fmnist') == 4  # run and model columns, 2 rows
-    table = list(csv.DictReader(open(tmp_path / 'sweep' / 'runs.csv')))
-    assert [r['run'] for r in table] == ['0_gka_fmnist', '1_deit_fmnist'] and float(table[0]['top-1']) >= 0
-
-    for run_dir, arch, attn in zip(runs, ['gka_deit_tiny_patch16_224', 'deit_tiny_patch16_224'],
-                                   ['GaussianKernelAttention', 'Attention']):
-        for path in ('.hydra/config.yaml', 'config.yaml', 'best.safetensors', 'results.json',
-                     'checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors',
-                     'checkpoints/last/state.pt', 'model/config.json', 'model/model.safetensors'):
-            assert os.path.isfile(os.path.join(run_dir, path)), path
-        assert glob.glob(os.path.join(run_dir, 'tb', 'events.out.tfevents.*'))
-        assert not glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp-*'))
-
-        results = json.load(open(os.path.join(run_dir, 'results.json')))
-        summary = list(csv.DictReader(open(os.path.join(run_dir, 'summary.csv'))))  # as timm's train.py writes it
-        assert len(summary) == 1 and list(summary[0])[:6] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1',
-                                                               'eval_top5', 'lr']
-        assert float(summary[0]['eval_top1']) == pytest.approx(results['top1'])
-        for key in ('model', 'model_args', 'data', 'num_classes', 'img_size', 'epochs', 'seed', 'global_batch_size',
-                    'params', 'top1', 'top5', 'ema_top1', 'ema_top5', 'loss', 'train_images_per_s', 'wall_time_s',
-                    'sigma_init'):
-            assert key in results, key
-        assert results['model'] == arch and results['data'] == 'fashion_mnist' and results['num_classes'] == 10
-        assert results['img_size'] == 28 and results['global_batch_size'] == 32 and results['epochs'] == 1
-        assert results['model_args']['in_chans'] == 1 and results['model_args']['depth'] == 2
-        assert 0 <= results['top1'] <= 100 and results['train_images_per_s'] > 0
-        # whether the loader is the bottleneck: the share of training time spent waiting for batches
-        assert 0 <= results['data_wait_fraction'] < 1 and results['peak_gpu_mem_mb'] is None  # CPU
-        assert 0 <= results['history'][0]['data_wait_fraction'] < 1 and results['compiled'] is False
-        assert (results['sigma_init'] is None) == (arch == 'deit_tiny_patch16_224')
-        assert results['params'] == sum(p.numel() for p in timm.create_model(arch, **results['model_args']).parameters())
-        for key in ('params_attn', 'params_mlp', 'gmacs', 'gflops'):  # fvcore's count (vit_gka/measure/flops.py)
-            assert results[key] is not None and results[key] > 0, key
-        assert results['params_attn'] + results['params_mlp'] < results['params']
-
-        # The raw checkpoint loads through timm's pretrained path, the state with weights_only=True.
-        weights = os.path.join(run_dir, 'checkpoints', 'last', 'model.safetensors')
-        model = timm.create_model(arch, pretrained=True, **results['model_args'],
-                                  pretrained_cfg_overlay=dict(file=weights, num_classes=10))
-        saved = load_file(weights)
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-        state = torch.load(os.path.join(run_dir, 'checkpoints', 'last', 'state.pt'), weights_only=True)
-        assert state['epoch'] == 1 and state['num_updates'] == 6 and 'optimizer' in state and 'rng' in state
-
-        # The model folder rebuilds the exact model with no other argument; its config.json holds the
-        # create_model arguments (what timm < 1.0.31 needs) and the class names.
-        config = json.load(open(os.path.join(run_dir, 'model', 'config.json')))
-        assert config['model_args']['patch_size'] == 7 and config['model_args']['in_chans'] == 1
-        assert config['model_args']['img_size'] in (28, [28, 28])
-        assert config['label_names'][:2] == ['T-shirt/top', 'Trouser'] and len(config['label_names']) == 10
-        folder = timm.create_model(f'local-dir:{run_dir}/model', pretrained=True)
-        assert type(folder.blocks[0].attn).__name__ == attn
-        assert folder.num_classes == 10 and tuple(folder.patch_embed.img_size) == (28, 28)
-        final = load_file(os.path.join(run_dir, 'model', 'model.safetensors'))
-        assert all(torch.equal(folder.state_dict()[k], v) for k, v in final.items())
-        which = 'model_ema' if results['model_folder_weights'] == 'ema' else 'model'
-        ref = load_file(os.path.join(run_dir, 'checkpoints', 'last', f'{which}.safetensors'))
-        assert all(torch.equal(ref[k], v) for k, v in final.items())
-        cfg = timm.data.resolve_data_config({}, model=folder)
-        assert cfg['input_size'] == (1, 28, 28) and len(cfg['mean']) == 1
-
 
 @needs_data
 def test_resume_is_exact(tmp_path):
