@@ -1,6 +1,7 @@
 """What the test modules share: running train.py, checking its exit and one-line errors, digests of folders,
 an ImageNet-layout folder of real JPEGs, the mask cases of the attention tests, and a pickle payload that stands
 in for code a crafted file would run."""
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -134,6 +136,91 @@ def finish(proc, cwd, timeout=120):
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, (cwd / 'stdout.txt').read_text(),
                                        (cwd / 'stderr.txt').read_text())
+
+
+class Ranks:
+    """The processes of one distributed run started as torchrun starts its workers: one command line, each process
+    with its RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (what torch.distributed's
+    env:// rendezvous and Accelerate read; gloo on the CPU), forked where they can be (``python``) instead of one
+    fresh interpreter per rank, each in a process group of its own with its loader workers. As torchrun does, the
+    others are ended when one fails (they would wait for it in the next collective). torchrun itself, with its
+    signal forwarding, is test_preemption.py's launcher."""
+
+    def __init__(self, argv, cwd, env=None, nproc=2):
+        env = {'OMP_NUM_THREADS': '1', **(os.environ if env is None else env)}
+        rendezvous = {'WORLD_SIZE': str(nproc), 'LOCAL_WORLD_SIZE': str(nproc), 'MASTER_ADDR': '127.0.0.1',
+                      'MASTER_PORT': str(free_port())}
+        self.args, self._folder, self.procs = [sys.executable, *argv], tempfile.mkdtemp(prefix='ranks-'), []
+        for rank in range(nproc):
+            rank_env = {**env, **rendezvous, 'RANK': str(rank), 'LOCAL_RANK': str(rank)}
+            out, err = (os.path.join(self._folder, f'rank{rank}.{name}') for name in ('stdout', 'stderr'))
+            if forked.forkable(rank_env):
+                self.procs.append(forked.ForkedRun(argv, rank_env, cwd, stdout=out, stderr=err))
+            else:
+                with open(out, 'w') as stdout, open(err, 'w') as stderr:
+                    self.procs.append(subprocess.Popen(self.args, cwd=cwd, env=rank_env, stdout=stdout,
+                                                       stderr=stderr, start_new_session=True))
+        self.pids, self.returncode, self._output = [p.pid for p in self.procs], None, None
+
+    def poll(self):
+        """None while a rank runs; then the exit status of the first that failed (the others are ended as soon as
+        one fails), else 0."""
+        codes = [p.poll() for p in self.procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed and self.returncode is None:
+            self.returncode = failed[0]
+            self.kill()
+        if any(c is None for c in codes):
+            return None
+        if self.returncode is None:
+            self.returncode = 0
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.poll()
+
+    def kill(self):
+        """SIGKILL to every rank and its loader workers."""
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def output(self):
+        """(stdout, stderr) of every rank, rank 0 first, as torchrun prints them; the files are then removed."""
+        if self._output is None:
+            self._output = []
+            for name in ('stdout', 'stderr'):
+                parts = []
+                for rank in range(len(self.procs)):
+                    with open(os.path.join(self._folder, f'rank{rank}.{name}'), errors='replace') as f:
+                        parts.append(f.read())
+                self._output.append(''.join(parts))
+            shutil.rmtree(self._folder)
+        return self._output
+
+
+def start_ranks(args, cwd, env=None, nproc=2, script=TRAIN):
+    """``python <script> <args>`` (default: train.py) over ``nproc`` processes (``Ranks``), in the background."""
+    _, env = _command(args, env=env)
+    return Ranks([str(script), *args], cwd, env, nproc)
+
+
+def run_ranks(args, cwd, env=None, nproc=2, script=TRAIN, timeout=300):
+    """``start_ranks`` waited for (all ranks killed after ``timeout`` s): what ``subprocess.run(...,
+    capture_output=True, text=True)`` returns, the ranks' output in rank order."""
+    ranks = start_ranks(args, cwd, env, nproc, script)
+    try:
+        code = ranks.wait(timeout)
+    except subprocess.TimeoutExpired:
+        ranks.kill()
+        ranks.wait()
+        raise
+    return subprocess.CompletedProcess(ranks.args, code, *ranks.output())
 
 
 def copy_run(run_dir, tmp_path, name='run'):

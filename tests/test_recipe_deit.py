@@ -6,18 +6,16 @@
   one block, 16 images and one epoch (about 5 s each);
 * everything at once, at 224 x 224 (one block of DeiT-Ti width): torch.compile, bf16 autocast, gradient
   accumulation, mixup + cutmix, RandAugment, random erasing, drop path, EMA, repeated augmentation x3 over 2
-  processes (torchrun, gloo) with 2 loader workers each, mid-epoch checkpoints, ``kill -9`` and ``resume=``; then
-  eval.py reloads ``model/`` through ``local-dir:`` and reproduces the run's numbers, and every weights file has
-  timm's key names (about 35 s, 65 s with a cold torch.compile cache; ``-m slow`` adds the uninterrupted run
-  that the resumed one must equal exactly);
+  processes (gloo, started as torchrun starts them) with 2 loader workers each, mid-epoch checkpoints, ``kill -9``
+  and ``resume=``; then eval.py reloads ``model/`` through ``local-dir:`` and reproduces the run's numbers, and
+  every weights file has timm's key names (about 2 min with a cold torch.compile cache, most of it compiling;
+  ``-m slow`` adds the uninterrupted run that the resumed one must equal exactly);
 * the pieces in-process: repeated augmentation's sampler with the per-sample seeds over 2 ranks, bf16 autocast
   with every attention family, the short last group of gradient accumulation, the one-line errors of an odd
   batch with mixup and of a ``model.args`` key an ImageNet shape does not have.
 """
-import contextlib
 import json
 import os
-import signal
 import time
 
 import pytest
@@ -27,7 +25,7 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from helpers import check, imagenet_folder, needs_jpegs, run, script, start, steps, torchrun
+from helpers import check, imagenet_folder, needs_jpegs, run, run_ranks, script, start_ranks, steps
 from vit_gka import evaluate as evaluation
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train.faults import PAUSE_ENV
@@ -45,23 +43,6 @@ def jpegs(tmp_path_factory):
 def _results(run_dir):
     with open(os.path.join(run_dir, 'results.json')) as f:
         return json.load(f)
-
-
-
-
-def _descendants(pid):
-    """The pids of every process below ``pid`` (children first), from /proc."""
-    found = []
-    for task in os.listdir(f'/proc/{pid}/task') if os.path.isdir(f'/proc/{pid}/task') else []:
-        try:
-            with open(f'/proc/{pid}/task/{task}/children') as f:
-                children = [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *_descendants(child)]
-    return found
-
 
 
 # ------------------------------------------------------------------------- the documented ImageNet command
@@ -123,14 +104,10 @@ GPU_RECIPE = ['model=gka', 'shape=tiny', 'data=folder', 'recipe=deit', 'epochs=2
 UPDATES = [(1, 2, 1), (1, 4, 2), (1, 5, 3), (2, 2, 4), (2, 4, 5), (2, 5, 6)]  # (epoch, step, update)
 
 
-def _train_two_processes(args, cwd, timeout=300):
-    return check(run(args, cwd, timeout=timeout, launcher=torchrun()))
-
-
 @pytest.fixture(scope='module')
 def gpu_recipe_run(jpegs, tmp_path_factory):
-    """The GPU recipe killed (SIGKILL to torchrun, both processes and their loader and compile workers) during its
-    2nd checkpoint write, mid-epoch 1, then resumed in place: (run dir, the resumed run's output, the data root).
+    """The GPU recipe on 2 processes (as torchrun starts them, helpers.Ranks) killed (SIGKILL to both and their
+    loader workers) during its 2nd checkpoint write, mid-epoch 1, then resumed in place: (run dir, the resumed run's output, the data root).
     Killed before the first evaluation, the run compiles each graph cold once: training in the killed job,
     evaluation in the resumed one (which finds training's compiled in the cache)."""
     run_dir = tmp_path_factory.mktemp('gpu_recipe') / 'run'
@@ -141,21 +118,19 @@ def gpu_recipe_run(jpegs, tmp_path_factory):
         return (os.path.isfile(run_dir / 'steps.jsonl') and (run_dir / 'steps.jsonl').read_text().count('\n') >= 2
                 and any((p / ckpt.MODEL_FILE).is_file() for p in (run_dir / 'checkpoints').glob('last.tmp-*')))
 
-    proc = start(args, run_dir.parent, env={PAUSE_ENV: 'write@2'}, launcher=torchrun())
+    ranks = start_ranks(args, run_dir.parent, env={PAUSE_ENV: 'write@2'})
     try:
         deadline = time.time() + 240
         while not paused():
-            assert proc.poll() is None, (run_dir.parent / 'stderr.txt').read_text()[-5000:]
+            assert ranks.poll() is None, ranks.output()[1][-5000:]
             assert time.time() < deadline, 'timed out waiting for the 2nd checkpoint'
             time.sleep(0.05)
-    finally:  # as a cluster's kill: every process (torchrun puts each of its ranks in a session of its own)
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+    finally:  # as a cluster's kill: every process
+        ranks.kill()
+        ranks.wait()
     state = load_checkpoint(str(run_dir)).state
     assert (state.epoch, state.step, state.num_updates) == (0, 2, 1)  # mid-epoch 1
-    resumed = _train_two_processes([*args, f'resume={run_dir}'], run_dir.parent)
+    resumed = check(run_ranks([*args, f'resume={run_dir}'], run_dir.parent))
     return run_dir, resumed.stdout + resumed.stderr, jpegs
 
 
@@ -203,7 +178,7 @@ def test_gpu_recipe_resume_is_exact(gpu_recipe_run, tmp_path):
     # The same run without the kill: every update's loss and lr, and the final weights, equal bit for bit.
     run_dir, _, root = gpu_recipe_run
     straight = tmp_path / 'straight'
-    _train_two_processes([*GPU_RECIPE, f'data.root={root}', f'hydra.run.dir={straight}'], tmp_path)
+    check(run_ranks([*GPU_RECIPE, f'data.root={root}', f'hydra.run.dir={straight}'], tmp_path))
     assert steps(straight) == steps(run_dir)
     for name in ('checkpoints/last/model.safetensors', 'checkpoints/last/model_ema.safetensors',
                  'model/model.safetensors'):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import (Payload, check, digest, lines, needs_data, one_line_error, popen, python, run, steps, torchrun,
+from helpers import (Payload, check, digest, lines, needs_data, one_line_error, popen, run, run_ranks, steps,
                      wait_for)
 from vit_gka.train import checkpoint as ckpt
 from vit_gka.train import loading
@@ -175,13 +175,12 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
             'epochs=2', 'save_model=false']
     one = tmp_path / 'one'
     check(run([*args, 'batch_size=32', f'hydra.run.dir={one}'], cwd=tmp_path))
-    # torchrun (what `accelerate launch --multi_gpu` runs), gloo on the CPU, train.py recording what each process
-    # returns, in Hydra's own run dir: both processes write to one folder and return its results.
+    # two processes as torchrun starts them (helpers.Ranks), gloo on the CPU, train.py recording what each returns,
+    # in Hydra's own run dir: both processes write to one folder and return its results.
     recording, returned = tmp_path / 'train_recording.py', tmp_path / 'returned'
     recording.write_text(RECORDING_TRAIN_PY)
     returned.mkdir()
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HYDRA_FULL_ERROR': '0', 'RESULTS_OUT': str(returned)}
-    proc = check(python([*torchrun()[1:], str(recording), *args, 'batch_size=16'], tmp_path, env))
+    proc = check(run_ranks([*args, 'batch_size=16'], tmp_path, env={'RESULTS_OUT': str(returned)}, script=recording))
     assert 'global batch 32 = 16 per process x 2 processes x 1 accumulation' in proc.stdout + proc.stderr
     folders = glob.glob(f'{tmp_path}/runs/*/*')
     assert len(folders) == 1, folders  # no stray folder of the second process

@@ -131,13 +131,13 @@ def test_train_py_on_webdataset_shards_stops_and_resumes(shards, tmp_path):
 
 
 def test_two_processes_on_webdataset_shards_evaluate_every_test_image_once(shards, tmp_path):
-    """torchrun, 2 processes: each trains on its own shards; Accelerate shards the test stream (read whole by the
-    reader) and the run's top-1 is eval.py's on one process, image for image."""
-    from helpers import ROOT, torchrun
+    """2 processes (as torchrun starts them): each trains on its own shards; Accelerate shards the test stream (read
+    whole by the reader) and the run's top-1 is eval.py's on one process, image for image."""
+    from helpers import ROOT, run_ranks
     run_dir = tmp_path / 'run'
-    check(run(['data=timm', 'data.name=wds/tiny', f'data.root={shards}', 'data.num_classes=2', 'data.in_chans=1',
+    check(run_ranks(['data=timm', 'data.name=wds/tiny', f'data.root={shards}', 'data.num_classes=2', 'data.in_chans=1',
                'epochs=1', 'batch_size=4', 'workers=0', 'progress=false', 'model.args.depth=1', 'log_with=none',
-               f'hydra.run.dir={run_dir}'], cwd=tmp_path, launcher=torchrun()))
+               f'hydra.run.dir={run_dir}'], tmp_path))
     steps = [json.loads(line) for line in (run_dir / 'steps.jsonl').read_text().splitlines()]
     assert [s['update'] for s in steps] == [1, 2, 3]  # 24 samples / (2 processes x 4)
     assert json.loads((run_dir / 'results.json').read_text())['test_images'] == 12
