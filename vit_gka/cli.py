@@ -282,10 +282,11 @@ def check_overrides(config_dir: str, config_name: str, argv: Optional[List[str]]
                     validate: Optional[Callable[[Any], None]] = None) -> None:
     """Compose the configuration with the command line's overrides, before Hydra runs the app.
 
-    Reports an unknown config group option (with the new spelling of an old model preset), a key not in the
-    config, a malformed override, a sweep without ``-m``, a value that ``validate(cfg)`` rejects
+    Reports an unknown config group option (with the closest one), a group this command does not take, a key not
+    in the config, a malformed override, a sweep without ``-m``, a value that ``validate(cfg)`` rejects
     (``UserError``) or an output folder that cannot be written as one line (``fail``), and remembers what
-    Hydra will write into an existing output folder (module docstring). Every composition a ``-m`` sweep
+    Hydra will write into an existing output folder (module docstring). It composes once per composition it
+    checks (the plain configuration too only after a mistake, for the hint): each run pays this before Hydra's own. Every composition a ``-m`` sweep
     makes of the config groups is checked (``glob()`` expanded); sweeps it cannot enumerate (``interval()``)
     are left to Hydra's sweeper. A command line with a Hydra flag that does not run the app as configured
     (``--help``, ``--cfg``, ``--info``, ``-sc``, ``--config-name``, ...) is Hydra's alone.
