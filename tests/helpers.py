@@ -77,8 +77,13 @@ def torchrun(nproc=2):
             str(free_port())]
 
 
-def _forks(cmd, env):
-    return cmd[0] == sys.executable and forked.forkable(env)
+def _background(cmd, cwd, env, out, err):
+    """``cmd`` in the background, in a process group of its own, stdout and stderr to the files ``out`` and ``err``:
+    forked where it is ``python ...`` and the environment allows (see ``python``), else a subprocess."""
+    if cmd[0] == sys.executable and forked.forkable(env):
+        return forked.ForkedRun(cmd[1:], env, cwd, stdout=out, stderr=err)
+    with open(out, 'w') as stdout, open(err, 'w') as stderr:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
 
 
 def python(argv, cwd, env=None, timeout=300):
@@ -107,22 +112,17 @@ def script(name, args, cwd, env=None, timeout=300):
 
 
 def popen(args, cwd, env=None):
-    """train.py in the background (to be killed; forked where it can be, see ``python``), output discarded."""
+    """train.py in the background (to be killed; forked where it can be, see ``python``), output discarded, in a
+    process group of its own."""
     cmd, env = _command(args, env=env)
-    if _forks(cmd, env):
-        return forked.ForkedRun(cmd[1:], env, cwd)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _background(cmd, cwd, env, os.devnull, os.devnull)
 
 
 def start(args, cwd, env=None, launcher=None):
     """train.py (under ``launcher``, as ``run``) in the background, in a process group of its own (forked where it
     can be, see ``python``), stdout and stderr to ``cwd``/stdout.txt and stderr.txt."""
     cmd, env = _command(args, launcher, env)
-    out, err = cwd / 'stdout.txt', cwd / 'stderr.txt'
-    if _forks(cmd, env):
-        return forked.ForkedRun(cmd[1:], env, cwd, stdout=out, stderr=err)
-    with open(out, 'w') as stdout, open(err, 'w') as stderr:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    return _background(cmd, cwd, env, cwd / 'stdout.txt', cwd / 'stderr.txt')
 
 
 def finish(proc, cwd, timeout=120):
@@ -146,20 +146,14 @@ class Ranks:
     others are ended when one fails (they would wait for it in the next collective). torchrun itself, with its
     signal forwarding, is test_preemption.py's launcher."""
 
-    def __init__(self, argv, cwd, env=None, nproc=2):
-        env = {'OMP_NUM_THREADS': '1', **(os.environ if env is None else env)}
+    def __init__(self, argv, cwd, env, nproc=2):
         rendezvous = {'WORLD_SIZE': str(nproc), 'LOCAL_WORLD_SIZE': str(nproc), 'MASTER_ADDR': '127.0.0.1',
                       'MASTER_PORT': str(free_port())}
         self.args, self._folder, self.procs = [sys.executable, *argv], tempfile.mkdtemp(prefix='ranks-'), []
         for rank in range(nproc):
             rank_env = {**env, **rendezvous, 'RANK': str(rank), 'LOCAL_RANK': str(rank)}
             out, err = (os.path.join(self._folder, f'rank{rank}.{name}') for name in ('stdout', 'stderr'))
-            if forked.forkable(rank_env):
-                self.procs.append(forked.ForkedRun(argv, rank_env, cwd, stdout=out, stderr=err))
-            else:
-                with open(out, 'w') as stdout, open(err, 'w') as stderr:
-                    self.procs.append(subprocess.Popen(self.args, cwd=cwd, env=rank_env, stdout=stdout,
-                                                       stderr=stderr, start_new_session=True))
+            self.procs.append(_background(self.args, cwd, rank_env, out, err))
         self.pids, self.returncode, self._output = [p.pid for p in self.procs], None, None
 
     def poll(self):
